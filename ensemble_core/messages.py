@@ -1,0 +1,200 @@
+"""Messages the services exchange over NATS (see DESIGN.md, "Messages").
+
+Every message is a ``msgspec.Struct`` encoded as JSON, tagged with a ``kind`` field (so a recording
+file can hold several kinds, one a line) and carrying a ``version``. Field names follow the original
+sidecar's payload so that the original's recorded streams map one to one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeAlias
+
+import msgspec
+
+#: The version of the message schema this code writes. Readers accept this version and refuse others
+#: with a message naming the field (a newer writer must bump it only on an incompatible change).
+MESSAGE_VERSION = 1
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Base(msgspec.Struct, kw_only=True, tag_field="kind", forbid_unknown_fields=False):
+    """Common fields of every message."""
+
+    version: int = MESSAGE_VERSION
+
+
+class Addressed(Base, kw_only=True):
+    """A message about one ensemble member: its real (unescaped) names travel in the body."""
+
+    namespace: str
+    ensemble: str
+    member: NonNegative
+
+
+class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One job group of an ensemble member: ``count`` jobs running ``command`` on ``nodes`` nodes."""
+
+    name: str
+    command: str
+    count: NonNegative = 1
+    nodes: Positive = 1
+    tasks: NonNegative = 0
+    workdir: str = ""
+    duration: NonNegative = 0
+
+
+class AlgorithmSpec(msgspec.Struct, kw_only=True):
+    """An algorithm by name with its options as written by the user (validated separately)."""
+
+    name: str = "workload-demand"
+    options: dict[str, str | int | float | bool] = {}
+
+
+class MemberSpec(Addressed, tag="member", kw_only=True):
+    """What the services need to know about one member; the value in the ``ensemble-members`` bucket."""
+
+    name: str
+    size: Positive
+    min_size: Positive
+    max_size: Positive
+    endpoint: str
+    algorithm: AlgorithmSpec
+    jobs: list[JobSpec]
+    check_seconds: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    created: float = 0.0
+    #: ``active`` until the actuator terminates or completes the member; the record is kept (not
+    #: deleted) so that a restarted creator cannot register a finished member again.
+    phase: Literal["active", "completed", "terminated"] = "active"
+
+
+class NodeCounts(msgspec.Struct, kw_only=True):
+    """Node and core counts, as Flux's resource list reports them."""
+
+    node_cores_free: NonNegative = 0
+    node_cores_up: NonNegative = 0
+    node_up_count: NonNegative = 0
+    node_free_count: NonNegative = 0
+
+
+class QueueCounts(msgspec.Struct, kw_only=True):
+    """Jobs in each Flux job state."""
+
+    new: NonNegative = 0
+    depend: NonNegative = 0
+    priority: NonNegative = 0
+    sched: NonNegative = 0
+    run: NonNegative = 0
+    cleanup: NonNegative = 0
+    inactive: NonNegative = 0
+
+    def active(self) -> int:
+        """Jobs not yet inactive (the original's definition of an active queue)."""
+        return self.new + self.depend + self.priority + self.sched + self.run + self.cleanup
+
+
+class GroupStats(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Per job group: how many finished, and run / wait time statistics (seconds) of those finished."""
+
+    submitted: NonNegative = 0
+    finished: NonNegative = 0
+    succeeded: NonNegative = 0
+    failed: NonNegative = 0
+    run_mean: float = 0.0
+    run_min: float = 0.0
+    run_max: float = 0.0
+    wait_mean: float = 0.0
+    wait_min: float = 0.0
+    wait_max: float = 0.0
+
+
+class Metrics(Addressed, tag="metrics", kw_only=True):
+    """One status snapshot of a member's queue and nodes."""
+
+    seq: NonNegative
+    time: float
+    size: NonNegative
+    nodes: NodeCounts
+    queue: QueueCounts
+    waiting: dict[int, int] = {}
+    next_jobs: list[int] = []
+    finished: NonNegative = 0
+    failed: NonNegative = 0
+    groups: dict[str, GroupStats] = {}
+
+
+Action: TypeAlias = Literal["scale", "submit", "terminate", "complete"]
+
+
+class Decision(Addressed, tag="decision", kw_only=True):
+    """What an algorithm wants done to a member. ``size`` is an absolute target, never a delta."""
+
+    id: str
+    time: float
+    based_on: NonNegative
+    action: str
+    size: int | None = None
+    jobs: list[JobSpec] = []
+    order: str = ""
+    seed: int = 0
+    reason: str = ""
+
+
+EventKind: TypeAlias = Literal[
+    "created", "ready", "unreachable", "reachable", "scaled", "completed", "terminated", "failed", "gone"
+]
+
+
+class MemberEvent(Addressed, tag="event", kw_only=True):
+    """Something that happened to a member."""
+
+    event: EventKind
+    time: float
+    message: str = ""
+    size: int | None = None
+
+
+class Applied(Addressed, tag="applied", kw_only=True):
+    """What the actuator did with a decision, or why it could not."""
+
+    decision: str
+    time: float
+    ok: bool
+    action: str = ""
+    size_before: int | None = None
+    size_after: int | None = None
+    error: str = ""
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """A message a service could not decode or validate, kept with the reason."""
+
+    service: str
+    subject: str
+    error: str
+    time: float
+    data: bytes
+
+
+Message: TypeAlias = Metrics | Decision | MemberEvent | Applied | MemberSpec
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """JSON bytes of a message (compact, one line)."""
+    return _encoder.encode(message)
+
+
+class VersionError(ValueError):
+    """A message of a schema version this code does not read."""
+
+
+def check_version(message: Base) -> None:
+    """Refuse a message written with a schema version this code cannot read."""
+    if message.version != MESSAGE_VERSION:
+        raise VersionError(
+            f"version: {message.version} is not supported (this build reads version {MESSAGE_VERSION}); "
+            "upgrade the reader or the writer so both use the same message version"
+        )

@@ -1,0 +1,258 @@
+"""The one place that talks to NATS: connection, stream / consumer / bucket declarations, the consume loop.
+
+Services use only this module's helpers, so the idioms of DESIGN.md live here once:
+- streams, consumers and KV buckets are declared idempotently and an existing stream's configuration
+  is never silently rewritten (a mismatch is logged);
+- consumers are durable pull consumers; a message is acknowledged (``ack_sync``) only after its handler
+  stored its effect; a :class:`Transient` error naks with a delay; a message that cannot be decoded,
+  has the wrong version, raises :class:`Poison`, or was delivered too often goes to the dead-letter
+  subject and is terminated;
+- SIGTERM / SIGINT drain the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from ensemble_core import subjects
+from ensemble_core.messages import Base, DeadLetter, check_version, encode
+from ensemble_core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Deliveries after which a message that keeps failing is dead-lettered instead of retried.
+MAX_DELIVER = 20
+#: Seconds a transient failure waits before the message is redelivered.
+RETRY_DELAY = 1.0
+#: Bytes of a bad message kept in its dead letter.
+DEADLETTER_KEEP = 64 * 1024
+
+STREAMS = (
+    StreamConfig(
+        name=subjects.EVENTS_STREAM,
+        subjects=[subjects.ALL_EVENTS, subjects.ALL_APPLIED, subjects.ALL_DEADLETTER],
+        storage=StorageType.FILE,
+        max_age=7 * 24 * 3600,
+        duplicate_window=120,
+    ),
+    StreamConfig(
+        name=subjects.METRICS_STREAM,
+        subjects=[subjects.ALL_METRICS],
+        storage=StorageType.FILE,
+        max_age=7 * 24 * 3600,
+        duplicate_window=120,
+    ),
+    StreamConfig(
+        name=subjects.DECISIONS_STREAM,
+        subjects=[subjects.ALL_DECISIONS],
+        storage=StorageType.FILE,
+        max_age=7 * 24 * 3600,
+        duplicate_window=120,
+    ),
+)
+
+#: Buckets and how many revisions of a key each keeps.
+BUCKETS = {subjects.MEMBERS_BUCKET: 1, subjects.DECIDER_BUCKET: 1, subjects.ACTUATOR_BUCKET: 1}
+
+
+@dataclass(frozen=True)
+class Durable:
+    """A durable pull consumer: its name, stream and subject filter."""
+
+    name: str
+    stream: str
+    filter_subject: str
+
+
+DECIDER = Durable("decider", subjects.METRICS_STREAM, subjects.ALL_METRICS)
+ACTUATOR = Durable("actuator", subjects.DECISIONS_STREAM, subjects.ALL_DECISIONS)
+
+
+async def connect(settings: Settings, name: str) -> Client:
+    """Connect to NATS, retrying for ever on reconnect, with every connection change logged."""
+
+    async def error_cb(exc: Exception) -> None:
+        log.warning("nats error: %s", exc, extra={"client": name})
+
+    async def disconnected_cb() -> None:
+        log.warning("nats disconnected", extra={"client": name})
+
+    async def reconnected_cb() -> None:
+        log.info("nats reconnected", extra={"client": name})
+
+    async def closed_cb() -> None:
+        log.info("nats connection closed", extra={"client": name})
+
+    return await nats.connect(
+        servers=[url.strip() for url in settings.nats_url.split(",")],
+        name=name,
+        error_cb=error_cb,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+        closed_cb=closed_cb,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+    )
+
+
+async def declare(js: JetStreamContext) -> None:
+    """Create the streams and KV buckets that do not exist yet; leave existing ones as they are."""
+    for config in STREAMS:
+        try:
+            info = await js.stream_info(config.name)
+        except NotFoundError:
+            await js.add_stream(config)
+            log.info("created stream", extra={"stream": config.name})
+            continue
+        if sorted(info.config.subjects or []) != sorted(config.subjects or []):
+            log.warning(
+                "stream exists with other subjects; not changing it",
+                extra={"stream": config.name, "found": info.config.subjects, "wanted": config.subjects},
+            )
+    for bucket, history in BUCKETS.items():
+        try:
+            await js.key_value(bucket)
+        except BucketNotFoundError:
+            await js.create_key_value(bucket=bucket, history=history)
+            log.info("created bucket", extra={"bucket": bucket})
+
+
+async def bucket(js: JetStreamContext, name: str) -> KeyValue:
+    """A KV bucket declared by :func:`declare`."""
+    return await js.key_value(name)
+
+
+async def durable_subscription(
+    js: JetStreamContext, durable: Durable, settings: Settings
+) -> JetStreamContext.PullSubscription:
+    """Bind to a durable pull consumer, creating it first if it does not exist."""
+    config = ConsumerConfig(
+        durable_name=durable.name,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject=durable.filter_subject,
+        ack_wait=settings.ack_wait,
+        max_deliver=-1,
+        max_ack_pending=10_000,
+    )
+    try:
+        await js.consumer_info(durable.stream, durable.name)
+    except NotFoundError:
+        await js.add_consumer(durable.stream, config)
+    return await js.pull_subscribe_bind(durable.name, stream=durable.stream)
+
+
+class Transient(Exception):
+    """The handler could not store its effect now; the message is redelivered after ``delay`` seconds."""
+
+    def __init__(self, message: str, delay: float = RETRY_DELAY) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class Poison(Exception):
+    """The message can never be handled; it is dead-lettered and terminated."""
+
+
+M = TypeVar("M", bound=Base)
+
+
+async def publish_deadletter(js: JetStreamContext, service: str, msg: Msg, error: str) -> None:
+    """Keep a message that cannot be handled, with the reason, on ``ensemble.deadletter.<service>``."""
+    letter = DeadLetter(
+        service=service, subject=msg.subject, error=error, time=time.time(), data=msg.data[:DEADLETTER_KEEP]
+    )
+    await js.publish(subjects.deadletter(service), encode(letter))
+    log.warning("dead-lettered a message", extra={"subject": msg.subject, "error": error})
+
+
+async def consume(
+    js: JetStreamContext,
+    subscription: JetStreamContext.PullSubscription,
+    message_type: type[M],
+    handler: Callable[[M, Msg], Awaitable[None]],
+    *,
+    service: str,
+    stop: asyncio.Event,
+    batch: int = 64,
+) -> None:
+    """Fetch and handle messages one by one, in order, until ``stop`` is set.
+
+    Settlement: handler returned → ``ack_sync``; :class:`Transient` → ``nak(delay)``; undecodable,
+    wrong version, :class:`Poison`, or any other exception ``MAX_DELIVER`` times → dead letter + ``term``;
+    any other exception fewer times → ``nak`` (never dropped on a first failure).
+    """
+    decoder = msgspec.json.Decoder(message_type)
+    while not stop.is_set():
+        try:
+            messages = await subscription.fetch(batch, timeout=1.0)
+        except nats.errors.TimeoutError:
+            continue
+        except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+            return
+        except Exception as exc:  # a broken connection: wait for the client to reconnect
+            log.warning("fetch failed: %s", exc)
+            await asyncio.sleep(0.5)
+            continue
+        for msg in messages:
+            await settle(js, msg, decoder, handler, service)
+
+
+async def settle(
+    js: JetStreamContext,
+    msg: Msg,
+    decoder: msgspec.json.Decoder[M],
+    handler: Callable[[M, Msg], Awaitable[None]],
+    service: str,
+) -> None:
+    """Decode one message, run the handler and settle the message as :func:`consume` documents."""
+    try:
+        message = decoder.decode(msg.data)
+        check_version(message)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        await publish_deadletter(js, service, msg, f"cannot decode: {exc}")
+        await msg.term()
+        return
+    try:
+        await handler(message, msg)
+    except Transient as exc:
+        log.info("transient failure, retrying: %s", exc, extra={"subject": msg.subject})
+        await msg.nak(delay=exc.delay)
+        return
+    except Poison as exc:
+        await publish_deadletter(js, service, msg, str(exc))
+        await msg.term()
+        return
+    except Exception as exc:
+        deliveries = msg.metadata.num_delivered or 1
+        if deliveries >= MAX_DELIVER:
+            await publish_deadletter(js, service, msg, f"failed {deliveries} times: {exc!r}")
+            await msg.term()
+        else:
+            log.exception("handler failed; redelivering", extra={"subject": msg.subject})
+            await msg.nak(delay=RETRY_DELAY)
+        return
+    await msg.ack_sync()
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """Set ``stop`` on SIGTERM or SIGINT (the service then drains its connection and returns)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

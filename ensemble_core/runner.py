@@ -1,0 +1,34 @@
+"""Runs a service's ``run(settings)`` as a process: settings checked first, logs configured, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+
+from ensemble_core import logs
+from ensemble_core.settings import Settings, SettingsError, load
+from ensemble_core.spec import SpecError
+
+#: Exit code of a service that could not start because of its configuration (do not restart it blindly).
+EXIT_CONFIG = 2
+
+
+def run_service(name: str, run: Callable[[Settings], Awaitable[None]]) -> int:
+    """Load and validate the settings, then run the service until it returns; return the exit code."""
+    try:
+        settings = load()
+    except SettingsError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.configure(settings.log_level, service=name)
+    try:
+        asyncio.run(run(settings))
+    except (SettingsError, SpecError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        pass
+    logging.getLogger(name).info("stopped")
+    return 0

@@ -1,0 +1,86 @@
+"""Settings read from the environment and validated at start.
+
+Every setting is an ``ENSEMBLE_*`` environment variable. A service calls :func:`load` first thing; a
+missing or bad value raises :class:`SettingsError` naming the variable, and the command exits with it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+import msgspec
+
+PREFIX = "ENSEMBLE_"
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    """Settings common to all services; each field is read from ``ENSEMBLE_<FIELD IN UPPER CASE>``."""
+
+    #: NATS server URL(s), comma-separated.
+    nats_url: str = "nats://127.0.0.1:4222"
+    #: Logging level of the structured (JSON lines) log on stderr.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Bearer token the poller and actuator present to sidecars (empty: none).
+    sidecar_token: str = ""
+    #: Seconds a gRPC call to a sidecar may take.
+    sidecar_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    #: creator (local mode): the Ensemble file to run.
+    file: str = ""
+    #: creator (local mode): sidecar endpoint per member index, ``0=127.0.0.1:50051,1=...``.
+    endpoints: str = ""
+    #: Namespace given to ensembles read from a file (Kubernetes ones carry their own).
+    namespace: str = "default"
+    #: actuator: seconds between two scale changes of one member.
+    scale_cooldown: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Messages fetched per pull from a JetStream consumer.
+    fetch_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 64
+    #: Seconds before an unacknowledged message is redelivered.
+    ack_wait: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names the environment variable and the fix."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field."""
+    return PREFIX + field.upper()
+
+
+def load(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Read :class:`Settings` from the environment (``overrides`` win), validating every value."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, object] = {}
+    for field in msgspec.structs.fields(Settings):
+        name = env_name(field.name)
+        if name in environ:
+            raw[field.name] = environ[name]
+    raw.update(overrides)
+    errors = []
+    for field in msgspec.structs.fields(Settings):
+        if field.name not in raw:
+            continue
+        try:
+            msgspec.convert({field.name: raw[field.name]}, type=Settings, strict=False)
+        except msgspec.ValidationError as exc:
+            detail = str(exc).split(" - at ")[0]
+            errors.append(f"{env_name(field.name)}={raw[field.name]!r}: {detail}")
+    if errors:
+        raise SettingsError("invalid settings: " + "; ".join(errors))
+    return msgspec.convert(raw, type=Settings, strict=False)
+
+
+def parse_endpoints(value: str) -> dict[int, str]:
+    """Parse ``ENSEMBLE_ENDPOINTS`` (``0=host:port,1=host:port``) into {member index: endpoint}."""
+    endpoints: dict[int, str] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        index, sep, endpoint = item.partition("=")
+        if not sep or not index.strip().isdigit() or ":" not in endpoint:
+            raise SettingsError(
+                f"{env_name('endpoints')}: {item!r} is not <member index>=<host>:<port> "
+                "(example: 0=127.0.0.1:50051,1=127.0.0.1:50052)"
+            )
+        endpoints[int(index)] = endpoint.strip()
+    return endpoints

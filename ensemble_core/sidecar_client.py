@@ -1,0 +1,109 @@
+"""A small gRPC client of the sidecar, shared by the poller and the actuator.
+
+It speaks the original's wire contract (so it also talks to an original sidecar) and presents the
+per-ensemble token as ``authorization: Bearer <token>`` metadata when one is configured.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import grpc
+import msgspec
+
+from ensemble_core.rpc import ensemble_service_pb2 as pb
+from ensemble_core.rpc import ensemble_service_pb2_grpc as pb_grpc
+from ensemble_core.wire import StatusPayload, decode_status
+
+T = TypeVar("T")
+
+#: Largest gRPC message accepted from a sidecar (a status with many groups, a long jobinfo).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class SidecarError(Exception):
+    """The sidecar answered with an error result (``ERROR``, ``DENIED``); the message is its reason."""
+
+    def __init__(self, action: str, status: int, message: str) -> None:
+        super().__init__(f"{action}: {message}")
+        self.action = action
+        self.status = status
+
+
+class SidecarUnavailable(Exception):
+    """The sidecar could not be reached or did not answer in time (worth retrying later)."""
+
+
+class SidecarClient:
+    """Calls one sidecar. Use as an async context manager, or call :meth:`close`."""
+
+    def __init__(self, endpoint: str, token: str = "", timeout: float = 5.0, member: str = "minicluster") -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.member = member
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.aio.insecure_channel(
+            endpoint,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = pb_grpc.EnsembleOperatorStub(self._channel)
+
+    async def __aenter__(self) -> SidecarClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def status(self) -> StatusPayload:
+        """One status snapshot. Raises :class:`SidecarUnavailable` or :class:`SidecarError`."""
+        request = pb.StatusRequest(member=self.member)
+        try:
+            response = await self._stub.RequestStatus(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate("status", exc) from exc
+        if response.status != pb.Response.SUCCESS:
+            raise SidecarError("status", response.status, _error_text(response.payload))
+        try:
+            return decode_status(response.payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise SidecarError("status", pb.Response.ERROR, f"unreadable status payload: {exc}") from exc
+
+    async def action(self, action: str, payload: msgspec.Struct | dict[str, object], result: type[T]) -> T:
+        """Run an action with a JSON payload and decode its answer as ``result``."""
+        request = pb.ActionRequest(member=self.member, action=action, payload=msgspec.json.encode(payload).decode())
+        try:
+            response = await self._stub.RequestAction(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(action, exc) from exc
+        if response.status not in (pb.Response.SUCCESS, pb.Response.EXISTS):
+            raise SidecarError(action, response.status, _error_text(response.payload))
+        try:
+            return msgspec.json.decode(response.payload or "{}", type=result)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise SidecarError(action, pb.Response.ERROR, f"unreadable answer: {exc}") from exc
+
+
+def _translate(action: str, exc: grpc.aio.AioRpcError) -> Exception:
+    code = exc.code()
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return SidecarError(action, pb.Response.DENIED, f"the sidecar refused our token ({code.name})")
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED):
+        return SidecarError(action, pb.Response.ERROR, f"{code.name}: {exc.details()}")
+    return SidecarUnavailable(f"{action}: {code.name}: {exc.details()}")
+
+
+def _error_text(payload: str) -> str:
+    try:
+        decoded = msgspec.json.decode(payload or "{}")
+    except msgspec.DecodeError:
+        return payload or "(no reason given)"
+    if isinstance(decoded, dict) and "error" in decoded:
+        return str(decoded["error"])
+    return payload or "(no reason given)"

@@ -1,0 +1,349 @@
+"""The Ensemble resource: parsing and validation with every error named by its field path.
+
+The same format serves the Kubernetes custom resource and a local ``ensemble.yaml``: apiVersion
+``ensemble.flux-framework.org/v1alpha1``, kind ``Ensemble``, ``spec.members[]`` each with a
+``minicluster.spec`` (``size``, ``minSize``, ``maxSize`` and the rest of a MiniCluster spec), a ``jobs``
+matrix, an optional ``algorithm {name, options}`` and ``sidecar``; ``spec.algorithm`` and
+``spec.checkSeconds`` apply to every member. :func:`validate` returns every problem at once, each as
+``<path>: <problem>`` (``spec.members[0].jobs[1].nodes: 12 exceeds maxSize 8``).
+
+Defaults, where the original left a hole: ``minSize`` defaults to 1 and ``maxSize`` to ``size`` (the
+Flux Operator sizes its broker configuration for ``maxSize``, or ``size`` when unset, so a MiniCluster
+can never grow past it; the original instead refused every scale-up when ``maxSize`` was unset).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ensemble_core import algorithms
+from ensemble_core.messages import AlgorithmSpec, JobSpec, MemberSpec
+
+API_VERSION = "ensemble.flux-framework.org/v1alpha1"
+KIND = "Ensemble"
+#: Most jobs one member may define (sum of ``count``); more is refused as a likely typo.
+MAX_JOBS_PER_MEMBER = 1_000_000
+#: Largest MiniCluster size accepted.
+MAX_SIZE = 10_000
+
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_TOP_KEYS = {"apiVersion", "kind", "metadata", "spec", "status"}
+_SPEC_KEYS = {"members", "algorithm", "checkSeconds"}
+_MEMBER_KEYS = {"minicluster", "jobs", "algorithm", "sidecar"}
+_JOB_KEYS = {"name", "command", "count", "nodes", "tasks", "workdir", "duration"}
+_ALGORITHM_KEYS = {"name", "options"}
+_SIDECAR_KEYS = {"image", "pullAlways", "port", "workers"}
+
+
+class SpecError(ValueError):
+    """An Ensemble that does not validate; ``errors`` lists every problem as ``<path>: <problem>``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class SidecarSpec:
+    """How the sidecar container is run in each MiniCluster."""
+
+    image: str = "ghcr.io/converged-computing/ensemble-operator-api:rockylinux9"
+    pull_always: bool = False
+    port: int = 50051
+    workers: int = 10
+
+
+@dataclass(frozen=True)
+class Member:
+    """One validated member: its MiniCluster sizes and spec, jobs, algorithm and sidecar."""
+
+    index: int
+    size: int
+    min_size: int
+    max_size: int
+    jobs: tuple[JobSpec, ...]
+    algorithm: AlgorithmSpec
+    sidecar: SidecarSpec
+    minicluster: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """A validated Ensemble."""
+
+    name: str
+    namespace: str
+    check_seconds: float
+    members: tuple[Member, ...]
+
+    def member_spec(self, member: Member, endpoint: str, created: float = 0.0) -> MemberSpec:
+        """The ``MemberSpec`` the services share for one member served at ``endpoint``."""
+        return MemberSpec(
+            namespace=self.namespace,
+            ensemble=self.name,
+            member=member.index,
+            name=f"{self.name}-{member.index}",
+            size=member.size,
+            min_size=member.min_size,
+            max_size=member.max_size,
+            endpoint=endpoint,
+            algorithm=member.algorithm,
+            jobs=list(member.jobs),
+            check_seconds=self.check_seconds,
+            created=created,
+        )
+
+
+def _suggest(key: str, valid: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown field; {hint}(valid: {', '.join(sorted(valid))})"
+
+
+class _Checker:
+    """Collects errors while reading untrusted YAML data."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def error(self, path: str, problem: str) -> None:
+        self.errors.append(f"{path}: {problem}")
+
+    def mapping(self, value: object, path: str, keys: set[str] | None = None) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.error(path, f"expected a mapping, got {_kind(value)}")
+            return {}
+        if keys is not None:
+            for key in value:
+                if str(key) not in keys:
+                    self.error(f"{path}.{key}", _suggest(str(key), keys))
+        return {str(k): v for k, v in value.items()}
+
+    def integer(
+        self, data: Mapping[str, Any], key: str, path: str, default: int | None, low: int, high: int
+    ) -> int | None:
+        value = data.get(key, default)
+        where = f"{path}.{key}"
+        if value is None:
+            self.error(where, "required; set it to an integer")
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                value = int(value)
+            else:
+                self.error(where, f"expected an integer, got {_kind(value)} {value!r}")
+                return None
+        if value < low:
+            self.error(where, f"{value} is below the minimum {low}")
+            return None
+        if value > high:
+            self.error(where, f"{value} is above the maximum {high}")
+            return None
+        return int(value)
+
+    def string(self, data: Mapping[str, Any], key: str, path: str, *, required: bool, default: str = "") -> str:
+        value = data.get(key)
+        where = f"{path}.{key}"
+        if value is None:
+            if required:
+                self.error(where, "required; set it to a non-empty string")
+            return default
+        if not isinstance(value, str):
+            self.error(where, f"expected a string, got {_kind(value)} {value!r}")
+            return default
+        if required and not value.strip():
+            self.error(where, "must not be empty")
+        return value
+
+
+def _kind(value: object) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _algorithm(check: _Checker, value: object, path: str) -> AlgorithmSpec | None:
+    data = check.mapping(value, path, _ALGORITHM_KEYS)
+    if not data:
+        return None
+    name = check.string(data, "name", path, required=False, default="workload-demand") or "workload-demand"
+    options_raw = check.mapping(data.get("options"), f"{path}.options")
+    options: dict[str, str | int | float | bool] = {}
+    for key, option in options_raw.items():
+        if isinstance(option, (str, int, float, bool)):
+            options[key] = option
+        else:
+            check.error(f"{path}.options.{key}", f"expected a string or a number, got {_kind(option)}")
+    if name not in algorithms.names():
+        try:
+            algorithms.get(name)
+        except algorithms.UnknownAlgorithm as exc:
+            check.error(f"{path}.name", str(exc))
+        return None
+    # validate_options words each problem as "<option>: <problem>", so the path prefix completes it
+    check.errors.extend(f"{path}.options.{problem}" for problem in algorithms.validate_options(name, options))
+    return AlgorithmSpec(name=name, options=options)
+
+
+def _sidecar(check: _Checker, value: object, path: str) -> SidecarSpec:
+    data = check.mapping(value, path, _SIDECAR_KEYS)
+    default = SidecarSpec()
+    image = check.string(data, "image", path, required=False, default=default.image) or default.image
+    pull = data.get("pullAlways", False)
+    if not isinstance(pull, bool):
+        check.error(f"{path}.pullAlways", f"expected true or false, got {pull!r}")
+        pull = False
+    port = check.integer(data, "port", path, default.port, 1, 65535) or default.port
+    workers = check.integer(data, "workers", path, default.workers, 1, 1000) or default.workers
+    return SidecarSpec(image=image, pull_always=pull, port=port, workers=workers)
+
+
+def _jobs(check: _Checker, value: object, path: str, max_size: int | None) -> tuple[JobSpec, ...]:
+    if value is None:
+        check.error(path, "required; list the member's job groups (name, command, count, nodes)")
+        return ()
+    if not isinstance(value, list):
+        check.error(path, f"expected a list of job groups, got {_kind(value)}")
+        return ()
+    jobs: list[JobSpec] = []
+    names: set[str] = set()
+    total = 0
+    for i, raw in enumerate(value):
+        where = f"{path}[{i}]"
+        data = check.mapping(raw, where, _JOB_KEYS)
+        if not data:
+            if raw is not None and isinstance(raw, dict):
+                check.error(where, "empty job group; give at least name and command")
+            elif raw is None:
+                check.error(where, "empty job group; give at least name and command")
+            continue
+        name = check.string(data, "name", where, required=True)
+        if name and name in names:
+            check.error(f"{where}.name", f"{name!r} is used by another job group of this member; names must be unique")
+        names.add(name)
+        command = check.string(data, "command", where, required=True)
+        count = check.integer(data, "count", where, 1, 0, MAX_JOBS_PER_MEMBER)
+        nodes = check.integer(data, "nodes", where, 1, 1, MAX_SIZE)
+        tasks = check.integer(data, "tasks", where, 0, 0, 10_000_000)
+        duration = check.integer(data, "duration", where, 0, 0, 10**9)
+        workdir = check.string(data, "workdir", where, required=False)
+        if nodes is not None and max_size is not None and nodes > max_size:
+            check.error(f"{where}.nodes", f"{nodes} exceeds maxSize {max_size}; raise maxSize or use fewer nodes")
+        if nodes is not None and tasks and tasks < nodes:
+            check.error(f"{where}.tasks", f"{tasks} is fewer than nodes {nodes}; give each node at least one task")
+        if count is not None:
+            total += count
+        if None in (count, nodes, tasks, duration) or not name or not command:
+            continue
+        assert count is not None and nodes is not None and tasks is not None and duration is not None
+        jobs.append(
+            JobSpec(name=name, command=command, count=count, nodes=nodes, tasks=tasks, workdir=workdir, duration=duration)
+        )
+    if total > MAX_JOBS_PER_MEMBER:
+        check.error(path, f"{total} jobs in all exceeds the limit of {MAX_JOBS_PER_MEMBER} per member")
+    return tuple(jobs)
+
+
+def _member(check: _Checker, raw: object, path: str, index: int, default_algorithm: AlgorithmSpec) -> Member | None:
+    data = check.mapping(raw, path, _MEMBER_KEYS)
+    if not data:
+        check.error(path, "empty member; give at least minicluster and jobs")
+        return None
+    minicluster = check.mapping(data.get("minicluster"), f"{path}.minicluster")
+    mc_path = f"{path}.minicluster.spec"
+    mc_spec = check.mapping(minicluster.get("spec"), mc_path)
+    size = check.integer(mc_spec, "size", mc_path, 1, 1, MAX_SIZE)
+    min_size = check.integer(mc_spec, "minSize", mc_path, 1, 1, MAX_SIZE)
+    max_size = check.integer(mc_spec, "maxSize", mc_path, size, 1, MAX_SIZE)
+    if size is not None and min_size is not None and min_size > size:
+        check.error(f"{mc_path}.minSize", f"{min_size} is above size {size}; minSize <= size <= maxSize")
+    if size is not None and max_size is not None and size > max_size:
+        check.error(f"{mc_path}.maxSize", f"{max_size} is below size {size}; minSize <= size <= maxSize")
+    jobs = _jobs(check, data.get("jobs"), f"{path}.jobs", max_size)
+    algorithm = _algorithm(check, data.get("algorithm"), f"{path}.algorithm") or default_algorithm
+    sidecar = _sidecar(check, data.get("sidecar"), f"{path}.sidecar")
+    if size is None or min_size is None or max_size is None:
+        return None
+    return Member(
+        index=index,
+        size=size,
+        min_size=min_size,
+        max_size=max_size,
+        jobs=jobs,
+        algorithm=algorithm,
+        sidecar=sidecar,
+        minicluster=minicluster,
+    )
+
+
+def validate(document: object, namespace: str = "default") -> tuple[Ensemble | None, list[str]]:
+    """Validate an Ensemble document (already parsed from YAML/JSON).
+
+    Returns the Ensemble and an empty list when it is valid, else ``None`` and every error found.
+    """
+    check = _Checker()
+    top = check.mapping(document, "", _TOP_KEYS) if document is not None else {}
+    if document is None:
+        check.error("(document)", "empty; expected an Ensemble resource")
+        return None, check.errors
+    if not isinstance(document, dict):
+        return None, [f"(document): expected a mapping (an Ensemble resource), got {_kind(document)}"]
+    check.errors = [e.lstrip(".") for e in check.errors]
+    if top.get("apiVersion") != API_VERSION:
+        check.error("apiVersion", f"expected {API_VERSION!r}, got {top.get('apiVersion')!r}")
+    if top.get("kind") != KIND:
+        check.error("kind", f"expected {KIND!r}, got {top.get('kind')!r}")
+    metadata = check.mapping(top.get("metadata"), "metadata")
+    name = check.string(metadata, "name", "metadata", required=True)
+    if name and (len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name)):
+        check.error(
+            "metadata.name",
+            f"{name!r} is not a valid Kubernetes name (lower-case letters, digits, '-' and '.', at most 253)",
+        )
+    namespace = check.string(metadata, "namespace", "metadata", required=False, default=namespace) or namespace
+    spec = check.mapping(top.get("spec"), "spec", _SPEC_KEYS)
+    if "spec" not in top:
+        check.error("spec", "required; an Ensemble needs spec.members")
+    check_seconds = check.integer(spec, "checkSeconds", "spec", 10, 1, 86_400)
+    default_algorithm = _algorithm(check, spec.get("algorithm"), "spec.algorithm") or AlgorithmSpec()
+    raw_members = spec.get("members")
+    members: list[Member] = []
+    if "spec" in top and raw_members is None:
+        check.error("spec.members", "required; list at least one member")
+    elif raw_members is not None and not isinstance(raw_members, list):
+        check.error("spec.members", f"expected a list, got {_kind(raw_members)}")
+    elif isinstance(raw_members, list):
+        if not raw_members:
+            check.error("spec.members", "empty; list at least one member")
+        for i, raw in enumerate(raw_members):
+            member = _member(check, raw, f"spec.members[{i}]", i, default_algorithm)
+            if member is not None:
+                members.append(member)
+    if check.errors:
+        return None, check.errors
+    return Ensemble(name=name, namespace=namespace, check_seconds=float(check_seconds or 10), members=tuple(members)), []
+
+
+def load(path: str | Path, namespace: str = "default") -> Ensemble:
+    """Read and validate an Ensemble file; raises :class:`SpecError` listing every problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError([f"{path}: not valid YAML: {exc}"]) from exc
+    ensemble, errors = validate(document, namespace)
+    if ensemble is None:
+        raise SpecError(errors)
+    return ensemble

@@ -1,0 +1,90 @@
+"""The JSON payloads carried in the sidecar's gRPC messages (the ``payload`` strings).
+
+The status payload keeps the original sidecar's keys (``nodes``, ``queue``, ``waiting``, ``nextJobs``,
+``counts``, ``metrics``) so an original client reads it, and adds ours (``size``, ``finished``,
+``failed``, ``groups``, ``time``, ``terminated``). Decoding accepts a payload of the original's shape
+(only its keys) as well as ours.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from ensemble_core.messages import GroupStats, JobSpec, NodeCounts, QueueCounts
+
+#: Most jobs one submit may queue (after ``count`` is unwrapped); larger lists are refused.
+MAX_SUBMIT_JOBS = 100_000
+
+Order = Literal["random", "ascending", "descending", ""]
+
+
+class StatusPayload(msgspec.Struct, kw_only=True, rename={"next_jobs": "nextJobs"}):
+    """One snapshot of a member's queue and nodes, as the sidecar reports it."""
+
+    nodes: NodeCounts
+    queue: QueueCounts
+    waiting: dict[int, int] = {}
+    next_jobs: list[int] = []
+    counts: dict[str, int] = {}
+    metrics: dict[str, msgspec.Raw] = {}
+    size: int | None = None
+    finished: int | None = None
+    failed: int | None = None
+    groups: dict[str, GroupStats] = {}
+    time: float | None = None
+    terminated: bool = False
+
+
+class SubmitPayload(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``submit``: queue job groups. ``key`` makes the submit idempotent (a retry with it queues nothing)."""
+
+    jobs: list[JobSpec]
+    order: Order = ""
+    seed: int = 0
+    key: str = ""
+
+
+class SubmitResult(msgspec.Struct, kw_only=True):
+    """Answer to ``submit``: how many jobs were queued, and whether the key had been seen before."""
+
+    submitted: int
+    duplicate: bool = False
+
+
+class ResizePayload(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``grow`` / ``shrink``: the absolute number of nodes wanted (applying it twice is harmless)."""
+
+    size: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ResizeResult(msgspec.Struct, kw_only=True):
+    """Answer to ``grow`` / ``shrink``: the size now requested and the nodes up at this moment."""
+
+    size: int
+    nodes_up: int
+
+
+class JobInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One job as ``jobinfo`` reports it."""
+
+    id: int
+    group: str
+    command: str
+    nodes: int
+    state: str
+    t_submit: float
+    t_run: float | None = None
+    t_inactive: float | None = None
+    returncode: int | None = None
+    success: bool | None = None
+    output: str = ""
+
+
+def decode_status(payload: str | bytes) -> StatusPayload:
+    """Decode a status payload of the original sidecar's shape or ours.
+
+    Raises ``msgspec.ValidationError`` / ``msgspec.DecodeError`` naming the bad field.
+    """
+    return msgspec.json.decode(payload, type=StatusPayload)

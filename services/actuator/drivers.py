@@ -1,0 +1,109 @@
+"""How the actuator changes a member: the driver interface and the local driver.
+
+A driver applies one decision's effect and reports the size before and after. Drivers must be
+idempotent, since a decision may be applied again after a crash before its record was saved: scale
+targets are absolute, submits carry the decision id as idempotency key, terminate twice is harmless.
+The Kubernetes driver (scale through the MiniCluster's ``/scale`` subresource) implements the same
+interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Protocol, TypeVar, cast, get_args
+
+from ensemble_core.messages import Decision, MemberSpec
+from ensemble_core.sidecar_client import SidecarClient, SidecarError, SidecarUnavailable
+from ensemble_core.wire import Order, ResizePayload, ResizeResult, SubmitPayload, SubmitResult
+
+T = TypeVar("T")
+
+
+class DriverError(Exception):
+    """The effect could not be applied. ``transient`` errors are retried later; others are final."""
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class Driver(Protocol):
+    """Applies decisions to members of one kind (local sidecars, Kubernetes MiniClusters)."""
+
+    async def size(self, member: MemberSpec) -> int:
+        """The member's currently requested size."""
+        ...
+
+    async def scale(self, member: MemberSpec, target: int) -> int:
+        """Request ``target`` nodes (already clamped to the member's bounds); return the size now requested."""
+        ...
+
+    async def submit(self, member: MemberSpec, decision: Decision) -> int:
+        """Queue the decision's jobs (idempotent on ``decision.id``); return how many were newly queued."""
+        ...
+
+    async def terminate(self, member: MemberSpec) -> None:
+        """End the member (its work is done): release every node."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class LocalDriver:
+    """Drives sidecars on the ``local`` queue: the sidecar itself grows and shrinks its virtual nodes."""
+
+    def __init__(self, token: str, timeout: float) -> None:
+        self.token = token
+        self.timeout = timeout
+        self._clients: dict[str, SidecarClient] = {}
+
+    def client(self, member: MemberSpec) -> SidecarClient:
+        """One cached gRPC client per sidecar endpoint."""
+        client = self._clients.get(member.endpoint)
+        if client is None:
+            client = SidecarClient(member.endpoint, self.token, self.timeout)
+            self._clients[member.endpoint] = client
+        return client
+
+    async def size(self, member: MemberSpec) -> int:
+        status = await _call(self.client(member).status())
+        return status.size if status.size is not None else status.nodes.node_up_count
+
+    async def scale(self, member: MemberSpec, target: int) -> int:
+        current = await self.size(member)
+        if target == current:
+            return current
+        action = "grow" if target > current else "shrink"
+        result = await _call(self.client(member).action(action, ResizePayload(size=target), ResizeResult))
+        return result.size
+
+    async def submit(self, member: MemberSpec, decision: Decision) -> int:
+        payload = SubmitPayload(jobs=decision.jobs, order=_order(decision.order), seed=decision.seed, key=decision.id)
+        result = await _call(self.client(member).action("submit", payload, SubmitResult))
+        return 0 if result.duplicate else result.submitted
+
+    async def terminate(self, member: MemberSpec) -> None:
+        await _call(self.client(member).action("terminate", {}, dict))
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+
+def _order(order: str) -> Order:
+    if order not in get_args(Order):
+        raise DriverError(f"order: {order!r} is not random, ascending, descending or empty", transient=False)
+    return cast(Order, order)
+
+
+async def _call(call: Awaitable[T]) -> T:
+    """Await a sidecar call, translating its failures into :class:`DriverError`."""
+    try:
+        return await call
+    except SidecarUnavailable as exc:
+        raise DriverError(str(exc), transient=True) from exc
+    except SidecarError as exc:
+        raise DriverError(str(exc), transient=False) from exc

@@ -1,0 +1,223 @@
+"""The actuator: a durable pull consumer on ``ENSEMBLE_DECISIONS`` that applies each decision once.
+
+For each decision, in order:
+1. a decision already in the member's ``ensemble-actuator`` record was applied: its ``Applied`` is
+   published again (deduplicated by ``Nats-Msg-Id``) and nothing else happens;
+2. the effect is applied through the driver (``scale`` to the absolute target clamped to
+   [minSize, maxSize], after the member's cooldown; ``submit`` with the decision id as idempotency key;
+   ``terminate``; ``complete``);
+3. the record (applied ids, last scale time) is saved with compare-and-set; a terminated or completed
+   member's record in ``ensemble-members`` moves to that phase;
+4. ``Applied`` and a member event are published; then the message is acknowledged.
+A transient failure (sidecar unreachable, cooldown) naks the decision for a later retry; a final one
+(the sidecar refused) is reported as ``Applied(ok=false)`` and acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from ensemble_core import natsio, subjects
+from ensemble_core.messages import Applied, Decision, EventKind, MemberEvent, MemberSpec, encode
+from ensemble_core.settings import Settings
+from ensemble_core.subjects import MemberAddress
+from services.actuator.drivers import Driver, DriverError, LocalDriver
+
+log = logging.getLogger("actuator")
+
+#: Applied decisions remembered per member (older ones have long left the redelivery window).
+REMEMBER = 256
+
+
+class ActuatorRecord(msgspec.Struct, kw_only=True):
+    """A member's entry in the ``ensemble-actuator`` bucket."""
+
+    applied: dict[str, Applied] = {}
+    order: list[str] = []
+    last_scale: float = 0.0
+
+
+class Actuator:
+    """Applies decisions through a driver."""
+
+    def __init__(
+        self, js: JetStreamContext, members: KeyValue, records: KeyValue, driver: Driver, cooldown: float
+    ) -> None:
+        self.js = js
+        self.members = members
+        self.records = records
+        self.driver = driver
+        self.cooldown = cooldown
+
+    async def load(self, address: MemberAddress) -> tuple[ActuatorRecord, int | None]:
+        """The member's record and its KV revision (None when it has none yet)."""
+        try:
+            entry = await self.records.get(address.key)
+        except KeyNotFoundError:
+            return ActuatorRecord(), None
+        if not entry.value:
+            return ActuatorRecord(), entry.revision
+        try:
+            return msgspec.json.decode(entry.value, type=ActuatorRecord), entry.revision
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise natsio.Poison(f"actuator record of {address} is unreadable: {exc}") from exc
+
+    async def member(self, address: MemberAddress) -> tuple[MemberSpec, int] | None:
+        """The member's record and revision, or None when it has none."""
+        try:
+            entry = await self.members.get(address.key)
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        return msgspec.json.decode(entry.value, type=MemberSpec), entry.revision or 0
+
+    async def handle(self, decision: Decision, _msg: Msg) -> None:
+        """Apply one decision (see the module docstring for the order of effects)."""
+        address = MemberAddress(decision.namespace, decision.ensemble, decision.member)
+        record, revision = await self.load(address)
+        if decision.id in record.applied:
+            await self.report(address, record.applied[decision.id], None)
+            return
+        found = await self.member(address)
+        if found is None:
+            applied = self.applied(decision, ok=False, error="the member has no record (never created or removed)")
+            await self.report(address, applied, None)
+            return
+        member, member_revision = found
+        now = time.time()
+        if member.phase != "active":
+            # terminate/complete moves the phase before its record is saved: after a crash between the
+            # two, the redelivered decision finds its own effect and reports it as applied
+            own = {"terminate": "terminated", "complete": "completed"}.get(decision.action) == member.phase
+            error = "" if own else f"the member is already {member.phase}"
+            await self.report(address, self.applied(decision, ok=own, error=error), None)
+            return
+        event: EventKind | None = None
+        try:
+            if decision.action == "scale":
+                if decision.size is None:
+                    raise natsio.Poison(f"decision {decision.id}: a scale decision needs a size")
+                wait = record.last_scale + self.cooldown - now
+                if wait > 0:
+                    raise natsio.Transient(f"{address}: scale cooldown, {wait:.1f}s left", delay=wait)
+                target = min(max(decision.size, member.min_size, 1), member.max_size)
+                before = await self.driver.size(member)
+                after = await self.driver.scale(member, target)
+                applied = self.applied(decision, ok=True, before=before, after=after)
+                record.last_scale = now
+                event = "scaled"
+            elif decision.action == "submit":
+                queued = await self.driver.submit(member, decision)
+                applied = self.applied(decision, ok=True)
+                log.info("submitted %d jobs", queued, extra={"member": str(address), "id": decision.id})
+            elif decision.action in ("terminate", "complete"):
+                before = await self.driver.size(member)
+                if decision.action == "terminate":
+                    await self.driver.terminate(member)
+                    event, phase, after = "terminated", "terminated", 0
+                else:
+                    event, phase, after = "completed", "completed", before
+                await self.set_phase(address, member, member_revision, phase)
+                applied = self.applied(decision, ok=True, before=before, after=after)
+            else:
+                applied = self.applied(decision, ok=False, error=f"action {decision.action!r} is not supported")
+        except DriverError as exc:
+            if exc.transient:
+                raise natsio.Transient(str(exc), delay=2.0) from exc
+            applied = self.applied(decision, ok=False, error=str(exc))
+            event = "failed"
+        record.applied[decision.id] = applied
+        record.order.append(decision.id)
+        for old in record.order[:-REMEMBER]:
+            record.applied.pop(old, None)
+        record.order = record.order[-REMEMBER:]
+        try:
+            if revision is None:
+                await self.records.create(address.key, encode(record))
+            else:
+                await self.records.update(address.key, encode(record), last=revision)
+        except KeyWrongLastSequenceError as exc:
+            raise natsio.Transient(f"{address}: record changed by another actuator; retrying", delay=0.1) from exc
+        await self.report(address, applied, event)
+
+    async def set_phase(self, address: MemberAddress, member: MemberSpec, revision: int, phase: str) -> None:
+        """Move the member's record to ``phase`` (compare-and-set)."""
+        changed = msgspec.structs.replace(member, phase=phase)
+        try:
+            await self.members.update(address.key, encode(changed), last=revision)
+        except KeyWrongLastSequenceError as exc:
+            raise natsio.Transient(f"{address}: member record changed meanwhile; retrying", delay=0.1) from exc
+
+    def applied(
+        self, decision: Decision, *, ok: bool, before: int | None = None, after: int | None = None, error: str = ""
+    ) -> Applied:
+        """The ``Applied`` report of a decision."""
+        return Applied(
+            namespace=decision.namespace,
+            ensemble=decision.ensemble,
+            member=decision.member,
+            decision=decision.id,
+            time=time.time(),
+            ok=ok,
+            action=decision.action,
+            size_before=before,
+            size_after=after,
+            error=error,
+        )
+
+    async def report(self, address: MemberAddress, applied: Applied, event: EventKind | None) -> None:
+        """Publish ``Applied`` and, for a change of the member, its event (both deduplicated)."""
+        await self.js.publish(
+            subjects.applied(address), encode(applied), headers={"Nats-Msg-Id": f"applied:{applied.decision}"}
+        )
+        if not applied.ok:
+            log.warning("not applied: %s", applied.error, extra={"member": str(address), "id": applied.decision})
+        if event is None:
+            return
+        message = applied.error or f"{applied.action} {applied.size_before} -> {applied.size_after}"
+        member_event = MemberEvent(
+            namespace=address.namespace,
+            ensemble=address.ensemble,
+            member=address.member,
+            event=event,
+            time=applied.time,
+            size=applied.size_after,
+            message=message,
+        )
+        await self.js.publish(
+            subjects.events(address), encode(member_event), headers={"Nats-Msg-Id": f"event:{applied.decision}"}
+        )
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Consume decisions until ``stop`` (or SIGTERM), then drain."""
+    stop = stop or asyncio.Event()
+    natsio.stop_on_signals(stop)
+    nc = await natsio.connect(settings, "actuator")
+    driver = LocalDriver(settings.sidecar_token, settings.sidecar_timeout)
+    try:
+        js = nc.jetstream()
+        await natsio.declare(js)
+        actuator = Actuator(
+            js,
+            await natsio.bucket(js, subjects.MEMBERS_BUCKET),
+            await natsio.bucket(js, subjects.ACTUATOR_BUCKET),
+            driver,
+            settings.scale_cooldown,
+        )
+        subscription = await natsio.durable_subscription(js, natsio.ACTUATOR, settings)
+        await natsio.consume(
+            js, subscription, Decision, actuator.handle, service="actuator", stop=stop, batch=settings.fetch_batch
+        )
+    finally:
+        await driver.close()
+        await nc.drain()

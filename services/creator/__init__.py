@@ -1,0 +1,1 @@
+"""creator: turns an Ensemble into running members and announces them (member records and events)."""

@@ -1,0 +1,1 @@
+"""decider: runs each member's algorithm over its metrics and publishes the decisions."""

@@ -1,0 +1,1 @@
+"""poller: turns each member's sidecar status into a stream of ``Metrics`` messages."""

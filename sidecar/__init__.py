@@ -1,0 +1,1 @@
+"""The gRPC sidecar in front of a job queue: ``ensemble sidecar --backend local ...``."""

@@ -1,0 +1,437 @@
+"""A pure model of one job queue on a set of identical nodes: the sidecar's functional core.
+
+No I/O and no clock: every operation that needs the time takes ``now`` (seconds) from the caller,
+and every operation returns what the caller has to act on (e.g. the jobs to start). The local
+backend drives it with real subprocesses; a simulated backend can drive it with simulated time.
+
+Model
+-----
+* ``nodes_up`` virtual nodes of ``cores`` cores each. A job takes ``nodes`` whole nodes while it runs.
+* Jobs follow Flux's states: ``new → depend → priority → sched → run → cleanup → inactive``. Nothing
+  here holds a job in ``new``/``depend``/``priority`` or ``cleanup``, so a job passes through them
+  within the operation that reaches them; a job waiting for nodes sits in ``sched``.
+* Scheduling is first-come, first-served like Flux's default policy (``sched-simple``, ``fcfs``):
+  jobs start in queue order, and when the job at the head of the queue does not fit in the free
+  nodes it blocks every job behind it, even jobs that would fit (no backfill). A job wider than the
+  size currently requested therefore waits until the queue grows.
+* Resizing: ``size`` is the number of nodes requested, ``nodes_up`` the number actually up. Growing
+  raises ``size`` at once; the caller brings nodes up with :meth:`Queue.nodes_ready` (immediately
+  or after a provisioning delay). Shrinking removes free nodes at once; busy nodes beyond the target
+  are drained: no new work is placed on them (there are no free nodes while ``nodes_up > size``)
+  and they are removed as their jobs end. Running work is never killed.
+* :meth:`Queue.terminate` stops placing work and sets the size to 0; the nodes go away as the
+  running jobs end. Jobs still waiting stay in ``sched``, like a stopped Flux queue.
+
+Cost: submit is O(jobs submitted); start, finish and resize are O(jobs started or finished);
+:meth:`Queue.status` is O(groups) (counters are kept, never recomputed by scanning the queue).
+Cancelling a group rebuilds the waiting deque, O(waiting jobs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from ensemble_core.messages import GroupStats, JobSpec, NodeCounts, QueueCounts
+from ensemble_core.wire import (
+    MAX_SUBMIT_JOBS,
+    JobInfo,
+    Order,
+    StatusPayload,
+    SubmitResult,
+)
+
+#: How many waiting jobs ``next_jobs`` lists.
+NEXT_JOBS = 20
+
+
+class JobState(StrEnum):
+    """Flux's job states, in order."""
+
+    NEW = "new"
+    DEPEND = "depend"
+    PRIORITY = "priority"
+    SCHED = "sched"
+    RUN = "run"
+    CLEANUP = "cleanup"
+    INACTIVE = "inactive"
+
+
+class QueueError(ValueError):
+    """A request the queue refuses; the message names the offending field."""
+
+
+class QueueTerminated(QueueError):
+    """A request refused because the queue was terminated."""
+
+
+@dataclass(slots=True)
+class Job:
+    """One job. Owned and mutated by :class:`Queue`; callers read it."""
+
+    id: int
+    group: str
+    command: str
+    nodes: int
+    tasks: int
+    workdir: str
+    duration: int
+    t_submit: float
+    state: JobState = JobState.NEW
+    t_run: float | None = None
+    t_inactive: float | None = None
+    returncode: int | None = None
+    success: bool | None = None
+    output: str = ""
+
+    def info(self) -> JobInfo:
+        """This job as ``jobinfo`` reports it."""
+        return JobInfo(
+            id=self.id,
+            group=self.group,
+            command=self.command,
+            nodes=self.nodes,
+            state=self.state.value,
+            t_submit=self.t_submit,
+            t_run=self.t_run,
+            t_inactive=self.t_inactive,
+            returncode=self.returncode,
+            success=self.success,
+            output=self.output,
+        )
+
+
+@dataclass(slots=True)
+class _Spread:
+    """Running count / sum / min / max of a series of durations."""
+
+    n: int = 0
+    total: float = 0.0
+    low: float = 0.0
+    high: float = 0.0
+
+    def add(self, value: float) -> None:
+        self.low = value if self.n == 0 else min(self.low, value)
+        self.high = value if self.n == 0 else max(self.high, value)
+        self.n += 1
+        self.total += value
+
+    def mean(self) -> float:
+        return self.total / self.n if self.n else 0.0
+
+
+@dataclass(slots=True)
+class _Group:
+    """Incrementally maintained statistics of one job group."""
+
+    submitted: int = 0
+    finished: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    run: _Spread = field(default_factory=_Spread)
+    wait: _Spread = field(default_factory=_Spread)
+
+    def stats(self) -> GroupStats:
+        return GroupStats(
+            submitted=self.submitted,
+            finished=self.finished,
+            succeeded=self.succeeded,
+            failed=self.failed,
+            run_mean=self.run.mean(),
+            run_min=self.run.low,
+            run_max=self.run.high,
+            wait_mean=self.wait.mean(),
+            wait_min=self.wait.low,
+            wait_max=self.wait.high,
+        )
+
+
+def order_jobs(specs: Sequence[JobSpec], order: Order, seed: int) -> list[JobSpec]:
+    """Unwrap ``count`` and order the jobs: one entry per job to queue.
+
+    ``""`` keeps the groups as given, each group's jobs consecutive; ``ascending`` / ``descending``
+    sort by ``nodes`` (stable: equal widths keep their given order); ``random`` shuffles with
+    ``random.Random(seed)``, so the same seed gives the same order.
+    """
+    jobs = [spec for spec in specs for _ in range(spec.count)]
+    if order == "ascending":
+        jobs.sort(key=lambda spec: spec.nodes)
+    elif order == "descending":
+        jobs.sort(key=lambda spec: -spec.nodes)
+    elif order == "random":
+        random.Random(seed).shuffle(jobs)
+    return jobs
+
+
+class Queue:
+    """The queue and nodes of one ensemble member (see the module docstring for the model)."""
+
+    def __init__(self, *, nodes: int, cores: int = 1, max_nodes: int | None = None) -> None:
+        """Start with ``nodes`` nodes up and requested; ``max_nodes`` (default ``nodes``) caps growth."""
+        max_nodes = nodes if max_nodes is None else max_nodes
+        if nodes < 0:
+            raise QueueError(f"nodes: must be >= 0, got {nodes}")
+        if cores < 1:
+            raise QueueError(f"cores: must be >= 1, got {cores}")
+        if max_nodes < nodes:
+            raise QueueError(f"max_nodes: must be >= nodes ({nodes}), got {max_nodes}")
+        self.cores = cores
+        self.max_nodes = max_nodes
+        self.size = nodes
+        self.nodes_up = nodes
+        self.terminated = False
+        self._busy = 0
+        self._ids = itertools.count(1)
+        self._jobs: dict[int, Job] = {}
+        self._waiting: deque[Job] = deque()
+        self._waiting_by_nodes: Counter[int] = Counter()
+        self._states: Counter[JobState] = Counter()
+        self._groups: dict[str, _Group] = {}
+        self._finished = 0
+        self._failed = 0
+        self._keys: dict[str, SubmitResult] = {}
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    @property
+    def nodes_free(self) -> int:
+        """Nodes up and idle. Zero while nodes drain (``nodes_up > size``)."""
+        return self.nodes_up - self._busy
+
+    @property
+    def draining(self) -> int:
+        """Busy nodes beyond the requested size, removed as their jobs end."""
+        return max(0, self.nodes_up - self.size)
+
+    @property
+    def waiting(self) -> int:
+        """Jobs waiting for nodes (state ``sched``)."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Jobs running."""
+        return self._states[JobState.RUN]
+
+    def job(self, job_id: int) -> Job | None:
+        """The job with this id, or ``None``."""
+        return self._jobs.get(job_id)
+
+    def recent(self, limit: int) -> list[Job]:
+        """The ``limit`` most recently submitted jobs, oldest first (O(limit))."""
+        newest = list(itertools.islice(reversed(self._jobs.values()), limit))
+        newest.reverse()
+        return newest
+
+    def status(self, now: float) -> StatusPayload:
+        """A snapshot of nodes, queue and groups at ``now`` (O(groups + NEXT_JOBS))."""
+        free = self.nodes_free
+        return StatusPayload(
+            nodes=NodeCounts(
+                node_cores_free=free * self.cores,
+                node_cores_up=self.nodes_up * self.cores,
+                node_up_count=self.nodes_up,
+                node_free_count=free,
+            ),
+            queue=QueueCounts(**{state.value: self._states[state] for state in JobState}),
+            waiting={width: n for width, n in sorted(self._waiting_by_nodes.items()) if n},
+            next_jobs=[job.nodes for job in itertools.islice(self._waiting, NEXT_JOBS)],
+            counts={"waiting": self.waiting, "running": self.running},
+            metrics={},
+            size=self.size,
+            finished=self._finished,
+            failed=self._failed,
+            groups={name: group.stats() for name, group in self._groups.items()},
+            time=now,
+            terminated=self.terminated,
+        )
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def validate(self, specs: Sequence[JobSpec]) -> None:
+        """Raise :class:`QueueError` naming the field if these job groups cannot be queued."""
+        total = 0
+        for i, spec in enumerate(specs):
+            if not spec.name:
+                raise QueueError(f"jobs[{i}].name: must not be empty (it names the job group)")
+            if not spec.command.strip():
+                raise QueueError(f"jobs[{i}].command: must not be empty")
+            if spec.nodes > self.max_nodes:
+                raise QueueError(
+                    f"jobs[{i}].nodes: {spec.nodes} exceeds the queue's maximum of {self.max_nodes} "
+                    "nodes, so the job could never run"
+                )
+            total += spec.count
+        if total > MAX_SUBMIT_JOBS:
+            raise QueueError(f"jobs: {total} jobs (after count) exceeds the limit of {MAX_SUBMIT_JOBS} per submit")
+
+    def submit(
+        self, specs: Sequence[JobSpec], now: float, *, order: Order = "", seed: int = 0, key: str = ""
+    ) -> SubmitResult:
+        """Queue the job groups in ``order`` (see :func:`order_jobs`); all or nothing.
+
+        A non-empty ``key`` seen before returns the first submit's result with ``duplicate=True``
+        and queues nothing, so a client may retry a submit whose answer it lost.
+        Raises :class:`QueueError` (naming the field) for invalid jobs, :class:`QueueTerminated`
+        after :meth:`terminate`. Call :meth:`schedule` afterwards to start what fits.
+        """
+        if key and key in self._keys:
+            first = self._keys[key]
+            return SubmitResult(submitted=first.submitted, duplicate=True)
+        if self.terminated:
+            raise QueueTerminated("action: the queue is terminated and accepts no more jobs")
+        self.validate(specs)
+        ordered = order_jobs(specs, order, seed)
+        for spec in ordered:
+            job = Job(
+                id=next(self._ids),
+                group=spec.name,
+                command=spec.command,
+                nodes=spec.nodes,
+                tasks=spec.tasks,
+                workdir=spec.workdir,
+                duration=spec.duration,
+                t_submit=now,
+                state=JobState.SCHED,
+            )
+            self._jobs[job.id] = job
+            self._waiting.append(job)
+            self._waiting_by_nodes[job.nodes] += 1
+            self._group(job.group).submitted += 1
+        self._states[JobState.SCHED] += len(ordered)
+        result = SubmitResult(submitted=len(ordered))
+        if key:
+            self._keys[key] = result
+        return result
+
+    def schedule(self, now: float) -> list[Job]:
+        """Start waiting jobs first-come, first-served; return the jobs now running, to launch.
+
+        Stops at the first job that does not fit (head-of-line blocking, no backfill), and places
+        nothing once terminated.
+        """
+        started: list[Job] = []
+        while self._waiting and not self.terminated and self._waiting[0].nodes <= self.nodes_free:
+            job = self._waiting.popleft()
+            self._waiting_by_nodes[job.nodes] -= 1
+            self._move(job, JobState.RUN)
+            job.t_run = now
+            self._busy += job.nodes
+            started.append(job)
+        return started
+
+    def finish(self, job_id: int, now: float, returncode: int, output: str = "") -> Job:
+        """Record that a running job ended (``returncode`` 0 is success) and release its nodes.
+
+        Released nodes beyond the requested size are removed (drained), the rest become free.
+        Call :meth:`schedule` afterwards to start what now fits.
+        """
+        job = self._jobs.get(job_id)
+        if job is None or job.state is not JobState.RUN:
+            raise QueueError(f"id: job {job_id} is not running")
+        self._busy -= job.nodes
+        self.nodes_up -= min(job.nodes, self.draining)
+        job.returncode = returncode
+        job.success = returncode == 0
+        job.output = output
+        job.t_inactive = now
+        self._move(job, JobState.INACTIVE)
+        group = self._group(job.group)
+        group.finished += 1
+        self._finished += 1
+        if job.success:
+            group.succeeded += 1
+        else:
+            group.failed += 1
+            self._failed += 1
+        assert job.t_run is not None  # set by schedule() when the job entered RUN
+        group.run.add(now - job.t_run)
+        group.wait.add(job.t_run - job.t_submit)
+        return job
+
+    def cancel(self, group: str, now: float) -> int:
+        """Cancel the waiting jobs of ``group`` (running ones are left alone); return how many.
+
+        A cancelled job becomes inactive without running and counts as finished and failed.
+        """
+        cancelled = [job for job in self._waiting if job.group == group]
+        if not cancelled:
+            return 0
+        self._waiting = deque(job for job in self._waiting if job.group != group)
+        stats = self._group(group)
+        for job in cancelled:
+            self._waiting_by_nodes[job.nodes] -= 1
+            self._move(job, JobState.INACTIVE)
+            job.t_inactive = now
+            job.success = False
+            job.output = "cancelled"
+        stats.finished += len(cancelled)
+        stats.failed += len(cancelled)
+        self._finished += len(cancelled)
+        self._failed += len(cancelled)
+        return len(cancelled)
+
+    # -- nodes -----------------------------------------------------------------------------------
+
+    def resize(self, target: int) -> int:
+        """Request ``target`` nodes; return how many new nodes the caller must bring up.
+
+        Growing only raises the request: bring the returned number of nodes up with
+        :meth:`nodes_ready`. Shrinking removes free nodes at once and drains busy ones (see the
+        module docstring). Raises :class:`QueueError` for a target outside ``0..max_nodes`` and
+        :class:`QueueTerminated` after :meth:`terminate`.
+        """
+        if self.terminated:
+            raise QueueTerminated("action: the queue is terminated and cannot be resized")
+        if not 0 <= target <= self.max_nodes:
+            raise QueueError(f"size: {target} is outside 0..{self.max_nodes} (the queue's maximum)")
+        to_provision = max(0, target - max(self.size, self.nodes_up))
+        self.size = target
+        self.nodes_up -= min(self.nodes_free, self.draining)
+        return to_provision
+
+    def grow(self, target: int) -> int:
+        """:meth:`resize` to ``target``, refusing a target below the requested size (equal: no-op)."""
+        if target < self.size:
+            raise QueueError(f"size: grow to {target} is below the current size {self.size}; use shrink")
+        return self.resize(target)
+
+    def shrink(self, target: int) -> int:
+        """:meth:`resize` to ``target``, refusing a target above the requested size (equal: no-op)."""
+        if target > self.size:
+            raise QueueError(f"size: shrink to {target} is above the current size {self.size}; use grow")
+        return self.resize(target)
+
+    def nodes_ready(self, count: int) -> int:
+        """Bring up to ``count`` provisioned nodes up, never beyond the requested size; return how many.
+
+        Call :meth:`schedule` afterwards to place work on them.
+        """
+        added = max(0, min(count, self.size - self.nodes_up))
+        self.nodes_up += added
+        return added
+
+    def terminate(self) -> None:
+        """Stop placing work and request size 0: free nodes go now, busy ones as their jobs end."""
+        if self.terminated:
+            return
+        self.resize(0)
+        self.terminated = True
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _group(self, name: str) -> _Group:
+        group = self._groups.get(name)
+        if group is None:
+            group = self._groups[name] = _Group()
+        return group
+
+    def _move(self, job: Job, state: JobState) -> None:
+        self._states[job.state] -= 1
+        self._states[state] += 1
+        job.state = state
+

@@ -1,0 +1,315 @@
+"""The sidecar's gRPC server (grpc.aio): the ``EnsembleOperator`` service in front of a backend.
+
+Answers carry JSON payloads. A refused request answers ``ERROR`` (or ``DENIED`` once the queue is
+terminated) with ``{"error": "<field>: <why>"}``; a bad request never crashes or blocks the server.
+
+Actions of ``RequestAction``:
+
+* ``submit`` — :class:`~ensemble_core.wire.SubmitPayload` → :class:`~ensemble_core.wire.SubmitResult`.
+* ``jobinfo`` — ``{"id": n}`` → one :class:`~ensemble_core.wire.JobInfo`; no payload (or no id) → a
+  list of the :data:`JOBINFO_LIMIT` most recently submitted jobs, oldest first.
+* ``grow`` / ``shrink`` — :class:`~ensemble_core.wire.ResizePayload` →
+  :class:`~ensemble_core.wire.ResizeResult`. The size is absolute: grow below / shrink above the
+  current size is an error, the current size itself a no-op.
+* ``cancel`` — ``{"group": name}`` → ``{"cancelled": n}``: the group's waiting jobs.
+* ``terminate`` — stop placing work; the size goes to 0 as running jobs end → ``ResizeResult``.
+* ``resetCounter`` — accepted for compatibility with the original sidecar; no effect → ``{}``.
+
+``RequestUpdate`` is reserved: it accepts anything and answers ``SUCCESS`` with ``{}``.
+``WatchStatus`` streams a status snapshot at once, then on every change (at most one per
+``min_interval`` seconds) and at least every ``heartbeat`` seconds.
+
+With a token, every call of the service needs the metadata ``authorization: Bearer <token>``, else
+it fails ``UNAUTHENTICATED``; the health and reflection services stay open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
+
+import grpc
+import msgspec
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # the stubs lack the aio servicer
+from grpc_reflection.v1alpha import reflection
+
+from ensemble_core.rpc import ensemble_service_pb2 as pb
+from ensemble_core.rpc import ensemble_service_pb2_grpc as pb_grpc
+from ensemble_core.wire import ResizePayload, SubmitPayload
+from sidecar.backend import Backend
+from sidecar.local import LocalBackend
+from sidecar.queue import QueueError, QueueTerminated
+
+log = logging.getLogger(__name__)
+
+#: Most jobs one ``jobinfo`` without an id lists (the most recent ones).
+JOBINFO_LIMIT = 1000
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnsembleOperator"].full_name
+
+#: Services reachable without the token: probes and tooling need no secret.
+_OPEN_SERVICES = (
+    f"/{health_pb2.DESCRIPTOR.services_by_name['Health'].full_name}/",
+    f"/{reflection.SERVICE_NAME}/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+_encoder = msgspec.json.Encoder()
+_T = TypeVar("_T")
+Status: TypeAlias = pb.Response.ResultType.ValueType
+
+
+class JobInfoRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``jobinfo`` payload: one job by ``id``, or (no id) the most recent jobs."""
+
+    id: int | None = None
+
+
+class CancelPayload(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``cancel`` payload: the job group whose waiting jobs to cancel."""
+
+    group: str
+
+
+class _Refused(Exception):
+    """A request answered with ``ERROR`` and this message."""
+
+
+def _reply(payload: Any, status: Status = pb.Response.SUCCESS) -> pb.Response:
+    return pb.Response(payload=_encoder.encode(payload).decode(), status=status)
+
+
+def _error(message: str, status: Status = pb.Response.ERROR) -> pb.Response:
+    return _reply({"error": message}, status)
+
+
+def _decode(payload: str, kind: type[_T], action: str, *, optional: bool = False) -> _T:
+    """Decode an action's JSON payload; :class:`_Refused` with msgspec's message (which names the field)."""
+    if not payload.strip():
+        if optional:
+            return kind()
+        raise _Refused(f"payload: {action} needs a JSON object")
+    try:
+        return msgspec.json.decode(payload, type=kind)
+    except msgspec.ValidationError as exc:
+        raise _Refused(f"payload: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise _Refused(f"payload: not valid JSON: {exc}") from None
+
+
+class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
+    """The ``EnsembleOperator`` service over a :class:`~sidecar.backend.Backend`."""
+
+    def __init__(self, backend: Backend, *, heartbeat: float = 5.0, min_interval: float = 0.1) -> None:
+        """``heartbeat``: longest gap between WatchStatus snapshots; ``min_interval``: shortest."""
+        self.backend = backend
+        self.heartbeat = heartbeat
+        self.min_interval = min_interval
+        self._actions: dict[str, Callable[[str], pb.Response]] = {
+            "submit": self._submit,
+            "jobinfo": self._jobinfo,
+            "grow": self._grow,
+            "shrink": self._shrink,
+            "cancel": self._cancel,
+            "terminate": self._terminate,
+            "resetCounter": lambda _payload: _reply({}),
+        }
+
+    async def RequestStatus(self, request: pb.StatusRequest, context: Any) -> pb.Response:
+        """The status snapshot as JSON (:class:`~ensemble_core.wire.StatusPayload`), ``SUCCESS``."""
+        return self._status()
+
+    async def RequestAction(self, request: pb.ActionRequest, context: Any) -> pb.Response:
+        """Run one action (see the module docstring); refusals answer ``ERROR`` / ``DENIED``."""
+        handler = self._actions.get(request.action)
+        if handler is None:
+            known = ", ".join(sorted(self._actions))
+            return _error(f"action: unknown action {request.action!r} (known: {known})")
+        try:
+            return handler(request.payload)
+        except _Refused as exc:
+            return _error(str(exc))
+        except QueueTerminated as exc:
+            return _error(str(exc), pb.Response.DENIED)
+        except QueueError as exc:
+            return _error(str(exc))
+        except Exception:
+            # The server keeps serving; the details go to the log, not to the client.
+            log.exception("action %r failed", request.action)
+            return _error(f"action: {request.action} failed inside the sidecar (see its log)")
+
+    async def RequestUpdate(self, request: pb.UpdateRequest, context: Any) -> pb.Response:
+        """Reserved: accepts any payload, changes nothing, answers ``SUCCESS`` with ``{}``."""
+        return _reply({})
+
+    async def WatchStatus(
+        self, request: pb.StatusRequest, context: Any
+    ) -> AsyncIterator[pb.Response]:
+        """Stream snapshots: one now, one after each change (coalesced), a heartbeat when idle.
+
+        Ends when the client cancels or the server stops.
+        """
+        changed = asyncio.Event()
+        self.backend.add_listener(changed.set)
+        try:
+            while True:
+                changed.clear()
+                yield self._status()
+                sent = time.monotonic()
+                try:
+                    await asyncio.wait_for(changed.wait(), timeout=self.heartbeat)
+                except TimeoutError:
+                    continue
+                # Coalesce a burst of changes into one snapshot.
+                await asyncio.sleep(max(0.0, sent + self.min_interval - time.monotonic()))
+        finally:
+            self.backend.remove_listener(changed.set)
+
+    # -- actions ---------------------------------------------------------------------------------
+
+    def _status(self) -> pb.Response:
+        return _reply(self.backend.status())
+
+    def _submit(self, payload: str) -> pb.Response:
+        return _reply(self.backend.submit(_decode(payload, SubmitPayload, "submit")))
+
+    def _jobinfo(self, payload: str) -> pb.Response:
+        wanted = _decode(payload, JobInfoRequest, "jobinfo", optional=True)
+        if wanted.id is None:
+            return _reply(self.backend.recent_jobs(JOBINFO_LIMIT))
+        return _reply(self.backend.job_info(wanted.id))
+
+    def _grow(self, payload: str) -> pb.Response:
+        return _reply(self.backend.grow(_decode(payload, ResizePayload, "grow").size))
+
+    def _shrink(self, payload: str) -> pb.Response:
+        return _reply(self.backend.shrink(_decode(payload, ResizePayload, "shrink").size))
+
+    def _cancel(self, payload: str) -> pb.Response:
+        return _reply({"cancelled": self.backend.cancel(_decode(payload, CancelPayload, "cancel").group)})
+
+    def _terminate(self, payload: str) -> pb.Response:
+        return _reply(self.backend.terminate())
+
+
+class TokenInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]  # one interceptor for every method type
+    """Refuses calls without ``authorization: Bearer <token>`` with ``UNAUTHENTICATED``.
+
+    Calls to the health and reflection services pass without the token.
+    """
+
+    def __init__(self, token: str) -> None:
+        """Accept only ``Bearer <token>`` (compared in constant time)."""
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],  # type: ignore[type-arg]
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
+        """Pass authorized and open calls on; answer the others with an aborting handler."""
+        method = handler_call_details.method
+        if method.startswith(_OPEN_SERVICES) or self._authorized(handler_call_details):
+            return await continuation(handler_call_details)
+        log.warning("unauthenticated call refused method=%s", method)
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(_deny_stream)
+        return grpc.unary_unary_rpc_method_handler(_deny)
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization" and isinstance(value, str):
+                return hmac.compare_digest(value.encode(), self._expected)
+        return False
+
+
+_DENIED = "missing or wrong token: send metadata 'authorization: Bearer <token>'"
+
+
+async def _deny(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+
+
+async def _deny_stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+    yield None  # unreachable: makes this an async generator, the shape of a streaming handler
+
+
+@dataclass
+class RunningServer:
+    """A started sidecar: its bound ``port``, the gRPC server and the backend behind it."""
+
+    server: aio.Server
+    port: int
+    backend: Backend
+    health: Any
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop accepting calls, give open calls ``grace`` seconds, then close the backend (jobs die)."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.backend.aclose()
+
+    async def wait(self) -> None:
+        """Return when the server has stopped."""
+        await self.server.wait_for_termination()
+
+
+async def serve(
+    backend: Backend,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    heartbeat: float = 5.0,
+) -> RunningServer:
+    """Start the sidecar service (plus health and reflection) for ``backend`` on ``host:port``.
+
+    ``port`` 0 binds a free port (see ``RunningServer.port``). ``token`` (None or empty: no
+    authentication) is required from every caller of the service. Raises ``RuntimeError`` when the
+    address cannot be bound.
+    """
+    interceptors = [TokenInterceptor(token)] if token else []
+    server = aio.server(interceptors=interceptors)
+    pb_grpc.add_EnsembleOperatorServicer_to_server(SidecarServicer(backend, heartbeat=heartbeat), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise RuntimeError(f"cannot bind {address}")
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    log.info("sidecar listening address=%s port=%d auth=%s", host, bound, "token" if token else "none")
+    return RunningServer(server=server, port=bound, backend=backend, health=health)
+
+
+async def serve_local(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    nodes: int = 1,
+    cores: int = 1,
+    max_nodes: int | None = None,
+    provision_delay: float = 0.0,
+    heartbeat: float = 5.0,
+) -> RunningServer:
+    """Start a sidecar with a :class:`~sidecar.local.LocalBackend` (see :func:`serve`)."""
+    backend = LocalBackend(nodes=nodes, cores=cores, max_nodes=max_nodes, provision_delay=provision_delay)
+    return await serve(backend, host=host, port=port, token=token, heartbeat=heartbeat)
