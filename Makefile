@@ -24,6 +24,7 @@ test: setup lint typecheck check-stubs pytest
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
 typecheck: setup

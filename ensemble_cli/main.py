@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from ensemble_core.runner import run_service
 from ensemble_core.settings import Settings
 
 
-def _service(name: str) -> Callable[[Settings], Awaitable[None]]:
+def _service(name: str) -> Callable[[Settings], Coroutine[Any, Any, None]]:
     # imported on demand so that `ensemble validate` does not load every service
     if name == "creator":
         from services.creator.service import run as creator

@@ -275,8 +275,15 @@ class Monitor:
             table.add_column(column)
         for view in self.members.values():
             table.add_row(
-                str(view.index), view.phase, str(view.size), str(view.up), str(view.waiting), str(view.running),
-                str(view.finished), str(view.failed), Text(view.last_decision[:70], overflow="ellipsis"),
+                str(view.index),
+                view.phase,
+                str(view.size),
+                str(view.up),
+                str(view.waiting),
+                str(view.running),
+                str(view.finished),
+                str(view.failed),
+                Text(view.last_decision[:70], overflow="ellipsis"),
             )
         return Group(table, Text("\n".join(self.log[-10:]), style="dim"))
 
@@ -315,15 +322,23 @@ def summary(monitor: Monitor, jobs: dict[int, list[JobInfo]], console: Console) 
         makespan = (max(ends) - min(starts)) if starts and ends else 0.0
         end = view.ended or time.time()
         table.add_row(
-            str(index), str(len(records)), str(succeeded), str(failed), f"{makespan:.1f}",
-            f"{node_seconds(view.sizes, end):.1f}", f"{view.scale_ups}/{view.scale_downs}", str(view.peak),
+            str(index),
+            str(len(records)),
+            str(succeeded),
+            str(failed),
+            f"{makespan:.1f}",
+            f"{node_seconds(view.sizes, end):.1f}",
+            f"{view.scale_ups}/{view.scale_downs}",
+            str(view.peak),
         )
     console.print(table)
     for index, records in jobs.items():
         for job in records:
             if job.success is False:
-                console.print(f"[red]member {index} job {job.id} ({job.group}) failed[/red] "
-                              f"(exit {job.returncode}): {job.output.strip()[-300:]}")
+                console.print(
+                    f"[red]member {index} job {job.id} ({job.group}) failed[/red] "
+                    f"(exit {job.returncode}): {job.output.strip()[-300:]}"
+                )
     return EXIT_JOBS_FAILED if failed_total else EXIT_OK
 
 
@@ -364,9 +379,22 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
     for member in ensemble.members:
         part = stack.start(
             f"sidecar-{member.index}",
-            [*cli, "sidecar", "--backend", "local", "--port", "0", "--nodes", str(member.size),
-             "--max-nodes", str(member.max_size), "--cores", str(args.cores),
-             "--provision-delay", str(args.provision_delay)],
+            [
+                *cli,
+                "sidecar",
+                "--backend",
+                "local",
+                "--port",
+                "0",
+                "--nodes",
+                str(member.size),
+                "--max-nodes",
+                str(member.max_size),
+                "--cores",
+                str(args.cores),
+                "--provision-delay",
+                str(args.provision_delay),
+            ],
             env={"ENSEMBLE_SIDECAR_TOKEN": token},
         )
         endpoints[member.index] = f"127.0.0.1:{await _first_line(part, START_TIMEOUT)}"
@@ -384,8 +412,12 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
         for name in SERVICES:
             stack.start(name, [*cli, name], env=env)
         deadline = time.monotonic() + args.timeout if args.timeout else None
-        with Live(monitor.render(), console=console, refresh_per_second=4, transient=False,
-                  redirect_stdout=False) if not args.quiet and console.is_terminal else contextlib.nullcontext() as live:
+        view = (
+            Live(monitor.render(), console=console, refresh_per_second=4, redirect_stdout=False)
+            if not args.quiet and console.is_terminal
+            else contextlib.nullcontext()
+        )
+        with view as live:
             printed = 0
             while not monitor.done():
                 await asyncio.sleep(0.25)

@@ -13,6 +13,7 @@ Services use only this module's helpers, so the idioms of DESIGN.md live here on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -114,6 +115,7 @@ async def connect(settings: Settings, name: str) -> Client:
 async def declare(js: JetStreamContext) -> None:
     """Create the streams and KV buckets that do not exist yet; leave existing ones as they are."""
     for config in STREAMS:
+        assert config.name is not None
         try:
             info = await js.stream_info(config.name)
         except NotFoundError:
@@ -199,19 +201,25 @@ async def consume(
     any other exception fewer times → ``nak`` (never dropped on a first failure).
     """
     decoder = msgspec.json.Decoder(message_type)
-    while not stop.is_set():
-        try:
-            messages = await subscription.fetch(batch, timeout=1.0)
-        except nats.errors.TimeoutError:
-            continue
-        except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
-            return
-        except Exception as exc:  # a broken connection: wait for the client to reconnect
-            log.warning("fetch failed: %s", exc)
-            await asyncio.sleep(0.5)
-            continue
-        for msg in messages:
-            await settle(js, msg, decoder, handler, service)
+    try:
+        while not stop.is_set():
+            try:
+                messages = await subscription.fetch(batch, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+                return
+            except Exception as exc:  # a broken connection: wait for the client to reconnect
+                log.warning("fetch failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in messages:
+                await settle(js, msg, decoder, handler, service)
+    finally:
+        # a pull subscription keeps the status replies of expired pulls queued; draining the connection
+        # would wait for them for ever, so the subscription is dropped first
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
 
 
 async def settle(

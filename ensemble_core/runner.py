@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from ensemble_core import logs
 from ensemble_core.settings import Settings, SettingsError, load
@@ -15,7 +16,7 @@ from ensemble_core.spec import SpecError
 EXIT_CONFIG = 2
 
 
-def run_service(name: str, run: Callable[[Settings], Awaitable[None]]) -> int:
+def run_service(name: str, run: Callable[[Settings], Coroutine[Any, Any, None]]) -> int:
     """Load and validate the settings, then run the service until it returns; return the exit code."""
     try:
         settings = load()

@@ -59,7 +59,7 @@ class SidecarClient:
 
     async def close(self) -> None:
         """Close the channel."""
-        await self._channel.close()
+        await self._channel.close(grace=None)
 
     async def status(self) -> StatusPayload:
         """One status snapshot. Raises :class:`SidecarUnavailable` or :class:`SidecarError`."""

@@ -221,9 +221,7 @@ def _jobs(check: _Checker, value: object, path: str, max_size: int | None) -> tu
         where = f"{path}[{i}]"
         data = check.mapping(raw, where, _JOB_KEYS)
         if not data:
-            if raw is not None and isinstance(raw, dict):
-                check.error(where, "empty job group; give at least name and command")
-            elif raw is None:
+            if (raw is not None and isinstance(raw, dict)) or raw is None:
                 check.error(where, "empty job group; give at least name and command")
             continue
         name = check.string(data, "name", where, required=True)
@@ -246,7 +244,9 @@ def _jobs(check: _Checker, value: object, path: str, max_size: int | None) -> tu
             continue
         assert count is not None and nodes is not None and tasks is not None and duration is not None
         jobs.append(
-            JobSpec(name=name, command=command, count=count, nodes=nodes, tasks=tasks, workdir=workdir, duration=duration)
+            JobSpec(
+                name=name, command=command, count=count, nodes=nodes, tasks=tasks, workdir=workdir, duration=duration
+            )
         )
     if total > MAX_JOBS_PER_MEMBER:
         check.error(path, f"{total} jobs in all exceeds the limit of {MAX_JOBS_PER_MEMBER} per member")
@@ -330,7 +330,9 @@ def validate(document: object, namespace: str = "default") -> tuple[Ensemble | N
                 members.append(member)
     if check.errors:
         return None, check.errors
-    return Ensemble(name=name, namespace=namespace, check_seconds=float(check_seconds or 10), members=tuple(members)), []
+    return Ensemble(
+        name=name, namespace=namespace, check_seconds=float(check_seconds or 10), members=tuple(members)
+    ), []
 
 
 def load(path: str | Path, namespace: str = "default") -> Ensemble:

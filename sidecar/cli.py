@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.backend in _LATER:
-        print(f"ensemble sidecar: backend {args.backend!r} is not available yet (use --backend local)",
-              file=sys.stderr)
+        print(f"ensemble sidecar: backend {args.backend!r} is not available yet (use --backend local)", file=sys.stderr)
         return 2
     if not 0 <= args.port <= 65535:
         parser.error(f"--port: must be in 0..65535, got {args.port}")
@@ -67,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     token = os.environ.get(TOKEN_ENV) or None
     if token is None:
-        print(f"ensemble sidecar: warning: {TOKEN_ENV} is not set; anyone who can reach the port "
-              "can control the queue", file=sys.stderr)
+        print(
+            f"ensemble sidecar: warning: {TOKEN_ENV} is not set; anyone who can reach the port can control the queue",
+            file=sys.stderr,
+        )
     try:
         return asyncio.run(_run(args, token))
     except QueueError as exc:

@@ -91,9 +91,7 @@ class LocalBackend:
                 shlex.split(spec.command)
             except ValueError as exc:
                 raise QueueError(f"jobs[{i}].command: cannot be split into arguments: {exc}") from None
-        result = self.queue.submit(
-            payload.jobs, self._clock(), order=payload.order, seed=payload.seed, key=payload.key
-        )
+        result = self.queue.submit(payload.jobs, self._clock(), order=payload.order, seed=payload.seed, key=payload.key)
         if result.duplicate:
             log.info("submit duplicate key=%r submitted=%d", payload.key, result.submitted)
         else:

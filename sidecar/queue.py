@@ -434,4 +434,3 @@ class Queue:
         self._states[job.state] -= 1
         self._states[state] += 1
         job.state = state
-

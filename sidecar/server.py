@@ -149,9 +149,7 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
         """Reserved: accepts any payload, changes nothing, answers ``SUCCESS`` with ``{}``."""
         return _reply({})
 
-    async def WatchStatus(
-        self, request: pb.StatusRequest, context: Any
-    ) -> AsyncIterator[pb.Response]:
+    async def WatchStatus(self, request: pb.StatusRequest, context: Any) -> AsyncIterator[pb.Response]:
         """Stream snapshots: one now, one after each change (coalesced), a heartbeat when idle.
 
         Ends when the client cancels or the server stops.

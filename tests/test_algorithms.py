@@ -39,9 +39,7 @@ JOBS = [
 ]
 
 
-def make_member(
-    *, size: int = 1, min_size: int = 1, max_size: int = 24, jobs: Sequence[JobSpec] = JOBS
-) -> MemberSpec:
+def make_member(*, size: int = 1, min_size: int = 1, max_size: int = 24, jobs: Sequence[JobSpec] = JOBS) -> MemberSpec:
     return MemberSpec(
         namespace="default",
         ensemble="ens",
@@ -133,9 +131,7 @@ def test_unknown_algorithm_names_the_nearest() -> None:
         algorithms.get("workload-demnd")
     assert "did you mean workload-demand?" in str(raised.value)
     assert "known: workload-demand" in str(raised.value)
-    assert algorithms.validate_options("nope", {}) == [
-        "name: unknown algorithm 'nope' (known: workload-demand)"
-    ]
+    assert algorithms.validate_options("nope", {}) == ["name: unknown algorithm 'nope' (known: workload-demand)"]
     with pytest.raises(UnknownAlgorithm):
         algorithms.parse_options("nope", {})
 
@@ -172,7 +168,10 @@ def test_options_accept_yaml_strings_and_integers() -> None:
         },
     )
     assert options == WorkloadDemandOptions(
-        order="", scale_checks=3, terminate_checks=2, scale_up_strategy="largestJob",
+        order="",
+        scale_checks=3,
+        terminate_checks=2,
+        scale_up_strategy="largestJob",
         disable_termination=True,
     )
 
@@ -230,9 +229,7 @@ def test_bad_option_values_are_named(raw: dict[str, Any], problem: str) -> None:
 
 
 def test_every_problem_is_reported_at_once() -> None:
-    errors = algorithms.validate_options(
-        "workload-demand", {"scaleUpChecks": "5", "scaleChecks": 0, "order": "up"}
-    )
+    errors = algorithms.validate_options("workload-demand", {"scaleUpChecks": "5", "scaleChecks": 0, "order": "up"})
     assert [error.split(":")[0] for error in errors] == ["scaleUpChecks", "scaleChecks", "order"]
 
 
@@ -277,14 +274,10 @@ def test_no_grow_before_scale_checks() -> None:
     assert run.feed_all(waiting_checks(1, 2)) == []
     [grow] = run.feed(waiting_checks(3, 3)[0])
     assert (grow.action, grow.size, grow.based_on) == ("scale", 4, 3)
-    assert grow.reason == (
-        "3 jobs waiting for 3 checks; next job needs 4 nodes, 1 free, 0 coming: grow 1 → 4"
-    )
+    assert grow.reason == ("3 jobs waiting for 3 checks; next job needs 4 nodes, 1 free, 0 coming: grow 1 → 4")
 
 
-@pytest.mark.parametrize(
-    ("strategy", "target"), [("nextJob", 4), ("smallestJob", 2), ("largestJob", 8)]
-)
+@pytest.mark.parametrize(("strategy", "target"), [("nextJob", 4), ("smallestJob", 2), ("largestJob", 8)])
 def test_grow_makes_room_for_the_strategys_job(strategy: str, target: int) -> None:
     run = Run(scaleChecks=2, scaleUpStrategy=strategy).submitted()
     assert scales(run.feed_all(waiting_checks(1, 2))) == [(2, target)]
@@ -359,9 +352,7 @@ def test_shrink_after_scale_checks_plus_two_with_nothing_waiting() -> None:
     assert run.feed_all(idle_nodes(1, 3)) == []
     [shrink] = run.feed(idle_nodes(4, 4)[0])
     assert (shrink.action, shrink.size) == ("scale", 4)
-    assert shrink.reason == (
-        "6 nodes free for 4 checks and no job waiting; 0 coming: shrink 10 → 4"
-    )
+    assert shrink.reason == ("6 nodes free for 4 checks and no job waiting; 0 coming: shrink 10 → 4")
 
 
 def test_shrink_counts_coming_nodes_as_excess_and_holds_min_size() -> None:
@@ -396,9 +387,7 @@ def test_terminate_after_terminate_checks_idle_checks() -> None:
     [terminate] = run.feed(make_metrics(3, finished=5))
     assert terminate.action == "terminate"
     assert terminate.id == "default/ens/0/3/0"
-    assert terminate.reason == (
-        "no job active for 2 checks and all 5 submitted jobs finished or failed: terminate"
-    )
+    assert terminate.reason == ("no job active for 2 checks and all 5 submitted jobs finished or failed: terminate")
 
 
 def test_no_terminate_before_every_job_is_accounted_for() -> None:
@@ -570,7 +559,8 @@ def metric_sequences(draw: st.DrawFn) -> list[Metrics]:
         up = draw(st.integers(min_value=0, max_value=40))
         waiting = draw(
             st.dictionaries(
-                st.integers(min_value=1, max_value=48), st.integers(min_value=0, max_value=5),
+                st.integers(min_value=1, max_value=48),
+                st.integers(min_value=0, max_value=5),
                 max_size=4,
             )
         )

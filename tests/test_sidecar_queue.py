@@ -166,7 +166,8 @@ def test_cancel_removes_only_the_groups_waiting_jobs() -> None:
     assert status.next_jobs == [1, 1]
     assert (status.queue.sched, status.queue.run, status.queue.inactive) == (2, 1, 1)
     assert (status.groups["a"].finished, status.groups["a"].failed) == (1, 1)
-    assert queue.job(2) is not None and queue.job(2).state is JobState.INACTIVE  # type: ignore[union-attr]
+    cancelled = queue.job(2)
+    assert cancelled is not None and cancelled.state is JobState.INACTIVE
 
 
 def test_terminate_stops_placing_work_and_sizes_to_zero_as_jobs_end() -> None:
@@ -232,7 +233,7 @@ def test_node_accounting_invariants_hold_under_any_sequence(ops: list[tuple[str,
         elif op == "ready":
             queue.nodes_ready(a)
         running += [job.id for job in queue.schedule(now)]
-        busy = sum(queue.job(i).nodes for i in running)  # type: ignore[union-attr]
+        busy = sum(job.nodes for job in map(queue.job, running) if job is not None)
         assert 0 <= queue.nodes_free == queue.nodes_up - busy
         assert queue.nodes_up <= max(queue.size, busy)
         if queue.nodes_up > queue.size:

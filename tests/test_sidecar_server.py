@@ -236,7 +236,11 @@ async def test_command_line_prints_port_serves_and_stops_cleanly_on_sigterm() ->
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ENSEMBLE_SIDECAR_TOKEN": TOKEN}
     proc = subprocess.Popen(  # noqa: ASYNC220  # a plain Popen: the test reads its pipes from a thread
         [sys.executable, "-m", "sidecar", "--backend", "local", "--port", "0", "--nodes", "2"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None

@@ -173,9 +173,7 @@ def _convert_value(value: RawOption, annotation: Any) -> Any:
         raise ValueError(_problem(info, annotation, value, error)) from None
 
 
-def _problem(
-    info: msgspec.inspect.Type, annotation: Any, value: RawOption, error: msgspec.ValidationError
-) -> str:
+def _problem(info: msgspec.inspect.Type, annotation: Any, value: RawOption, error: msgspec.ValidationError) -> str:
     if isinstance(info, msgspec.inspect.LiteralType):
         return _literal_problem(value, annotation)
     if isinstance(info, msgspec.inspect.BoolType):

@@ -55,9 +55,7 @@ ScaleDownStrategy = Literal["excess"]
 Checks = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class WorkloadDemandOptions(
-    msgspec.Struct, kw_only=True, frozen=True, rename="camel", forbid_unknown_fields=True
-):
+class WorkloadDemandOptions(msgspec.Struct, kw_only=True, frozen=True, rename="camel", forbid_unknown_fields=True):
     """The options of ``workload-demand``, named in YAML as their camelCase encode names."""
 
     #: Order of the initial submission by node count; ``""`` submits the jobs matrix as written.
@@ -110,9 +108,7 @@ class WorkloadDemand:
     options_type: type[WorkloadDemandOptions] = WorkloadDemandOptions
     state_type: type[WorkloadDemandState] = WorkloadDemandState
 
-    def initial_state(
-        self, member: MemberSpec, options: WorkloadDemandOptions
-    ) -> WorkloadDemandState:
+    def initial_state(self, member: MemberSpec, options: WorkloadDemandOptions) -> WorkloadDemandState:
         """A fresh state whose seed is derived from the member's address (same member, same seed)."""
         address = f"{member.namespace}/{member.ensemble}/{member.member}"
         return WorkloadDemandState(seed=zlib.crc32(address.encode()))
@@ -169,15 +165,11 @@ def _submit(
     order = f"in {options.order} order" if options.order else "as given"
     groups = "group" if len(jobs) == 1 else "groups"
     reason = f"first check: submit all {total} jobs of {len(jobs)} {groups} {order}"
-    submit = decision(
-        member, metrics, 0, "submit", jobs=jobs, order=options.order, seed=state.seed, reason=reason
-    )
+    submit = decision(member, metrics, 0, "submit", jobs=jobs, order=options.order, seed=state.seed, reason=reason)
     return state, [submit]
 
 
-def _count(
-    state: WorkloadDemandState, metrics: Metrics, waiting: int, free: int
-) -> WorkloadDemandState:
+def _count(state: WorkloadDemandState, metrics: Metrics, waiting: int, free: int) -> WorkloadDemandState:
     """The counters updated with one snapshot; a gap in seq restarts them from this check."""
     contiguous = metrics.seq == state.last_seq + 1
     previous_waiting = state.last_waiting if contiguous else waiting
@@ -192,8 +184,8 @@ def _count(
         last_seq=metrics.seq,
         last_waiting=waiting,
         last_free=free,
-        waiting_periods=waiting_periods + 1 if 0 < waiting and previous_waiting <= waiting else 0,
-        free_periods=free_periods + 1 if 0 < free and previous_free <= free else 0,
+        waiting_periods=waiting_periods + 1 if waiting > 0 and previous_waiting <= waiting else 0,
+        free_periods=free_periods + 1 if free > 0 and previous_free <= free else 0,
         inactive=inactive + 1 if idle else 0,
     )
 
@@ -210,10 +202,7 @@ def _finish(
     metrics: Metrics,
 ) -> tuple[WorkloadDemandState, list[Decision]]:
     state = replace(state, done=True)
-    idle = (
-        f"no job active for {state.inactive} checks and all {state.jobs_submitted} submitted jobs "
-        "finished or failed"
-    )
+    idle = f"no job active for {state.inactive} checks and all {state.jobs_submitted} submitted jobs finished or failed"
     if not options.disable_termination:
         return state, [decision(member, metrics, 0, "terminate", reason=f"{idle}: terminate")]
     decisions: list[Decision] = []
@@ -255,9 +244,7 @@ def _grow(
     return [decision(member, metrics, 0, "scale", size=target, reason=reason)]
 
 
-def _job_to_fit(
-    strategy: ScaleUpStrategy, state: WorkloadDemandState, metrics: Metrics
-) -> int | None:
+def _job_to_fit(strategy: ScaleUpStrategy, state: WorkloadDemandState, metrics: Metrics) -> int | None:
     """The node count of the waiting job to make room for, or None when no job qualifies."""
     if strategy == "nextJob":
         # Without the sidecar's next_jobs there is no "next" job: better no step than a guess.

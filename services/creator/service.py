@@ -57,9 +57,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 size=member.size,
                 message=f"sidecar at {record.endpoint}",
             )
-            await js.publish(
-                subjects.events(address), encode(event), headers={"Nats-Msg-Id": f"{address.key}:ready"}
-            )
+            await js.publish(subjects.events(address), encode(event), headers={"Nats-Msg-Id": f"{address.key}:ready"})
         await stop.wait()
     finally:
         await nc.drain()

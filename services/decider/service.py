@@ -112,16 +112,15 @@ class Decider:
         await self.publish(address, decisions)
         for decision in decisions:
             log.info(
-                "decided %s", decision.action,
+                "decided %s",
+                decision.action,
                 extra={"member": str(address), "id": decision.id, "size": decision.size, "reason": decision.reason},
             )
 
     async def publish(self, address: MemberAddress, decisions: list[Decision]) -> None:
         """Publish decisions, each with its id as ``Nats-Msg-Id``."""
         for decision in decisions:
-            await self.js.publish(
-                subjects.decisions(address), encode(decision), headers={"Nats-Msg-Id": decision.id}
-            )
+            await self.js.publish(subjects.decisions(address), encode(decision), headers={"Nats-Msg-Id": decision.id})
 
 
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:

@@ -93,7 +93,8 @@ class MemberLoop:
         seq = await next_seq(self.js, self.address)
         backoff = self.spec.check_seconds
         reachable = True
-        async with SidecarClient(self.spec.endpoint, self.settings.sidecar_token, self.settings.sidecar_timeout) as client:
+        client = SidecarClient(self.spec.endpoint, self.settings.sidecar_token, self.settings.sidecar_timeout)
+        async with client:
             while True:
                 started = time.monotonic()
                 taken = time.time()
@@ -139,7 +140,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         watcher = await members.watchall()
         stopping = asyncio.create_task(stop.wait())
         while not stop.is_set():
-            update = asyncio.create_task(watcher.updates(timeout=3600))
+            update = asyncio.create_task(watcher.updates(timeout=3600))  # type: ignore[no-untyped-call]
             done, _ = await asyncio.wait({update, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if update not in done:
                 update.cancel()
@@ -164,7 +165,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             if spec is not None and spec.phase == "active" and entry.key not in loops:
                 loops[entry.key] = (spec, asyncio.create_task(MemberLoop(js, settings, spec).run()))
                 log.info("polling", extra={"member": entry.key, "endpoint": spec.endpoint})
-        await watcher.stop()
+        await watcher.stop()  # type: ignore[no-untyped-call]
     finally:
         for _, task in loops.values():
             task.cancel()

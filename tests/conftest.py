@@ -1,0 +1,102 @@
+"""Shared fixtures: one real nats-server (JetStream, port 0, temporary store) per test session."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js.errors import NotFoundError
+
+from ensemble_cli.up import nats_server_binary
+from ensemble_core import natsio, subjects
+from ensemble_core.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a nats-server with JetStream started for this test session."""
+    workdir = tmp_path_factory.mktemp("nats")
+    ports = workdir / "ports"
+    ports.mkdir()
+    log = (workdir / "nats.log").open("wb")
+    process = subprocess.Popen(
+        [
+            nats_server_binary(),
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            "-1",
+            "-sd",
+            str(workdir / "store"),
+            "--ports_file_dir",
+            str(ports),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = None
+    deadline = time.monotonic() + 20
+    while url is None and time.monotonic() < deadline and process.poll() is None:
+        for found in ports.glob("*.ports"):
+            with contextlib.suppress(json.JSONDecodeError, KeyError):
+                url = json.loads(found.read_text())["nats"][0]
+        time.sleep(0.05)
+    if url is None:
+        process.kill()
+        raise RuntimeError(f"nats-server did not start: {(workdir / 'nats.log').read_text()}")
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture
+def settings(nats_url: str) -> Settings:
+    """Settings pointing at the session's nats-server, with a short ack wait for redelivery tests."""
+    return Settings(nats_url=nats_url, sidecar_token="test-token", ack_wait=5.0)
+
+
+async def reset_jetstream(nc: Client) -> None:
+    """Delete every stream and bucket of the project, so each test starts from nothing."""
+    js = nc.jetstream()
+    for stream in (subjects.EVENTS_STREAM, subjects.METRICS_STREAM, subjects.DECISIONS_STREAM):
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(stream)
+    for bucket in natsio.BUCKETS:
+        with contextlib.suppress(NotFoundError):
+            await js.delete_key_value(bucket)
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Client]:
+    """A client of the session's nats-server, with empty streams and buckets declared."""
+    client = await nats.connect(nats_url)
+    await reset_jetstream(client)
+    await natsio.declare(client.jetstream())
+    yield client
+    await client.drain()
+
+
+async def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Wait until ``predicate()`` (sync or async) is true, or fail the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()  # type: ignore[operator]
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")

@@ -1,0 +1,218 @@
+"""The whole system on real parts: nats-server, the four services and a sidecar as separate processes,
+jobs as real subprocesses. Also `ensemble up` as a user runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import yaml
+from nats.aio.client import Client
+
+from ensemble_cli.up import Stack
+from ensemble_core import subjects
+from ensemble_core.messages import Applied, Decision, MemberEvent, MemberSpec, Metrics
+from ensemble_core.settings import Settings
+from ensemble_core.sidecar_client import SidecarClient
+from ensemble_core.subjects import MemberAddress
+from ensemble_core.wire import JobInfo
+from tests.conftest import REPO, wait_for
+from tests.test_services import stream_messages
+
+CLI = [sys.executable, "-m", "ensemble_cli"]
+
+
+def hello_world(marks: Path) -> dict[str, object]:
+    """The example ensemble, with each job also appending a line to a file of its group."""
+    document = yaml.safe_load((REPO / "examples/hello-world.yaml").read_text())
+    for job in document["spec"]["members"][0]["jobs"]:
+        job["command"] = f"sh -c 'echo ran >> {marks}/{job['name']}; sleep 1'"
+    return document
+
+
+async def test_ensemble_runs_end_to_end_through_all_services(nc: Client, settings: Settings, tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    document = hello_world(marks)
+    document["metadata"]["name"] = "hello.world"  # a dotted name must work end to end
+    spec_file = tmp_path / "ensemble.yaml"
+    spec_file.write_text(yaml.safe_dump(document))
+    member = document["spec"]["members"][0]  # type: ignore[index]
+    stack = Stack(tmp_path)
+    token = "e2e-token"
+    try:
+        sidecar = stack.start(
+            "sidecar",
+            [
+                *CLI,
+                "sidecar",
+                "--backend",
+                "local",
+                "--port",
+                "0",
+                "--nodes",
+                "1",
+                "--max-nodes",
+                "4",
+                "--provision-delay",
+                "1",
+            ],
+            env={"ENSEMBLE_SIDECAR_TOKEN": token},
+        )
+        await wait_for(lambda: "\n" in sidecar.log.read_text(), timeout=20)
+        endpoint = f"127.0.0.1:{sidecar.log.read_text().splitlines()[0]}"
+        env = {
+            "ENSEMBLE_NATS_URL": settings.nats_url,
+            "ENSEMBLE_SIDECAR_TOKEN": token,
+            "ENSEMBLE_FILE": str(spec_file),
+            "ENSEMBLE_ENDPOINTS": f"0={endpoint}",
+        }
+        for name in ("creator", "poller", "decider", "actuator"):
+            stack.start(name, [*CLI, name], env=env)
+        address = MemberAddress("default", "hello.world", 0)
+        members = await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)
+
+        async def terminated() -> bool:
+            assert stack.died() is None, f"{stack.died()} died"
+            try:
+                entry = await members.get(address.key)
+            except Exception:
+                return False
+            return msgspec.json.decode(entry.value or b"", type=MemberSpec).phase == "terminated"
+
+        await wait_for(terminated, timeout=90, interval=0.5)
+        async with SidecarClient(endpoint, token) as client:
+            jobs = await client.action("jobinfo", {}, list[JobInfo])
+    finally:
+        await stack.stop()
+
+    # every job ran exactly once, and succeeded
+    for job in member["jobs"]:
+        assert (marks / job["name"]).read_text().count("ran") == job["count"], job["name"]
+    assert len(jobs) == sum(job["count"] for job in member["jobs"]) == len({job.id for job in jobs})
+    assert all(job.success for job in jobs)
+
+    # the streams hold what happened
+    decisions = [
+        msgspec.json.decode(raw, type=Decision)
+        for raw in await stream_messages(nc, subjects.DECISIONS_STREAM, subjects.decisions(address))
+    ]
+    actions = [d.action for d in decisions]
+    assert actions[0] == "submit" and actions.count("submit") == 1
+    assert actions[-1] == "terminate" and actions.count("terminate") == 1
+    applied = [
+        msgspec.json.decode(raw, type=Applied)
+        for raw in await stream_messages(nc, subjects.EVENTS_STREAM, subjects.applied(address))
+    ]
+    assert [a.decision for a in applied] == [d.id for d in decisions]
+    assert all(a.ok for a in applied)
+    scales = [(a.size_before, a.size_after) for a in applied if a.action == "scale"]
+    assert any(after > before for before, after in scales), scales  # type: ignore[operator]
+    assert any(after < before for before, after in scales), scales  # type: ignore[operator]
+    assert all(1 <= after <= 4 for _, after in scales), scales  # type: ignore[operator]
+    assert scales[-1][1] == 1
+    metrics = [
+        msgspec.json.decode(raw, type=Metrics)
+        for raw in await stream_messages(nc, subjects.METRICS_STREAM, subjects.metrics(address))
+    ]
+    assert [m.seq for m in metrics] == list(range(len(metrics)))
+    assert max(m.size for m in metrics) > 1 and all(1 <= m.size <= 4 for m in metrics)
+    assert metrics[-1].finished >= 11 or metrics[-1].size == 0
+    events = [
+        msgspec.json.decode(raw, type=MemberEvent).event
+        for raw in await stream_messages(nc, subjects.EVENTS_STREAM, subjects.events(address))
+    ]
+    assert events[0] == "ready" and "terminated" in events
+
+
+def run_up(path: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "up", str(path), "--timeout", "90", *extra],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def test_ensemble_up_runs_the_example_to_completion() -> None:
+    started = time.monotonic()
+    result = run_up(REPO / "examples/hello-world.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "summary" in result.stdout
+    assert "scaled 1 → " in result.stdout and "→ 1" in result.stdout
+    assert "terminated" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.strip().startswith("│      0"))
+    cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+    assert cells[1:4] == ["11", "11", "0"], row  # jobs, succeeded, failed
+    assert time.monotonic() - started < 60
+
+
+def test_ensemble_up_exits_non_zero_and_names_a_failed_job(tmp_path: Path) -> None:
+    document = hello_world(tmp_path)
+    document["spec"]["members"][0]["jobs"] = [  # type: ignore[index]
+        {"name": "ok", "command": "true", "count": 2},
+        {"name": "broken", "command": "sh -c 'echo disk full >&2; exit 3'", "count": 1},
+        {"name": "missing", "command": "no-such-command-here", "count": 1},
+    ]
+    document["spec"]["members"][0]["algorithm"]["options"]["terminateChecks"] = 2  # type: ignore[index]
+    path = tmp_path / "failing.yaml"
+    path.write_text(yaml.safe_dump(document))
+    result = run_up(path, "--quiet")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "(broken) failed" in result.stdout and "disk full" in result.stdout
+    assert "(missing) failed" in result.stdout
+
+
+def test_ensemble_up_refuses_a_bad_spec_with_the_field_path(tmp_path: Path) -> None:
+    document = hello_world(tmp_path)
+    document["spec"]["members"][0]["jobs"][0]["nodes"] = 12  # type: ignore[index]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(document))
+    result = run_up(path, timeout=30)
+    assert result.returncode == 2
+    assert "spec.members[0].jobs[0].nodes: 12 exceeds maxSize 4" in result.stdout
+
+
+def _children(pid: int) -> set[int]:
+    """Every live process whose parent is ``pid``."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def test_ctrl_c_stops_everything_and_leaves_no_process(tmp_path: Path) -> None:
+    process = subprocess.Popen(  # noqa: ASYNC220 - a real child to interrupt, as a user would
+        [*CLI, "up", str(REPO / "examples/hello-world.yaml"), "--logs", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        await wait_for(lambda: (tmp_path / "actuator.log").exists() and len(_children(process.pid)) >= 6, timeout=30)
+        await asyncio.sleep(3)  # mid-run: jobs are running
+        children = _children(process.pid)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, out + err
+    assert "interrupted" in err
+    assert not [pid for pid in children if _alive(pid)]
+    for name in ("creator", "poller", "decider", "actuator"):
+        assert '"stopped"' in (tmp_path / f"{name}.log").read_text(), name
