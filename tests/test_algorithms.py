@@ -4,7 +4,6 @@ on a real recorded run of the original operator, and on arbitrary metric sequenc
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -29,8 +28,9 @@ from ensemble_core.messages import (
     NodeCounts,
     QueueCounts,
 )
+from tests.conftest import SHARED
 
-SEED_RUNS = Path("/work/shared/data/seed-gke")
+SEED_RUNS = SHARED / "data/seed-gke"
 WD = algorithms.get("workload-demand")
 
 JOBS = [

@@ -198,7 +198,7 @@ def _alive(pid: int) -> bool:
 
 
 async def test_ctrl_c_stops_everything_and_leaves_no_process(tmp_path: Path) -> None:
-    process = subprocess.Popen(  # noqa: ASYNC220 - a real child to interrupt, as a user would
+    process = subprocess.Popen(  # noqa: ASYNC220  (a real child to interrupt, as a user would)
         [*CLI, "up", str(REPO / "examples/hello-world.yaml"), "--logs", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
