@@ -41,6 +41,7 @@ from rich.text import Text
 from ensemble_core.messages import Applied, Decision, MemberEvent, Metrics
 from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.spec import Ensemble, SpecError, load
+from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import JobInfo
 
 EXIT_OK, EXIT_JOBS_FAILED, EXIT_INVALID, EXIT_INCOMPLETE = 0, 1, 2, 3
@@ -395,7 +396,7 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
                 "--provision-delay",
                 str(args.provision_delay),
             ],
-            env={"ENSEMBLE_SIDECAR_TOKEN": token},
+            env={"ENSEMBLE_SIDECAR_TOKEN": ensemble_token(token, ensemble.namespace, ensemble.name)},
         )
         endpoints[member.index] = f"127.0.0.1:{await _first_line(part, START_TIMEOUT)}"
     monitor = Monitor(ensemble)
@@ -445,7 +446,7 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
         await nc.flush()
     finally:
         await nc.drain()
-    jobs = await collect_jobs(endpoints, token)
+    jobs = await collect_jobs(endpoints, ensemble_token(token, ensemble.namespace, ensemble.name))
     code = summary(monitor, jobs, console)
     console.print(f"finished in {time.time() - monitor.started:.1f}s", highlight=False)
     return code

@@ -20,6 +20,7 @@ from ensemble_core.messages import Applied, Decision, MemberEvent, MemberSpec, M
 from ensemble_core.settings import Settings
 from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.subjects import MemberAddress
+from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import JobInfo
 from tests.conftest import REPO, wait_for
 from tests.test_services import stream_messages
@@ -62,7 +63,7 @@ async def test_ensemble_runs_end_to_end_through_all_services(nc: Client, setting
                 "--provision-delay",
                 "1",
             ],
-            env={"ENSEMBLE_SIDECAR_TOKEN": token},
+            env={"ENSEMBLE_SIDECAR_TOKEN": ensemble_token(token, "default", "hello.world")},
         )
         await wait_for(lambda: "\n" in sidecar.log.read_text(), timeout=20)
         endpoint = f"127.0.0.1:{sidecar.log.read_text().splitlines()[0]}"
@@ -86,7 +87,7 @@ async def test_ensemble_runs_end_to_end_through_all_services(nc: Client, setting
             return msgspec.json.decode(entry.value or b"", type=MemberSpec).phase == "terminated"
 
         await wait_for(terminated, timeout=90, interval=0.5)
-        async with SidecarClient(endpoint, token) as client:
+        async with SidecarClient(endpoint, ensemble_token(token, "default", "hello.world")) as client:
             jobs = await client.action("jobinfo", {}, list[JobInfo])
     finally:
         await stack.stop()

@@ -14,6 +14,7 @@ from typing import Protocol, TypeVar, cast, get_args
 
 from ensemble_core.messages import Decision, MemberSpec
 from ensemble_core.sidecar_client import SidecarClient, SidecarError, SidecarUnavailable
+from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import Order, ResizePayload, ResizeResult, SubmitPayload, SubmitResult
 
 T = TypeVar("T")
@@ -54,8 +55,8 @@ class Driver(Protocol):
 class LocalDriver:
     """Drives sidecars on the ``local`` queue: the sidecar itself grows and shrinks its virtual nodes."""
 
-    def __init__(self, token: str, timeout: float) -> None:
-        self.token = token
+    def __init__(self, secret: str, timeout: float) -> None:
+        self.secret = secret
         self.timeout = timeout
         self._clients: dict[str, SidecarClient] = {}
 
@@ -63,7 +64,8 @@ class LocalDriver:
         """One cached gRPC client per sidecar endpoint."""
         client = self._clients.get(member.endpoint)
         if client is None:
-            client = SidecarClient(member.endpoint, self.token, self.timeout)
+            token = ensemble_token(self.secret, member.namespace, member.ensemble)
+            client = SidecarClient(member.endpoint, token, self.timeout)
             self._clients[member.endpoint] = client
         return client
 

@@ -27,6 +27,7 @@ from ensemble_core.messages import EventKind, MemberEvent, MemberSpec, Metrics, 
 from ensemble_core.settings import Settings
 from ensemble_core.sidecar_client import SidecarClient, SidecarError, SidecarUnavailable
 from ensemble_core.subjects import MemberAddress
+from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import StatusPayload
 
 log = logging.getLogger("poller")
@@ -93,7 +94,8 @@ class MemberLoop:
         seq = await next_seq(self.js, self.address)
         backoff = self.spec.check_seconds
         reachable = True
-        client = SidecarClient(self.spec.endpoint, self.settings.sidecar_token, self.settings.sidecar_timeout)
+        token = ensemble_token(self.settings.sidecar_token, self.spec.namespace, self.spec.ensemble)
+        client = SidecarClient(self.spec.endpoint, token, self.settings.sidecar_timeout)
         async with client:
             while True:
                 started = time.monotonic()
