@@ -32,7 +32,7 @@ def _service(name: str) -> Callable[[Settings], Coroutine[Any, Any, None]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ensemble_cli import up, validate
+    from ensemble_cli import record, replay, simulate, up, validate
 
     parser = argparse.ArgumentParser(
         prog="ensemble",
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up.add_arguments(commands.add_parser("up", help="run an ensemble to completion on this machine"))
     validate.add_arguments(commands.add_parser("validate", help="check an Ensemble file and print every error"))
+    replay.add_arguments(commands.add_parser("replay", help="run an algorithm over a recording offline"))
+    record.add_arguments(commands.add_parser("record", help="export the metrics and decisions streams to a recording"))
+    simulate.add_arguments(commands.add_parser("simulate", help="what-if run of an ensemble on a virtual clock"))
     commands.add_parser("sidecar", help="serve a queue over gRPC (see `ensemble sidecar --help`)", add_help=False)
     for name, text in (
         ("creator", "register members and announce them (settings from ENSEMBLE_* variables)"),
@@ -64,6 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         from ensemble_cli import validate
 
         return validate.run(args)
+    if args.command == "replay":
+        from ensemble_cli import replay
+
+        return replay.run(args)
+    if args.command == "record":
+        from ensemble_cli import record
+
+        return record.run(args)
+    if args.command == "simulate":
+        from ensemble_cli import simulate
+
+        return simulate.run(args)
     if args.command == "up":
         from ensemble_cli import up
 

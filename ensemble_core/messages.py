@@ -7,7 +7,7 @@ sidecar's payload so that the original's recorded streams map one to one.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias
 
 import msgspec
 
@@ -46,10 +46,15 @@ class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class AlgorithmSpec(msgspec.Struct, kw_only=True):
-    """An algorithm by name with its options as written by the user (validated separately)."""
+    """An algorithm by name with its options and rules as written by the user (validated separately).
+
+    ``rules`` is read only by the ``rules`` algorithm: a list of trigger/action mappings, kept as the
+    raw YAML and checked by ``ensemble_core.algorithms.validate_rules``.
+    """
 
     name: str = "workload-demand"
     options: dict[str, str | int | float | bool] = {}
+    rules: list[dict[str, Any]] = []
 
 
 class MemberSpec(Addressed, tag="member", kw_only=True):

@@ -30,7 +30,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from ensemble_core import subjects
+from ensemble_core import health, subjects
 from ensemble_core.messages import Base, DeadLetter, check_version, encode
 from ensemble_core.settings import Settings
 
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 MAX_DELIVER = 20
 #: Seconds a transient failure waits before the message is redelivered.
 RETRY_DELAY = 1.0
+#: Seconds between two log lines of the same NATS connection error.
+ERROR_LOG_EVERY = 30.0
 #: Bytes of a bad message kept in its dead letter.
 DEADLETTER_KEEP = 64 * 1024
 
@@ -85,10 +87,18 @@ ACTUATOR = Durable("actuator", subjects.DECISIONS_STREAM, subjects.ALL_DECISIONS
 
 
 async def connect(settings: Settings, name: str) -> Client:
-    """Connect to NATS, retrying for ever on reconnect, with every connection change logged."""
+    """Connect to NATS, retrying until it answers (or SIGTERM), reconnecting for ever, every change logged.
+
+    NATS may come up after the service (a new cluster, a restarted StatefulSet): until it answers the
+    service is not ready. Repeated identical connection errors are logged once per ``ERROR_LOG_EVERY``.
+    """
+    last_error: list[tuple[str, float]] = [("", 0.0)]
 
     async def error_cb(exc: Exception) -> None:
-        log.warning("nats error: %s", exc, extra={"client": name})
+        text, now = str(exc), time.monotonic()
+        if text != last_error[0][0] or now - last_error[0][1] > ERROR_LOG_EVERY:
+            log.warning("nats error: %s", text, extra={"client": name})
+            last_error[0] = (text, now)
 
     async def disconnected_cb() -> None:
         log.warning("nats disconnected", extra={"client": name})
@@ -99,17 +109,28 @@ async def connect(settings: Settings, name: str) -> Client:
     async def closed_cb() -> None:
         log.info("nats connection closed", extra={"client": name})
 
-    return await nats.connect(
-        servers=[url.strip() for url in settings.nats_url.split(",")],
-        name=name,
-        error_cb=error_cb,
-        disconnected_cb=disconnected_cb,
-        reconnected_cb=reconnected_cb,
-        closed_cb=closed_cb,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
+    connecting = asyncio.create_task(
+        nats.connect(
+            servers=[url.strip() for url in settings.nats_url.split(",")],
+            name=name,
+            error_cb=error_cb,
+            disconnected_cb=disconnected_cb,
+            reconnected_cb=reconnected_cb,
+            closed_cb=closed_cb,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+        )
     )
+    stopping = asyncio.create_task(_stopping.wait())
+    await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await connecting
+        raise ConnectionAbortedError("stopped before NATS could be reached")
+    return connecting.result()
 
 
 async def declare(js: JetStreamContext) -> None:
@@ -133,6 +154,7 @@ async def declare(js: JetStreamContext) -> None:
         except BucketNotFoundError:
             await js.create_key_value(bucket=bucket, history=history)
             log.info("created bucket", extra={"bucket": bucket})
+    health.mark_ready()
 
 
 async def bucket(js: JetStreamContext, name: str) -> KeyValue:
@@ -174,6 +196,9 @@ class Poison(Exception):
 
 M = TypeVar("M", bound=Base)
 
+#: Set by the signal handler of :func:`stop_on_signals`, so a connection still being retried gives up.
+_stopping = asyncio.Event()
+
 
 async def publish_deadletter(js: JetStreamContext, service: str, msg: Msg, error: str) -> None:
     """Keep a message that cannot be handled, with the reason, on ``ensemble.deadletter.<service>``."""
@@ -181,6 +206,7 @@ async def publish_deadletter(js: JetStreamContext, service: str, msg: Msg, error
         service=service, subject=msg.subject, error=error, time=time.time(), data=msg.data[:DEADLETTER_KEEP]
     )
     await js.publish(subjects.deadletter(service), encode(letter))
+    health.DEADLETTERS.labels(service).inc()
     log.warning("dead-lettered a message", extra={"subject": msg.subject, "error": error})
 
 
@@ -228,39 +254,67 @@ async def settle(
     decoder: msgspec.json.Decoder[M],
     handler: Callable[[M, Msg], Awaitable[None]],
     service: str,
+    *,
+    confirm_ack: bool = True,
 ) -> None:
-    """Decode one message, run the handler and settle the message as :func:`consume` documents."""
+    """Decode one message, run the handler and settle the message as :func:`consume` documents.
+
+    ``confirm_ack=False`` acknowledges without waiting for the server's confirmation: only for a
+    handler whose effect is idempotent, where a lost ack costs a harmless redelivery (the decider:
+    a redelivered snapshot is at or below its member's last seq and is skipped).
+    """
+    outcome = await _handle(js, msg, decoder, handler, service, confirm_ack)
+    health.MESSAGES.labels(service, outcome).inc()
+
+
+async def _handle(
+    js: JetStreamContext,
+    msg: Msg,
+    decoder: msgspec.json.Decoder[M],
+    handler: Callable[[M, Msg], Awaitable[None]],
+    service: str,
+    confirm_ack: bool,
+) -> str:
     try:
         message = decoder.decode(msg.data)
         check_version(message)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         await publish_deadletter(js, service, msg, f"cannot decode: {exc}")
         await msg.term()
-        return
+        return "deadletter"
     try:
         await handler(message, msg)
     except Transient as exc:
         log.info("transient failure, retrying: %s", exc, extra={"subject": msg.subject})
         await msg.nak(delay=exc.delay)
-        return
+        return "retry"
     except Poison as exc:
         await publish_deadletter(js, service, msg, str(exc))
         await msg.term()
-        return
+        return "deadletter"
     except Exception as exc:
         deliveries = msg.metadata.num_delivered or 1
         if deliveries >= MAX_DELIVER:
             await publish_deadletter(js, service, msg, f"failed {deliveries} times: {exc!r}")
             await msg.term()
-        else:
-            log.exception("handler failed; redelivering", extra={"subject": msg.subject})
-            await msg.nak(delay=RETRY_DELAY)
-        return
-    await msg.ack_sync()
+            return "deadletter"
+        log.exception("handler failed; redelivering", extra={"subject": msg.subject})
+        await msg.nak(delay=RETRY_DELAY)
+        return "retry"
+    if confirm_ack:
+        await msg.ack_sync()
+    else:
+        await msg.ack()
+    return "ok"
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:
     """Set ``stop`` on SIGTERM or SIGINT (the service then drains its connection and returns)."""
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        stop.set()
+        _stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ensemble_core import logs
+from ensemble_core import health, logs
 from ensemble_core.settings import Settings, SettingsError, load
 from ensemble_core.spec import SpecError
 
@@ -24,12 +24,22 @@ def run_service(name: str, run: Callable[[Settings], Coroutine[Any, Any, None]])
         print(f"{name}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.configure(settings.log_level, service=name)
+    if settings.health_port:
+        health.serve(settings.health_port)
     try:
-        asyncio.run(run(settings))
+        asyncio.run(_with_heartbeat(run(settings)))
     except (SettingsError, SpecError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ConnectionAbortedError):
         pass
     logging.getLogger(name).info("stopped")
     return 0
+
+
+async def _with_heartbeat(service: Coroutine[Any, Any, None]) -> None:
+    beat = asyncio.create_task(health.heartbeat())
+    try:
+        await service
+    finally:
+        beat.cancel()

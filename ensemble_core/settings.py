@@ -38,6 +38,21 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     fetch_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 64
     #: Seconds before an unacknowledged message is redelivered.
     ack_wait: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    #: creator and actuator: ``local`` (an Ensemble file and sidecar endpoints, what ``ensemble up`` runs) or
+    #: ``kubernetes`` (Ensemble resources, MiniClusters through the Kubernetes API).
+    mode: Literal["local", "kubernetes"] = "local"
+    #: creator (Kubernetes mode): the namespace whose Ensembles are watched; empty: every namespace.
+    watch_namespace: str = ""
+    #: creator and actuator (Kubernetes mode): the API server URL (e.g. ``kubectl proxy``'s); empty: the
+    #: in-cluster service account, else the kubeconfig.
+    kube_api: str = ""
+    #: creator (Kubernetes mode): seconds between two reconciliations of every Ensemble (how soon a new,
+    #: changed or deleted Ensemble, or a lead broker pod that came up, is noticed).
+    resync_seconds: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    #: actuator (Kubernetes mode): scale a completed member's MiniCluster down to its minSize.
+    complete_to_min_size: bool = False
+    #: Port of the /healthz, /readyz and /metrics HTTP server (0: none; the Kubernetes manifests use 8080).
+    health_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
 
 class SettingsError(ValueError):

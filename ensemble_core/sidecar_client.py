@@ -6,6 +6,7 @@ per-ensemble token as ``authorization: Bearer <token>`` metadata when one is con
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import TypeVar
 
 import grpc
@@ -30,6 +31,10 @@ class SidecarError(Exception):
         self.status = status
 
 
+class SidecarUnimplemented(SidecarError):
+    """The sidecar does not offer the RPC: an original sidecar asked for ``WatchStatus``."""
+
+
 class SidecarUnavailable(Exception):
     """The sidecar could not be reached or did not answer in time (worth retrying later)."""
 
@@ -37,18 +42,35 @@ class SidecarUnavailable(Exception):
 class SidecarClient:
     """Calls one sidecar. Use as an async context manager, or call :meth:`close`."""
 
-    def __init__(self, endpoint: str, token: str = "", timeout: float = 5.0, member: str = "minicluster") -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        token: str = "",
+        timeout: float = 5.0,
+        member: str = "minicluster",
+        *,
+        reconnect: tuple[float, float] | None = None,
+    ) -> None:
+        """``reconnect``: the first and the longest wait (seconds) between two attempts to connect after
+        the endpoint failed, for a connection of this client's own (not shared with other clients of the
+        endpoint, whose waits would apply); None: a shared connection with gRPC's waits (1 s to 2 min)."""
         self.endpoint = endpoint
         self.timeout = timeout
         self.member = member
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.aio.insecure_channel(
-            endpoint,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        options: list[tuple[str, int]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if reconnect is not None:
+            first, longest = reconnect
+            options += [
+                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.initial_reconnect_backoff_ms", max(1, round(first * 1000))),
+                ("grpc.min_reconnect_backoff_ms", max(1, round(first * 1000))),
+                ("grpc.max_reconnect_backoff_ms", max(1, round(longest * 1000))),
+            ]
+        self._channel = grpc.aio.insecure_channel(endpoint, options=options)
         self._stub = pb_grpc.EnsembleOperatorStub(self._channel)
 
     async def __aenter__(self) -> SidecarClient:
@@ -75,6 +97,34 @@ class SidecarClient:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise SidecarError("status", pb.Response.ERROR, f"unreadable status payload: {exc}") from exc
 
+    async def watch(self) -> AsyncGenerator[StatusPayload, None]:
+        """Status snapshots pushed by the sidecar's ``WatchStatus``: one at once, then one per change.
+
+        Raises :class:`SidecarUnimplemented` when the sidecar has no ``WatchStatus`` (an original
+        sidecar: poll :meth:`status` instead), :class:`SidecarError` when it refuses the token or sends
+        an unreadable snapshot, and :class:`SidecarUnavailable` when the stream breaks or ends. The
+        stream is cancelled when the generator is closed. A sidecar also sends a snapshot when idle for
+        its heartbeat interval, so a caller can time out a silent stream.
+        """
+        call = self._stub.WatchStatus(pb.StatusRequest(member=self.member), metadata=self._metadata)
+        try:
+            while True:
+                try:
+                    response = await call.read()
+                except grpc.aio.AioRpcError as exc:
+                    raise _translate("watch", exc) from exc
+                if not isinstance(response, pb.Response):
+                    raise SidecarUnavailable("watch: the sidecar ended the stream")
+                if response.status != pb.Response.SUCCESS:
+                    raise SidecarError("watch", response.status, _error_text(response.payload))
+                try:
+                    status = decode_status(response.payload)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    raise SidecarError("watch", pb.Response.ERROR, f"unreadable status payload: {exc}") from exc
+                yield status
+        finally:
+            call.cancel()
+
     async def action(self, action: str, payload: msgspec.Struct | dict[str, object], result: type[T]) -> T:
         """Run an action with a JSON payload and decode its answer as ``result``."""
         request = pb.ActionRequest(member=self.member, action=action, payload=msgspec.json.encode(payload).decode())
@@ -94,7 +144,9 @@ def _translate(action: str, exc: grpc.aio.AioRpcError) -> Exception:
     code = exc.code()
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return SidecarError(action, pb.Response.DENIED, f"the sidecar refused our token ({code.name})")
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED):
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return SidecarUnimplemented(action, pb.Response.ERROR, f"{code.name}: {exc.details()}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
         return SidecarError(action, pb.Response.ERROR, f"{code.name}: {exc.details()}")
     return SidecarUnavailable(f"{action}: {code.name}: {exc.details()}")
 

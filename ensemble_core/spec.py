@@ -38,7 +38,7 @@ _TOP_KEYS = {"apiVersion", "kind", "metadata", "spec", "status"}
 _SPEC_KEYS = {"members", "algorithm", "checkSeconds"}
 _MEMBER_KEYS = {"minicluster", "jobs", "algorithm", "sidecar"}
 _JOB_KEYS = {"name", "command", "count", "nodes", "tasks", "workdir", "duration"}
-_ALGORITHM_KEYS = {"name", "options"}
+_ALGORITHM_KEYS = {"name", "options", "rules"}
 _SIDECAR_KEYS = {"image", "pullAlways", "port", "workers"}
 
 
@@ -191,7 +191,23 @@ def _algorithm(check: _Checker, value: object, path: str) -> AlgorithmSpec | Non
         return None
     # validate_options words each problem as "<option>: <problem>", so the path prefix completes it
     check.errors.extend(f"{path}.options.{problem}" for problem in algorithms.validate_options(name, options))
-    return AlgorithmSpec(name=name, options=options)
+    # Rules name job groups, which only a member has: those are checked per member by _rule_groups.
+    raw_rules = data.get("rules")
+    check.errors.extend(f"{path}.{problem}" for problem in algorithms.validate_rules(name, raw_rules or []))
+    rules = [rule for rule in raw_rules if isinstance(rule, dict)] if isinstance(raw_rules, list) else []
+    return AlgorithmSpec(name=name, options=options, rules=rules)
+
+
+def _rule_groups(check: _Checker, algorithm: AlgorithmSpec, path: str, jobs: tuple[JobSpec, ...], member: str) -> None:
+    """Add the problems of ``algorithm``'s rules that name a group ``jobs`` does not have."""
+    if not algorithm.rules:
+        return
+    groups = [job.name for job in jobs]
+    # Everything but the group names was reported with the algorithm itself.
+    reported = set(algorithms.validate_rules(algorithm.name, algorithm.rules))
+    for problem in algorithms.validate_rules(algorithm.name, algorithm.rules, groups):
+        if problem not in reported:
+            check.error(f"{path}.{problem.split(': ', 1)[0]}", f"{problem.split(': ', 1)[1]}{member}")
 
 
 def _sidecar(check: _Checker, value: object, path: str) -> SidecarSpec:
@@ -269,7 +285,12 @@ def _member(check: _Checker, raw: object, path: str, index: int, default_algorit
     if size is not None and max_size is not None and size > max_size:
         check.error(f"{mc_path}.maxSize", f"{max_size} is below size {size}; minSize <= size <= maxSize")
     jobs = _jobs(check, data.get("jobs"), f"{path}.jobs", max_size)
-    algorithm = _algorithm(check, data.get("algorithm"), f"{path}.algorithm") or default_algorithm
+    own = _algorithm(check, data.get("algorithm"), f"{path}.algorithm")
+    algorithm = own or default_algorithm
+    if own is not None:
+        _rule_groups(check, own, f"{path}.algorithm", jobs, "")
+    else:
+        _rule_groups(check, default_algorithm, "spec.algorithm", jobs, f" (for {path})")
     sidecar = _sidecar(check, data.get("sidecar"), f"{path}.sidecar")
     if size is None or min_size is None or max_size is None:
         return None

@@ -1,4 +1,4 @@
-"""What the gRPC server needs from a queue backend (local now; simulated and Flux later)."""
+"""What the gRPC server needs from a queue backend: `local`, `sim` and `flux` implement it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """``ensemble sidecar``: run the gRPC sidecar in front of a job queue until SIGTERM / SIGINT.
 
+Backends: ``local`` (real subprocess jobs on virtual nodes), ``sim`` (the same queue on a virtual
+clock following wall time times ``--speed``) and ``flux`` (the Flux instance at ``FLUX_URI``).
 The token comes from the environment variable ``ENSEMBLE_SIDECAR_TOKEN`` (never from the command
 line, where other users could read it); unset or empty means no authentication. With ``--port 0``
 the bound port is printed as the first line of stdout.
@@ -13,14 +15,27 @@ import logging
 import os
 import signal
 import sys
+import time
 
+from sidecar.backend import Backend
+from sidecar.local import LocalBackend
 from sidecar.queue import QueueError
-from sidecar.server import serve_local
+from sidecar.server import serve
+from sidecar.sim import SimBackend, SimQueue, TraceError, load_trace
 
 TOKEN_ENV = "ENSEMBLE_SIDECAR_TOKEN"
 
-#: Backends planned but not built yet: named so the error says so rather than "invalid choice".
-_LATER = ("sim", "flux")
+
+class BackendUnavailable(Exception):
+    """The chosen backend cannot run in this environment; the message says why and what to do."""
+
+
+def _delays(text: str) -> list[float]:
+    """``--provision-delay``: one number of seconds, or a comma-separated list to draw from."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or a comma-separated list of them, got {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,14 +44,24 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve the EnsembleOperator gRPC service in front of a job queue.",
         epilog=f"Authentication: set {TOKEN_ENV}; clients then send 'authorization: Bearer <token>'.",
     )
-    parser.add_argument("--backend", choices=("local", *_LATER), default="local", help="queue backend")
+    parser.add_argument("--backend", choices=("local", "sim", "flux"), default="local", help="queue backend")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, required=True, help="port to listen on; 0 picks a free one")
     parser.add_argument("--nodes", type=int, default=1, help="nodes up at start (default 1)")
     parser.add_argument("--cores", type=int, default=1, help="cores per node (default 1)")
     parser.add_argument("--max-nodes", type=int, default=None, help="largest size allowed (default --nodes)")
     parser.add_argument(
-        "--provision-delay", type=float, default=0.0, help="seconds before grown nodes come up (default 0)"
+        "--provision-delay",
+        type=_delays,
+        default=[0.0],
+        help="seconds before grown nodes come up (default 0); sim: a comma-separated list to draw from",
+    )
+    sim = parser.add_argument_group("sim backend")
+    sim.add_argument("--speed", type=float, default=1.0, help="virtual seconds per wall second (default 1)")
+    sim.add_argument("--trace", default=None, help="Flux job records (JSON Lines or a jobs dump) giving run times")
+    sim.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    sim.add_argument(
+        "--default-duration", type=float, default=None, help="run time of jobs without a duration and no trace"
     )
     parser.add_argument(
         "--heartbeat", type=float, default=5.0, help="WatchStatus heartbeat interval in seconds (default 5)"
@@ -48,13 +73,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the sidecar until SIGTERM or SIGINT; return the exit status (0 after a clean stop).
 
-    Returns 2 for bad arguments (including a backend not available yet).
+    Returns 2 for bad arguments (a bad trace file included) and 1 when the backend or the address is
+    unavailable (e.g. ``--backend flux`` without Flux's Python bindings).
     """
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.backend in _LATER:
-        print(f"ensemble sidecar: backend {args.backend!r} is not available yet (use --backend local)", file=sys.stderr)
-        return 2
+    if args.backend == "local" and len(args.provision_delay) != 1:
+        parser.error("--provision-delay: the local backend takes one delay; a list is for --backend sim")
+    if not (args.speed > 0 and args.speed < float("inf")):
+        parser.error(f"--speed: must be a number > 0, got {args.speed}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port: must be in 0..65535, got {args.port}")
     if args.heartbeat <= 0:
@@ -72,9 +99,38 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         return asyncio.run(_run(args, token))
-    except QueueError as exc:
+    except (QueueError, TraceError) as exc:
         print(f"ensemble sidecar: {exc}", file=sys.stderr)
         return 2
+    except BackendUnavailable as exc:
+        print(f"ensemble sidecar: {exc}", file=sys.stderr)
+        return 1
+
+
+def _backend(args: argparse.Namespace) -> Backend:
+    """The backend the arguments describe (inside the running loop: backends start timers and tasks)."""
+    if args.backend == "flux":
+        from sidecar.flux import FluxBackend, FluxUnavailable
+
+        try:
+            return FluxBackend.connect(max_nodes=args.max_nodes)
+        except FluxUnavailable as exc:
+            raise BackendUnavailable(str(exc)) from None
+    if args.backend == "sim":
+        sim = SimQueue(
+            nodes=args.nodes,
+            cores=args.cores,
+            max_nodes=args.max_nodes,
+            provision_delay=args.provision_delay,
+            trace=load_trace(args.trace) if args.trace else None,
+            default_duration=args.default_duration,
+            seed=args.seed,
+            start=time.time(),
+        )
+        return SimBackend(sim, speed=args.speed)
+    return LocalBackend(
+        nodes=args.nodes, cores=args.cores, max_nodes=args.max_nodes, provision_delay=args.provision_delay[0]
+    )
 
 
 async def _run(args: argparse.Namespace, token: str | None) -> int:
@@ -82,18 +138,11 @@ async def _run(args: argparse.Namespace, token: str | None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    backend = _backend(args)
     try:
-        running = await serve_local(
-            host=args.host,
-            port=args.port,
-            token=token,
-            nodes=args.nodes,
-            cores=args.cores,
-            max_nodes=args.max_nodes,
-            provision_delay=args.provision_delay,
-            heartbeat=args.heartbeat,
-        )
+        running = await serve(backend, host=args.host, port=args.port, token=token, heartbeat=args.heartbeat)
     except RuntimeError as exc:
+        await backend.aclose()
         print(f"ensemble sidecar: {exc}", file=sys.stderr)
         return 1
     print(running.port, flush=True)

@@ -22,6 +22,10 @@ Model
 * :meth:`Queue.terminate` stops placing work and sets the size to 0; the nodes go away as the
   running jobs end. Jobs still waiting stay in ``sched``, like a stopped Flux queue.
 
+Memory: a job costs a few hundred bytes (its command and workdir strings are shared by the jobs of one
+group) plus its output, which is kept for the ``keep_outputs`` most recently finished jobs only.
+Idempotency keys are kept for the ``keep_keys`` most recent keyed submits, for the life of the process.
+
 Cost: submit is O(jobs submitted); start, finish and resize are O(jobs started or finished);
 :meth:`Queue.status` is O(groups) (counters are kept, never recomputed by scanning the queue).
 Cancelling a group rebuilds the waiting deque, O(waiting jobs).
@@ -47,6 +51,15 @@ from ensemble_core.wire import (
 
 #: How many waiting jobs ``next_jobs`` lists.
 NEXT_JOBS = 20
+
+#: Longest idempotency key a submit may carry.
+MAX_KEY_LENGTH = 256
+
+#: Idempotency keys remembered by default; the oldest is forgotten beyond this.
+KEEP_KEYS = 10_000
+
+#: Finished jobs whose output is kept by default; older outputs are dropped (set to ``""``).
+KEEP_OUTPUTS = 1_000
 
 
 class JobState(StrEnum):
@@ -125,8 +138,8 @@ class _Spread:
 
 
 @dataclass(slots=True)
-class _Group:
-    """Incrementally maintained statistics of one job group."""
+class GroupTally:
+    """Incrementally maintained statistics of one job group (O(1) per finished job)."""
 
     submitted: int = 0
     finished: int = 0
@@ -135,7 +148,20 @@ class _Group:
     run: _Spread = field(default_factory=_Spread)
     wait: _Spread = field(default_factory=_Spread)
 
+    def ended(self, *, success: bool, run: float | None, wait: float | None) -> None:
+        """Count a job that became inactive; ``run`` / ``wait`` seconds are added when it ran."""
+        self.finished += 1
+        if success:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+        if run is not None:
+            self.run.add(run)
+        if wait is not None:
+            self.wait.add(wait)
+
     def stats(self) -> GroupStats:
+        """The group's counts and run / wait statistics as the status payload reports them."""
         return GroupStats(
             submitted=self.submitted,
             finished=self.finished,
@@ -167,11 +193,47 @@ def order_jobs(specs: Sequence[JobSpec], order: Order, seed: int) -> list[JobSpe
     return jobs
 
 
+def validate_specs(specs: Sequence[JobSpec], max_nodes: int) -> None:
+    """Raise :class:`QueueError` naming the field if these job groups cannot be queued on ``max_nodes`` nodes.
+
+    Refused: an empty name or command, a job wider than ``max_nodes``, and more than
+    :data:`~ensemble_core.wire.MAX_SUBMIT_JOBS` jobs (groups, or jobs after ``count``) in one submit.
+    """
+    if len(specs) > MAX_SUBMIT_JOBS:
+        raise QueueError(f"jobs: {len(specs)} job groups exceeds the limit of {MAX_SUBMIT_JOBS} per submit")
+    total = 0
+    for i, spec in enumerate(specs):
+        if not spec.name:
+            raise QueueError(f"jobs[{i}].name: must not be empty (it names the job group)")
+        if not spec.command.strip():
+            raise QueueError(f"jobs[{i}].command: must not be empty")
+        if spec.nodes > max_nodes:
+            raise QueueError(
+                f"jobs[{i}].nodes: {spec.nodes} exceeds the queue's maximum of {max_nodes} "
+                "nodes, so the job could never run"
+            )
+        total += spec.count
+    if total > MAX_SUBMIT_JOBS:
+        raise QueueError(f"jobs: {total} jobs (after count) exceeds the limit of {MAX_SUBMIT_JOBS} per submit")
+
+
 class Queue:
     """The queue and nodes of one ensemble member (see the module docstring for the model)."""
 
-    def __init__(self, *, nodes: int, cores: int = 1, max_nodes: int | None = None) -> None:
-        """Start with ``nodes`` nodes up and requested; ``max_nodes`` (default ``nodes``) caps growth."""
+    def __init__(
+        self,
+        *,
+        nodes: int,
+        cores: int = 1,
+        max_nodes: int | None = None,
+        keep_keys: int = KEEP_KEYS,
+        keep_outputs: int = KEEP_OUTPUTS,
+    ) -> None:
+        """Start with ``nodes`` nodes up and requested; ``max_nodes`` (default ``nodes``) caps growth.
+
+        The ``keep_keys`` most recent idempotency keys are remembered, and the outputs of the
+        ``keep_outputs`` most recently finished jobs are kept (older ones are dropped).
+        """
         max_nodes = nodes if max_nodes is None else max_nodes
         if nodes < 0:
             raise QueueError(f"nodes: must be >= 0, got {nodes}")
@@ -179,6 +241,11 @@ class Queue:
             raise QueueError(f"cores: must be >= 1, got {cores}")
         if max_nodes < nodes:
             raise QueueError(f"max_nodes: must be >= nodes ({nodes}), got {max_nodes}")
+        if keep_keys < 1 or keep_outputs < 0:
+            raise QueueError(f"keep_keys / keep_outputs: must be >= 1 / >= 0, got {keep_keys} / {keep_outputs}")
+        self.keep_keys = keep_keys
+        self.keep_outputs = keep_outputs
+        self._outputs: deque[Job] = deque()
         self.cores = cores
         self.max_nodes = max_nodes
         self.size = nodes
@@ -190,7 +257,7 @@ class Queue:
         self._waiting: deque[Job] = deque()
         self._waiting_by_nodes: Counter[int] = Counter()
         self._states: Counter[JobState] = Counter()
-        self._groups: dict[str, _Group] = {}
+        self._groups: dict[str, GroupTally] = {}
         self._finished = 0
         self._failed = 0
         self._keys: dict[str, SubmitResult] = {}
@@ -254,20 +321,7 @@ class Queue:
 
     def validate(self, specs: Sequence[JobSpec]) -> None:
         """Raise :class:`QueueError` naming the field if these job groups cannot be queued."""
-        total = 0
-        for i, spec in enumerate(specs):
-            if not spec.name:
-                raise QueueError(f"jobs[{i}].name: must not be empty (it names the job group)")
-            if not spec.command.strip():
-                raise QueueError(f"jobs[{i}].command: must not be empty")
-            if spec.nodes > self.max_nodes:
-                raise QueueError(
-                    f"jobs[{i}].nodes: {spec.nodes} exceeds the queue's maximum of {self.max_nodes} "
-                    "nodes, so the job could never run"
-                )
-            total += spec.count
-        if total > MAX_SUBMIT_JOBS:
-            raise QueueError(f"jobs: {total} jobs (after count) exceeds the limit of {MAX_SUBMIT_JOBS} per submit")
+        validate_specs(specs, self.max_nodes)
 
     def submit(
         self, specs: Sequence[JobSpec], now: float, *, order: Order = "", seed: int = 0, key: str = ""
@@ -279,6 +333,8 @@ class Queue:
         Raises :class:`QueueError` (naming the field) for invalid jobs, :class:`QueueTerminated`
         after :meth:`terminate`. Call :meth:`schedule` afterwards to start what fits.
         """
+        if len(key) > MAX_KEY_LENGTH:
+            raise QueueError(f"key: {len(key)} characters exceeds the limit of {MAX_KEY_LENGTH}")
         if key and key in self._keys:
             first = self._keys[key]
             return SubmitResult(submitted=first.submitted, duplicate=True)
@@ -306,6 +362,8 @@ class Queue:
         result = SubmitResult(submitted=len(ordered))
         if key:
             self._keys[key] = result
+            if len(self._keys) > self.keep_keys:
+                del self._keys[next(iter(self._keys))]
         return result
 
     def schedule(self, now: float) -> list[Job]:
@@ -337,20 +395,15 @@ class Queue:
         self.nodes_up -= min(job.nodes, self.draining)
         job.returncode = returncode
         job.success = returncode == 0
-        job.output = output
+        self._keep_output(job, output)
         job.t_inactive = now
         self._move(job, JobState.INACTIVE)
         group = self._group(job.group)
-        group.finished += 1
         self._finished += 1
-        if job.success:
-            group.succeeded += 1
-        else:
-            group.failed += 1
+        if not job.success:
             self._failed += 1
         assert job.t_run is not None  # set by schedule() when the job entered RUN
-        group.run.add(now - job.t_run)
-        group.wait.add(job.t_run - job.t_submit)
+        group.ended(success=job.success, run=now - job.t_run, wait=job.t_run - job.t_submit)
         return job
 
     def cancel(self, group: str, now: float) -> int:
@@ -424,11 +477,20 @@ class Queue:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _group(self, name: str) -> _Group:
+    def _group(self, name: str) -> GroupTally:
         group = self._groups.get(name)
         if group is None:
-            group = self._groups[name] = _Group()
+            group = self._groups[name] = GroupTally()
         return group
+
+    def _keep_output(self, job: Job, output: str) -> None:
+        """Give ``job`` its output, dropping the output of the oldest finished job beyond ``keep_outputs``."""
+        if not output or not self.keep_outputs:
+            return
+        job.output = output
+        self._outputs.append(job)
+        if len(self._outputs) > self.keep_outputs:
+            self._outputs.popleft().output = ""
 
     def _move(self, job: Job, state: JobState) -> None:
         self._states[job.state] -= 1

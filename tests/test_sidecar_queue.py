@@ -241,3 +241,23 @@ def test_node_accounting_invariants_hold_under_any_sequence(ops: list[tuple[str,
         status = queue.status(now)
         assert status.queue.run == len(running)
         assert status.counts["waiting"] == sum(status.waiting.values()) == queue.waiting
+
+
+def test_outputs_are_kept_for_the_most_recent_finished_jobs_only() -> None:
+    queue = Queue(nodes=1, keep_outputs=2)
+    queue.submit([spec("g", count=3)], 0.0)
+    for job_id in (1, 2, 3):
+        queue.schedule(float(job_id))
+        queue.finish(job_id, float(job_id), 1, f"output of job {job_id}")
+    assert [queue.job(i).output for i in (1, 2, 3)] == ["", "output of job 2", "output of job 3"]  # type: ignore[union-attr]
+
+
+def test_idempotency_keys_are_remembered_for_the_most_recent_submits_and_are_bounded_in_length() -> None:
+    queue = Queue(nodes=1, keep_keys=2)
+    for key in ("k1", "k2", "k3"):
+        queue.submit([spec(key)], 0.0, key=key)
+    assert queue.submit([spec("k3")], 0.0, key="k3").duplicate
+    assert queue.submit([spec("k2")], 0.0, key="k2").duplicate
+    assert not queue.submit([spec("k1")], 0.0, key="k1").duplicate  # forgotten: the oldest of three
+    with pytest.raises(QueueError, match="key: 257 characters exceeds the limit of 256"):
+        queue.submit([spec("g")], 0.0, key="x" * 257)

@@ -121,6 +121,11 @@ def parse_options(algorithm_name: str, raw: Mapping[str, RawOption]) -> msgspec.
     return options
 
 
+def option_names(algorithm_name: str) -> list[str]:
+    """The option names ``algorithm_name`` accepts, as written in YAML (camelCase)."""
+    return [field.encode_name for field in msgspec.structs.fields(get(algorithm_name).options_type)]
+
+
 def _convert_options(
     algorithm: Algorithm[Any, Any], raw: Mapping[str, RawOption]
 ) -> tuple[msgspec.Struct | None, list[str]]:

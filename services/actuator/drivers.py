@@ -3,8 +3,8 @@
 A driver applies one decision's effect and reports the size before and after. Drivers must be
 idempotent, since a decision may be applied again after a crash before its record was saved: scale
 targets are absolute, submits carry the decision id as idempotency key, terminate twice is harmless.
-The Kubernetes driver (scale through the MiniCluster's ``/scale`` subresource) implements the same
-interface.
+The Kubernetes driver (``services/actuator/kubernetes.py``: scale through the MiniCluster's ``/scale``
+subresource) implements the same interface.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Protocol, TypeVar, cast, get_args
 
-from ensemble_core.messages import Decision, MemberSpec
+from ensemble_core.messages import Applied, Decision, MemberSpec
 from ensemble_core.sidecar_client import SidecarClient, SidecarError, SidecarUnavailable
 from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import Order, ResizePayload, ResizeResult, SubmitPayload, SubmitResult
@@ -45,6 +45,14 @@ class Driver(Protocol):
 
     async def terminate(self, member: MemberSpec) -> None:
         """End the member (its work is done): release every node."""
+        ...
+
+    async def complete(self, member: MemberSpec) -> int:
+        """The member's work is done but it stays up; return the size it keeps."""
+        ...
+
+    async def report(self, decision: Decision, applied: Applied) -> None:
+        """Show what became of a decision where people look (idempotent: called again on redelivery)."""
         ...
 
     async def close(self) -> None:
@@ -88,6 +96,12 @@ class LocalDriver:
 
     async def terminate(self, member: MemberSpec) -> None:
         await _call(self.client(member).action("terminate", {}, dict))
+
+    async def complete(self, member: MemberSpec) -> int:
+        return await self.size(member)
+
+    async def report(self, decision: Decision, applied: Applied) -> None:
+        """Nothing to do: locally, the NATS ``Applied`` and member events are the whole report."""
 
     async def close(self) -> None:
         for client in self._clients.values():

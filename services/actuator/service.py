@@ -8,7 +8,8 @@ For each decision, in order:
    ``terminate``; ``complete``);
 3. the record (applied ids, last scale time) is saved with compare-and-set; a terminated or completed
    member's record in ``ensemble-members`` moves to that phase;
-4. ``Applied`` and a member event are published; then the message is acknowledged.
+4. the driver reports it (Kubernetes: the Ensemble's status and an Event), ``Applied`` and a member event
+   are published; then the message is acknowledged.
 A transient failure (sidecar unreachable, cooldown) naks the decision for a later retry; a final one
 (the sidecar refused) is reported as ``Applied(ok=false)`` and acknowledged.
 """
@@ -26,10 +27,13 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from ensemble_core import natsio, subjects
+from ensemble_core.kube import Kube, api_client
 from ensemble_core.messages import Applied, Decision, EventKind, MemberEvent, MemberSpec, encode
 from ensemble_core.settings import Settings
 from ensemble_core.subjects import MemberAddress
 from services.actuator.drivers import Driver, DriverError, LocalDriver
+from services.actuator.effects import CooldownPending, InvalidDecision, apply
+from services.actuator.kubernetes import KubernetesDriver
 
 log = logging.getLogger("actuator")
 
@@ -85,12 +89,12 @@ class Actuator:
         address = MemberAddress(decision.namespace, decision.ensemble, decision.member)
         record, revision = await self.load(address)
         if decision.id in record.applied:
-            await self.report(address, record.applied[decision.id], None)
+            await self.report(address, record.applied[decision.id], None, decision)
             return
         found = await self.member(address)
         if found is None:
             applied = self.applied(decision, ok=False, error="the member has no record (never created or removed)")
-            await self.report(address, applied, None)
+            await self.report(address, applied, None, decision)
             return
         member, member_revision = found
         now = time.time()
@@ -99,42 +103,29 @@ class Actuator:
             # two, the redelivered decision finds its own effect and reports it as applied
             own = {"terminate": "terminated", "complete": "completed"}.get(decision.action) == member.phase
             error = "" if own else f"the member is already {member.phase}"
-            await self.report(address, self.applied(decision, ok=own, error=error), None)
+            await self.report(address, self.applied(decision, ok=own, error=error), None, decision)
             return
         event: EventKind | None = None
         try:
-            if decision.action == "scale":
-                if decision.size is None:
-                    raise natsio.Poison(f"decision {decision.id}: a scale decision needs a size")
-                wait = record.last_scale + self.cooldown - now
-                if wait > 0:
-                    raise natsio.Transient(f"{address}: scale cooldown, {wait:.1f}s left", delay=wait)
-                target = min(max(decision.size, member.min_size, 1), member.max_size)
-                before = await self.driver.size(member)
-                after = await self.driver.scale(member, target)
-                applied = self.applied(decision, ok=True, before=before, after=after)
-                record.last_scale = now
-                event = "scaled"
-            elif decision.action == "submit":
-                queued = await self.driver.submit(member, decision)
-                applied = self.applied(decision, ok=True)
-                log.info("submitted %d jobs", queued, extra={"member": str(address), "id": decision.id})
-            elif decision.action in ("terminate", "complete"):
-                before = await self.driver.size(member)
-                if decision.action == "terminate":
-                    await self.driver.terminate(member)
-                    event, phase, after = "terminated", "terminated", 0
-                else:
-                    event, phase, after = "completed", "completed", before
-                await self.set_phase(address, member, member_revision, phase)
-                applied = self.applied(decision, ok=True, before=before, after=after)
-            else:
-                applied = self.applied(decision, ok=False, error=f"action {decision.action!r} is not supported")
+            effect = await apply(
+                decision, member, self.driver, since_scale=now - record.last_scale, cooldown=self.cooldown
+            )
+        except CooldownPending as exc:
+            raise natsio.Transient(f"{address}: {exc}", delay=exc.wait) from exc
+        except InvalidDecision as exc:
+            raise natsio.Poison(str(exc)) from exc
         except DriverError as exc:
             if exc.transient:
                 raise natsio.Transient(str(exc), delay=2.0) from exc
             applied = self.applied(decision, ok=False, error=str(exc))
             event = "failed"
+        else:
+            if effect.phase is not None:
+                await self.set_phase(address, member, member_revision, effect.phase)
+            if effect.scaled:
+                record.last_scale = now
+            applied = self.applied(decision, ok=effect.ok, before=effect.before, after=effect.after, error=effect.error)
+            event = effect.event
         record.applied[decision.id] = applied
         record.order.append(decision.id)
         for old in record.order[:-REMEMBER]:
@@ -147,7 +138,7 @@ class Actuator:
                 await self.records.update(address.key, encode(record), last=revision)
         except KeyWrongLastSequenceError as exc:
             raise natsio.Transient(f"{address}: record changed by another actuator; retrying", delay=0.1) from exc
-        await self.report(address, applied, event)
+        await self.report(address, applied, event, decision)
 
     async def set_phase(self, address: MemberAddress, member: MemberSpec, revision: int, phase: str) -> None:
         """Move the member's record to ``phase`` (compare-and-set)."""
@@ -174,8 +165,17 @@ class Actuator:
             error=error,
         )
 
-    async def report(self, address: MemberAddress, applied: Applied, event: EventKind | None) -> None:
-        """Publish ``Applied`` and, for a change of the member, its event (both deduplicated)."""
+    async def report(
+        self, address: MemberAddress, applied: Applied, event: EventKind | None, decision: Decision
+    ) -> None:
+        """Report through the driver, then publish ``Applied`` and, for a change of the member, its event.
+
+        Every step is idempotent (the NATS messages are deduplicated), so a redelivered decision reports again.
+        """
+        try:
+            await self.driver.report(decision, applied)
+        except DriverError as exc:
+            raise natsio.Transient(f"{address}: cannot report {decision.id}: {exc}", delay=2.0) from exc
         await self.js.publish(
             subjects.applied(address), encode(applied), headers={"Nats-Msg-Id": f"applied:{applied.decision}"}
         )
@@ -203,7 +203,10 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     natsio.stop_on_signals(stop)
     nc = await natsio.connect(settings, "actuator")
-    driver = LocalDriver(settings.sidecar_token, settings.sidecar_timeout)
+    local = LocalDriver(settings.sidecar_token, settings.sidecar_timeout)
+    driver: Driver = local
+    if settings.mode == "kubernetes":
+        driver = KubernetesDriver(Kube(api_client(settings.kube_api)), local, settings.complete_to_min_size)
     try:
         js = nc.jetstream()
         await natsio.declare(js)

@@ -1,4 +1,6 @@
-"""The creator in local mode: registers each member of an Ensemble file with its sidecar endpoint.
+"""The creator: in local mode, registers each member of an Ensemble file with its sidecar endpoint.
+
+With ``ENSEMBLE_MODE=kubernetes`` it reconciles Ensemble resources instead (``services/creator/kubernetes.py``).
 
 For every member it writes the ``MemberSpec`` to the ``ensemble-members`` bucket with KV ``create``
 (so a restart registers nothing twice and never overwrites a record the actuator already changed),
@@ -20,12 +22,18 @@ from ensemble_core.messages import MemberEvent, encode
 from ensemble_core.settings import Settings, SettingsError, env_name, parse_endpoints
 from ensemble_core.spec import load
 from ensemble_core.subjects import MemberAddress
+from services.creator import kubernetes
 
 log = logging.getLogger("creator")
 
 
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Register the members of ``settings.file`` and wait for ``stop`` (or SIGTERM)."""
+    """Register the members of ``settings.file`` (or, in Kubernetes mode, reconcile Ensembles) until ``stop``."""
+    stop = stop or asyncio.Event()
+    if settings.mode == "kubernetes":
+        natsio.stop_on_signals(stop)
+        await kubernetes.run(settings, stop)
+        return
     if not settings.file:
         raise SettingsError(f"{env_name('file')}: required in local mode; set it to the Ensemble file to run")
     ensemble = load(settings.file, settings.namespace)
@@ -33,7 +41,6 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     missing = [m.index for m in ensemble.members if m.index not in endpoints]
     if missing:
         raise SettingsError(f"{env_name('endpoints')}: no sidecar endpoint for member(s) {missing}")
-    stop = stop or asyncio.Event()
     natsio.stop_on_signals(stop)
     nc = await natsio.connect(settings, "creator")
     try:

@@ -1,23 +1,43 @@
 """The decider: a durable pull consumer on ``ENSEMBLE_METRICS`` that runs each member's algorithm.
 
 For each metrics message, in order:
-1. read the member's record (``ensemble-members``) and its decider record (``ensemble-decider``);
-2. a snapshot at or before the record's ``last_seq`` was already decided on: skip it — except the
+1. look up the member's record (``ensemble-members``, cached and kept current by a KV watch) and its
+   decider record (``ensemble-decider``, cached with its revision — a copy changed by another replica is
+   caught by the compare-and-set of step 5, which drops the copy and retries);
+2. a snapshot at or before the record's ``last_seq`` was already consumed: skip it — except the
    snapshot of ``last_seq`` itself, whose decisions are published again (a crash may have come between
    saving and publishing; ``Nats-Msg-Id`` deduplication makes the second publish harmless);
-3. run the algorithm (pure), save the new state and its decisions with compare-and-set
+3. the decisions of ``last_seq`` are published again before they are replaced, unless this process
+   published them itself (another replica may have saved them and died before publishing);
+4. a **stale** snapshot (see :func:`stale_after`) takes no decision: its seq is recorded so that it is
+   not consumed twice, the algorithm's state is left as it was, and the algorithm later sees the gap
+   in seq as missed polls. Without fresh metrics the decider therefore does nothing — above all it
+   never shrinks a member on what its nodes looked like minutes ago;
+5. otherwise run the algorithm (pure) and save the new state and its decisions with compare-and-set
    (``update(last=revision)``) — a replica that lost the race gets a transient error, the message is
    redelivered and then skipped by rule 2, so two replicas never interleave a member's state;
-4. publish the decisions with their deterministic ids as ``Nats-Msg-Id``;
-5. only then is the message acknowledged (by the consume loop).
+6. publish the decisions with their deterministic ids as ``Nats-Msg-Id``;
+7. only then is the message acknowledged.
+
+Messages of different members are independent, so they are handled concurrently (see :func:`consume`),
+each member's messages strictly in stream order: the round trips of one member (save, acknowledge)
+overlap with those of the others, which is where the throughput comes from; no guarantee above is
+relaxed. With two replicas a member's snapshots may be split between them; an older one that arrives
+after a newer one was saved is skipped by rule 2, and the algorithm sees the gap as a missed poll.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -30,6 +50,23 @@ from ensemble_core.subjects import MemberAddress
 
 log = logging.getLogger("decider")
 
+#: A snapshot is stale once it has waited in the stream for this many of its member's checks ...
+STALE_CHECKS = 3
+#: ... or for this many seconds, whichever is longer (clock steps and short pauses are not staleness).
+STALE_MIN_SECONDS = 5.0
+
+
+def stale_after(member: MemberSpec) -> float:
+    """Seconds a snapshot may wait in ``ENSEMBLE_METRICS`` before the decider refuses to act on it.
+
+    The age is measured from the time the NATS server stored the message (its JetStream timestamp) to
+    the time the decider consumes it — so it is the decider's own backlog, whatever clock the sidecar
+    reports in ``Metrics.time`` (a simulated queue may run on a virtual one). It is
+    ``max(STALE_CHECKS * check_seconds, STALE_MIN_SECONDS)``: 30 s for the default 10 s checks. It
+    assumes the decider's and the NATS server's clocks agree to within a few seconds (NTP).
+    """
+    return max(STALE_CHECKS * member.check_seconds, STALE_MIN_SECONDS)
+
 
 class DeciderRecord(msgspec.Struct, kw_only=True):
     """A member's entry in the ``ensemble-decider`` bucket."""
@@ -40,76 +77,200 @@ class DeciderRecord(msgspec.Struct, kw_only=True):
     decisions: list[Decision] = []
 
 
+class Member(NamedTuple):
+    """A member's record with its algorithm looked up and its options parsed (done once per change)."""
+
+    spec: MemberSpec
+    algorithm: algorithms.Algorithm[Any, Any]
+    options: msgspec.Struct
+
+
+class _Unusable(NamedTuple):
+    """A member record the decider cannot use; every metrics message of the member is poison until fixed."""
+
+    error: str
+
+
+def _member(value: bytes, key: str) -> Member | _Unusable:
+    try:
+        spec = msgspec.json.decode(value, type=MemberSpec)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return _Unusable(f"member record {key} is unreadable: {exc}")
+    try:
+        algorithm = algorithms.get(spec.algorithm.name)
+        options = algorithms.parse_options(spec.algorithm.name, spec.algorithm.options)
+    except (algorithms.UnknownAlgorithm, algorithms.OptionsError) as exc:
+        return _Unusable(f"member {key}: {exc}")
+    return Member(spec, algorithm, options)
+
+
+class MemberCache:
+    """Member records of ``ensemble-members``, read once and then kept current by a KV watch.
+
+    Members change rarely (created, then a phase change at the end) while their metrics arrive every
+    check, so the hot path reads this dictionary instead of the bucket, with the algorithm and its
+    parsed options ready. A member not in the cache yet (created after the watch delivered its initial
+    values, its update not arrived yet) is read from the bucket. Entries carry their revision so that a
+    slower read never overwrites a newer update.
+    """
+
+    def __init__(self, bucket: KeyValue) -> None:
+        self.bucket = bucket
+        self._entries: dict[str, tuple[int, Member | _Unusable | None]] = {}
+        self._follower: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Load every member and follow the bucket's changes until :meth:`stop`."""
+        watcher = await self.bucket.watchall()
+        self._follower = asyncio.create_task(self._follow(watcher))
+
+    async def stop(self) -> None:
+        """Stop following the bucket (the cached records stay readable)."""
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None:  # the end of the initial values
+                    continue
+                deleted = entry.operation is not None or not entry.value
+                self._store(entry.key, entry.revision or 0, None if deleted else entry.value)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    def _store(self, key: str, revision: int, value: bytes | None) -> Member | _Unusable | None:
+        current = self._entries.get(key)
+        if current is not None and current[0] > revision:
+            return current[1]
+        member = None if value is None else _member(value, key)
+        self._entries[key] = (revision, member)
+        return member
+
+    async def get(self, key: str) -> Member | None:
+        """The member stored under ``key``, or None when it has none (never created, or removed).
+
+        Raises :class:`natsio.Poison` when the record cannot be decoded or names an unknown algorithm
+        or bad options.
+        """
+        cached = self._entries.get(key)
+        if cached is not None:
+            member = cached[1]
+        else:
+            try:
+                entry = await self.bucket.get(key)
+            except KeyNotFoundError:
+                return None
+            member = self._store(key, entry.revision or 0, entry.value or None)
+        if isinstance(member, _Unusable):
+            raise natsio.Poison(member.error)
+        return member
+
+
 class Decider:
     """Handles metrics messages; one instance per process."""
 
     def __init__(self, js: JetStreamContext, members: KeyValue, records: KeyValue) -> None:
         self.js = js
-        self.members = members
+        self.members = MemberCache(members)
         self.records = records
+        #: The decider record last read or written per member key, with its revision and whether this
+        #: process has published its decisions (a record read from the bucket may not have been).
+        self._records: dict[str, tuple[int, DeciderRecord, bool]] = {}
+        #: Each member's key and decisions subject (escaping the names on every message is measurable).
+        self._names: dict[MemberAddress, tuple[str, str]] = {}
 
-    async def member(self, address: MemberAddress) -> MemberSpec | None:
-        """The member's record, or None when it has none (never created, or removed)."""
+    async def record(self, key: str) -> tuple[int | None, DeciderRecord | None]:
+        """The decider record under ``key`` and its revision (None, None before the member's first metrics)."""
+        cached = self._records.get(key)
+        if cached is not None:
+            return cached[0], cached[1]
         try:
-            entry = await self.members.get(address.key)
+            entry = await self.records.get(key)
         except KeyNotFoundError:
-            return None
+            return None, None
         if not entry.value:
-            return None
+            return None, None
         try:
-            return msgspec.json.decode(entry.value, type=MemberSpec)
+            record = msgspec.json.decode(entry.value, type=DeciderRecord)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise natsio.Poison(f"member record of {address} is unreadable: {exc}") from exc
+            raise natsio.Poison(f"decider record {key} is unreadable: {exc}") from exc
+        revision = entry.revision or 0
+        self._records[key] = (revision, record, False)
+        return revision, record
 
-    async def handle(self, metrics: Metrics, _msg: Msg) -> None:
-        """Decide on one snapshot (see the module docstring for the order of effects)."""
+    async def handle(self, metrics: Metrics, msg: Msg | None) -> None:
+        """Decide on one snapshot (see the module docstring for the order of effects).
+
+        ``msg`` is the JetStream message the snapshot came in; its stream timestamp tells how long it
+        waited. A direct call without one (a tool, a test) takes the snapshot as fresh.
+        """
         address = MemberAddress(metrics.namespace, metrics.ensemble, metrics.member)
-        member = await self.member(address)
+        names = self._names.get(address)
+        if names is None:
+            names = self._names[address] = (address.key, subjects.decisions(address))
+        key, subject = names
+        member = await self.members.get(key)
         if member is None:
             log.info("metrics for an unknown member; skipped", extra={"member": str(address)})
             return
-        try:
-            algorithm = algorithms.get(member.algorithm.name)
-            options = algorithms.parse_options(member.algorithm.name, member.algorithm.options)
-        except (algorithms.UnknownAlgorithm, algorithms.OptionsError) as exc:
-            raise natsio.Poison(f"member {address}: {exc}") from exc
+        spec, algorithm, options = member
 
-        revision: int | None = None
-        record: DeciderRecord | None = None
-        try:
-            entry = await self.records.get(address.key)
-            if entry.value:
-                record = msgspec.json.decode(entry.value, type=DeciderRecord)
-                revision = entry.revision
-        except KeyNotFoundError:
-            pass
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise natsio.Poison(f"decider record of {address} is unreadable: {exc}") from exc
-
-        if record is not None and record.algorithm == algorithm.name and metrics.seq <= record.last_seq:
+        revision, record = await self.record(key)
+        same_algorithm = record is not None and record.algorithm == algorithm.name
+        if record is not None and same_algorithm and metrics.seq > record.last_seq + 1 and msg is not None:
+            # The poller numbers snapshots without gaps, so an earlier one is still in flight — most
+            # likely at another replica. Read the record afresh; if the gap is still there, hold this
+            # snapshot briefly so a member's snapshots are decided in order. A snapshot that never comes
+            # (dead-lettered) stops holding after max(HOLD_FOR_GAP, check_seconds): then the algorithm sees a gap.
+            self._records.pop(key, None)
+            revision, record = await self.record(key)
+            same_algorithm = record is not None and record.algorithm == algorithm.name
+            if (
+                record is not None
+                and same_algorithm
+                and metrics.seq > record.last_seq + 1
+                and _waited(msg) < max(HOLD_FOR_GAP, spec.check_seconds)
+            ):
+                raise natsio.Transient(f"{key}: snapshot {record.last_seq + 1} not decided yet", delay=0.05)
+        if record is not None and same_algorithm and metrics.seq <= record.last_seq:
             if metrics.seq == record.last_seq:
-                await self.publish(address, record.decisions)
+                await self.publish(subject, record.decisions)
+            return
+        if record is not None and record.decisions and not self._records[key][2]:
+            await self.publish(subject, record.decisions)
+
+        waited = _waited(msg)
+        if waited > stale_after(spec):
+            if record is not None and same_algorithm:
+                await self.save(
+                    key, revision, DeciderRecord(algorithm=algorithm.name, last_seq=metrics.seq, state=record.state)
+                )
+            # Without a state yet (or for a new algorithm) nothing is saved: the first fresh snapshot
+            # starts it, rather than a snapshot that may no longer describe the member.
+            log.info(
+                "stale metrics; no decision",
+                extra={"member": str(address), "seq": metrics.seq, "waited": round(waited, 1)},
+            )
             return
 
-        if record is not None and record.algorithm == algorithm.name:
+        if record is not None and same_algorithm:
             state = msgspec.json.decode(record.state, type=algorithm.state_type)
         else:
-            state = algorithm.initial_state(member, options)
-        state, decisions = algorithm.decide(member, options, state, metrics)
+            state = algorithm.initial_state(spec, options)
+        state, decisions = algorithm.decide(spec, options, state, metrics)
         new_record = DeciderRecord(
             algorithm=algorithm.name,
             last_seq=metrics.seq,
             state=msgspec.Raw(msgspec.json.encode(state)),
             decisions=decisions,
         )
-        try:
-            if revision is None:
-                await self.records.create(address.key, encode(new_record))
-            else:
-                await self.records.update(address.key, encode(new_record), last=revision)
-        except KeyWrongLastSequenceError as exc:
-            raise natsio.Transient(f"{address}: state changed by another decider; retrying", delay=0.1) from exc
-        await self.publish(address, decisions)
+        await self.save(key, revision, new_record)
+        await self.publish(subject, decisions)
+        self._records[key] = (*self._records[key][:2], True)
         for decision in decisions:
             log.info(
                 "decided %s",
@@ -117,10 +278,101 @@ class Decider:
                 extra={"member": str(address), "id": decision.id, "size": decision.size, "reason": decision.reason},
             )
 
-    async def publish(self, address: MemberAddress, decisions: list[Decision]) -> None:
-        """Publish decisions, each with its id as ``Nats-Msg-Id``."""
+    async def save(self, key: str, revision: int | None, record: DeciderRecord) -> None:
+        """Store ``record`` under ``key`` if the stored one is still at ``revision`` (created if None).
+
+        Raises :class:`natsio.Transient` when another decider changed it first.
+        """
+        try:
+            if revision is None:
+                new_revision = await self.records.create(key, encode(record))
+            else:
+                new_revision = await self.records.update(key, encode(record), last=revision)
+        except KeyWrongLastSequenceError as exc:
+            self._records.pop(key, None)
+            raise natsio.Transient(f"{key}: state changed by another decider; retrying", delay=0.1) from exc
+        except Exception:
+            # the outcome is unknown (the write may have landed): read the record again next time
+            self._records.pop(key, None)
+            raise
+        self._records[key] = (new_revision, record, False)
+
+    async def publish(self, subject: str, decisions: Sequence[Decision]) -> None:
+        """Publish decisions on ``subject``, each with its id as ``Nats-Msg-Id``."""
         for decision in decisions:
-            await self.js.publish(subjects.decisions(address), encode(decision), headers={"Nats-Msg-Id": decision.id})
+            await self.js.publish(subject, encode(decision), headers={"Nats-Msg-Id": decision.id})
+
+
+#: Longest a snapshot waits for an earlier one of its member still being decided elsewhere (seconds).
+HOLD_FOR_GAP = 3.0
+
+
+def _waited(msg: Msg | None) -> float:
+    """Seconds since the NATS server stored ``msg`` (0 without a message)."""
+    if msg is None:
+        return 0.0
+    return time.time() - msg.metadata.timestamp.timestamp()
+
+
+async def consume(
+    js: JetStreamContext,
+    subscription: JetStreamContext.PullSubscription,
+    decider: Decider,
+    *,
+    stop: asyncio.Event,
+    batch: int,
+) -> None:
+    """Fetch metrics until ``stop`` is set, members concurrently, each member's messages in stream order.
+
+    Each message is settled by :func:`natsio.settle` (acknowledged after its effect is stored, nak'd
+    on a transient error, dead-lettered when poison) in a task chained after the previous message of
+    the same subject, so one member is never handled twice at once while other members, and the next
+    fetch, go on. At most about two batches are in flight. An error that settling itself raises (a
+    lost connection) ends the loop, like :func:`natsio.consume`, once the messages in flight are done.
+    """
+    decoder = msgspec.json.Decoder(Metrics)
+    running: set[asyncio.Task[None]] = set()
+    tails: dict[str, asyncio.Task[None]] = {}
+
+    async def settle_after(previous: asyncio.Task[None] | None, msg: Msg) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # its outcome is its own: this message is settled regardless
+        # a lost ack only redelivers a snapshot the member's last_seq already covers: skipped, harmless
+        await natsio.settle(js, msg, decoder, decider.handle, "decider", confirm_ack=False)
+
+    def forget(subject: str, task: asyncio.Task[None]) -> None:
+        if tails.get(subject) is task:
+            del tails[subject]
+
+    try:
+        while not stop.is_set():
+            if len(running) >= batch:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                running.difference_update(done)
+                for task in done:
+                    task.result()
+                continue
+            try:
+                messages = await subscription.fetch(batch, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+                return
+            except Exception as exc:  # a broken connection: wait for the client to reconnect
+                log.warning("fetch failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in messages:
+                task = asyncio.create_task(settle_after(tails.get(msg.subject), msg))
+                task.add_done_callback(functools.partial(forget, msg.subject))
+                tails[msg.subject] = task
+                running.add(task)
+    finally:
+        if running:
+            await asyncio.wait(running)
+        # see natsio.consume: queued status replies of expired pulls would stall the drain
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
 
 
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -136,9 +388,11 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             await natsio.bucket(js, subjects.MEMBERS_BUCKET),
             await natsio.bucket(js, subjects.DECIDER_BUCKET),
         )
-        subscription = await natsio.durable_subscription(js, natsio.DECIDER, settings)
-        await natsio.consume(
-            js, subscription, Metrics, decider.handle, service="decider", stop=stop, batch=settings.fetch_batch
-        )
+        await decider.members.start()
+        try:
+            subscription = await natsio.durable_subscription(js, natsio.DECIDER, settings)
+            await consume(js, subscription, decider, stop=stop, batch=settings.fetch_batch)
+        finally:
+            await decider.members.stop()
     finally:
         await nc.drain()

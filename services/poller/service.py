@@ -1,14 +1,25 @@
-"""The poller: one poll loop per active member, one ``Metrics`` message per snapshot.
+"""The poller: one loop per active member, one ``Metrics`` message per check.
 
 Members come and go while it runs: it watches the ``ensemble-members`` bucket and starts a loop for
-each active member, stopping it when the member's record is deleted or leaves the ``active`` phase.
+each active member, stopping it when the member's record is deleted or leaves the ``active`` phase,
+and restarting it when the record changes (a new endpoint).
 
-Each loop asks the member's sidecar for its status every ``check_seconds`` and publishes a ``Metrics``
-with the next per-member ``seq``. The sequence resumes from the last message in the stream after a
-restart, and every snapshot is published with ``Nats-Msg-Id: <member key>:<seq>``, so a snapshot is
-never published twice or out of order. An unreachable sidecar is retried with exponential backoff
-(capped at ``MAX_BACKOFF``) and announced once with an ``unreachable`` event, then ``reachable``
-when it answers again.
+Each loop follows the sidecar's ``WatchStatus`` stream when the sidecar offers it, keeping the
+freshest pushed snapshot, and falls back to calling ``RequestStatus`` once per check when the sidecar
+answers ``UNIMPLEMENTED`` (an original sidecar). Either way it publishes exactly one ``Metrics`` per
+``check_seconds``: the algorithms count checks (``scaleChecks``, ``terminateChecks``), so a change
+pushed between two checks waits for the next one rather than being published early — an early
+message would be one more check, and an ensemble whose jobs finish every 200 ms would be checked five
+times a second. ``Metrics.time`` is the check's instant on the poller's clock: when it read its copy
+of the pushed state (which the sidecar keeps within its 100 ms coalescing interval of the queue), or
+when it sent ``RequestStatus``. The lag, published minus ``Metrics.time``, is exported as the
+``ensemble_poller_lag_seconds`` histogram (see docs/poller.md).
+
+The sequence resumes from the last message in the stream after a restart, and every check is
+published with ``Nats-Msg-Id: <member key>:<seq>``, so a seq is never published twice or out of
+order. An unreachable sidecar (or one that refuses the token) is retried with exponential backoff
+from ``check_seconds`` up to ``MAX_BACKOFF`` (the loop's retries, and its connection's attempts to
+reconnect), and announced once with an ``unreachable`` event, then ``reachable`` when it answers again.
 """
 
 from __future__ import annotations
@@ -17,15 +28,18 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
+from prometheus_client import Counter, Gauge, Histogram
 
 from ensemble_core import natsio, subjects
 from ensemble_core.messages import EventKind, MemberEvent, MemberSpec, Metrics, encode
 from ensemble_core.settings import Settings
-from ensemble_core.sidecar_client import SidecarClient, SidecarError, SidecarUnavailable
+from ensemble_core.sidecar_client import SidecarClient, SidecarError, SidecarUnavailable, SidecarUnimplemented
 from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import StatusPayload
@@ -34,16 +48,26 @@ log = logging.getLogger("poller")
 
 #: Longest wait between two attempts to reach an unreachable sidecar (seconds).
 MAX_BACKOFF = 30.0
+#: A watch stream silent this long is taken for dead: three heartbeats of a sidecar at its default (5 s).
+WATCH_SILENCE = 15.0
+
+LAG = Histogram(
+    "ensemble_poller_lag_seconds",
+    "Seconds from a check (Metrics.time) to its Metrics being stored in the stream",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+PUBLISHED = Counter("ensemble_poller_metrics_total", "Metrics published, by how the snapshot was got", ["source"])
+UNREACHABLE = Gauge("ensemble_poller_unreachable_members", "Members whose sidecar does not answer")
 
 
-def to_metrics(address: MemberAddress, seq: int, taken: float, status: StatusPayload) -> Metrics:
-    """The ``Metrics`` message of one status snapshot (works for an original sidecar's payload too)."""
+def to_metrics(address: MemberAddress, seq: int, checked: float, status: StatusPayload) -> Metrics:
+    """The ``Metrics`` of one check made at ``checked`` (works for an original sidecar's payload too)."""
     return Metrics(
         namespace=address.namespace,
         ensemble=address.ensemble,
         member=address.member,
         seq=seq,
-        time=status.time if status.time is not None else taken,
+        time=checked,
         size=status.size if status.size is not None else status.nodes.node_up_count,
         nodes=status.nodes,
         queue=status.queue,
@@ -56,7 +80,7 @@ def to_metrics(address: MemberAddress, seq: int, taken: float, status: StatusPay
 
 
 async def next_seq(js: JetStreamContext, address: MemberAddress) -> int:
-    """The sequence after the last snapshot of this member in the stream (0 for a new member)."""
+    """The sequence after the last check of this member in the stream (0 for a new member)."""
     try:
         last = await js.get_last_msg(subjects.METRICS_STREAM, subjects.metrics(address))
     except NotFoundError:
@@ -69,16 +93,154 @@ async def next_seq(js: JetStreamContext, address: MemberAddress) -> int:
 
 
 class MemberLoop:
-    """Polls one member until cancelled."""
+    """Publishes one member's checks until cancelled."""
 
-    def __init__(self, js: JetStreamContext, settings: Settings, spec: MemberSpec) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        settings: Settings,
+        spec: MemberSpec,
+        *,
+        max_backoff: float = MAX_BACKOFF,
+        watch_silence: float = WATCH_SILENCE,
+    ) -> None:
+        """``max_backoff``: longest wait between attempts; ``watch_silence``: a quiet stream's limit."""
         self.js = js
         self.settings = settings
         self.spec = spec
         self.address = MemberAddress(spec.namespace, spec.ensemble, spec.member)
+        self.token = ensemble_token(settings.sidecar_token, spec.namespace, spec.ensemble)
+        self.max_backoff = max_backoff
+        self.watch_silence = watch_silence
+        self.backoff = spec.check_seconds
+        self.reachable = True
+        #: the next seq to publish; None: read it from the stream first (at start, after a failed publish)
+        self.seq: int | None = None
+        self._latest: StatusPayload | None = None
+        #: when the next check is due (monotonic clock); kept across reconnections, so opening a stream
+        #: again does not add a check
+        self._next_check = time.monotonic()
 
-    async def event(self, kind: EventKind, message: str) -> None:
-        """Publish a lifecycle event about this member."""
+    async def run(self) -> None:
+        """Watch (or poll) and publish; after a failure retry, the waits doubling up to ``max_backoff``."""
+        # a connection of the loop's own, whose attempts to reconnect back off like the loop's retries;
+        # a retry while it is down fails at once, without another attempt to connect
+        client = SidecarClient(
+            self.spec.endpoint,
+            self.token,
+            self.settings.sidecar_timeout,
+            reconnect=(self.spec.check_seconds, self.max_backoff),
+        )
+        try:
+            async with client:
+                while True:
+                    try:
+                        while await self._watch(client):
+                            log.info("watch stream silent; opening it again", extra={"member": str(self.address)})
+                        await self._poll(client)
+                    except (SidecarUnavailable, SidecarError) as exc:
+                        await self._lost(exc)
+                    await asyncio.sleep(self.backoff)
+                    self.backoff = min(self.backoff * 2, self.max_backoff)
+        finally:
+            if not self.reachable:
+                UNREACHABLE.dec()
+
+    async def _watch(self, client: SidecarClient) -> bool:
+        """Publish the freshest pushed snapshot every check until the stream fails (raises) or goes
+        silent for ``watch_silence`` seconds (True: open it again); False at once if the sidecar has no
+        ``WatchStatus``."""
+        stream = client.watch()
+        try:
+            try:
+                self._latest = await asyncio.wait_for(anext(stream), self.settings.sidecar_timeout)
+            except SidecarUnimplemented:
+                log.info("sidecar has no WatchStatus; polling RequestStatus", extra={"member": str(self.address)})
+                return False
+            except TimeoutError:
+                raise SidecarUnavailable(f"watch: no snapshot in {self.settings.sidecar_timeout:g} s") from None
+            await self._answered()
+            follower = asyncio.create_task(self._follow(stream))
+            try:
+                while True:
+                    wait = self._next_check - time.monotonic()
+                    if wait > 0:
+                        done, _ = await asyncio.wait({follower}, timeout=wait)
+                        if done:
+                            follower.result()  # the stream failed: raise why
+                            return True
+                    await self._publish(self._latest, time.time(), "watch")
+                    self._next_check = _next_due(self._next_check, self.spec.check_seconds)
+            finally:
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follower
+        finally:
+            await stream.aclose()
+
+    async def _follow(self, stream: AsyncIterator[StatusPayload]) -> None:
+        """Keep the newest pushed snapshot; return when none came for ``watch_silence`` seconds."""
+        # silence is not a failure: a sidecar may be run with a heartbeat longer than the limit, and
+        # opening the stream again tells a live sidecar (first snapshot at once) from a dead one
+        while True:
+            try:
+                self._latest = await asyncio.wait_for(anext(stream), self.watch_silence)
+            except TimeoutError:
+                return
+
+    async def _poll(self, client: SidecarClient) -> None:
+        """Ask for a snapshot and publish it, every check, until the sidecar fails."""
+        while True:
+            await asyncio.sleep(self._next_check - time.monotonic())
+            checked = time.time()
+            status = await client.status()
+            await self._answered()
+            await self._publish(status, checked, "poll")
+            self._next_check = _next_due(self._next_check, self.spec.check_seconds)
+
+    async def _publish(self, status: StatusPayload, checked: float, source: str) -> None:
+        """Publish one check with the next seq; on any doubt re-read the seq from the stream."""
+        try:
+            if self.seq is None:
+                self.seq = await next_seq(self.js, self.address)
+            ack = await self.js.publish(
+                subjects.metrics(self.address),
+                encode(to_metrics(self.address, self.seq, checked, status)),
+                headers={"Nats-Msg-Id": f"{self.address.key}:{self.seq}"},
+            )
+        except Exception as exc:
+            # NATS away, or the ack lost after the message was stored: this check is dropped, and the
+            # next one takes whatever seq the stream says comes next
+            log.warning("publish failed: %s", exc, extra={"member": str(self.address)})
+            self.seq = None
+            return
+        if ack.duplicate:
+            log.warning(
+                "seq already published (another poller of this member?); re-reading it",
+                extra={"member": str(self.address), "seq": self.seq},
+            )
+            self.seq = None
+            return
+        LAG.observe(time.time() - checked)
+        PUBLISHED.labels(source).inc()
+        self.seq += 1
+
+    async def _answered(self) -> None:
+        self.backoff = self.spec.check_seconds
+        if not self.reachable and await self._event("reachable", f"sidecar at {self.spec.endpoint} answers again"):
+            self.reachable = True
+            UNREACHABLE.dec()
+            log.info("sidecar reachable", extra={"member": str(self.address)})
+
+    async def _lost(self, exc: Exception) -> None:
+        if self.reachable and await self._event("unreachable", str(exc)):
+            self.reachable = False
+            UNREACHABLE.inc()
+            level = logging.ERROR if isinstance(exc, SidecarError) else logging.WARNING
+            log.log(level, "sidecar unreachable: %s", exc, extra={"member": str(self.address)})
+
+    async def _event(self, kind: EventKind, message: str) -> bool:
+        """Publish a lifecycle event about this member; False if NATS did not take it (tried again later)."""
         event = MemberEvent(
             namespace=self.address.namespace,
             ensemble=self.address.ensemble,
@@ -87,60 +249,67 @@ class MemberLoop:
             time=time.time(),
             message=message,
         )
-        await self.js.publish(subjects.events(self.address), encode(event))
-
-    async def run(self) -> None:
-        """Poll, publish, sleep; back off while the sidecar is unreachable."""
-        seq = await next_seq(self.js, self.address)
-        backoff = self.spec.check_seconds
-        reachable = True
-        token = ensemble_token(self.settings.sidecar_token, self.spec.namespace, self.spec.ensemble)
-        client = SidecarClient(self.spec.endpoint, token, self.settings.sidecar_timeout)
-        async with client:
-            while True:
-                started = time.monotonic()
-                taken = time.time()
-                try:
-                    status = await client.status()
-                except (SidecarUnavailable, SidecarError) as exc:
-                    if reachable:
-                        reachable = False
-                        log.warning("sidecar unreachable: %s", exc, extra={"member": str(self.address)})
-                        await self.event("unreachable", str(exc))
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF)
-                    continue
-                if not reachable:
-                    reachable = True
-                    backoff = self.spec.check_seconds
-                    await self.event("reachable", f"sidecar at {self.spec.endpoint} answers again")
-                metrics = to_metrics(self.address, seq, taken, status)
-                try:
-                    await self.js.publish(
-                        subjects.metrics(self.address),
-                        encode(metrics),
-                        headers={"Nats-Msg-Id": f"{self.address.key}:{seq}"},
-                    )
-                except Exception as exc:  # NATS away: keep this seq, the next snapshot takes it
-                    log.warning("publish failed: %s", exc, extra={"member": str(self.address)})
-                else:
-                    seq += 1
-                elapsed = time.monotonic() - started
-                await asyncio.sleep(max(0.0, self.spec.check_seconds - elapsed))
+        try:
+            await self.js.publish(subjects.events(self.address), encode(event))
+        except Exception as exc:
+            log.warning("event %s not published: %s", kind, exc, extra={"member": str(self.address)})
+            return False
+        return True
 
 
-async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Poll every active member of the ``ensemble-members`` bucket until ``stop`` (or SIGTERM)."""
-    stop = stop or asyncio.Event()
-    natsio.stop_on_signals(stop)
-    nc = await natsio.connect(settings, "poller")
-    loops: dict[str, tuple[MemberSpec, asyncio.Task[None]]] = {}
+def _next_due(due: float, period: float) -> float:
+    """When the check after the one due at ``due`` (and made now) is due.
+
+    One period later, so checks keep their schedule through small delays; but at least half a period
+    from now: a check that came late by more than that starts the schedule again rather than being
+    followed by a burst.
+    """
+    return max(due + period, time.monotonic() + period / 2)
+
+
+class Members:
+    """The running loops, one per active member, kept in step with the member records."""
+
+    def __init__(self, js: JetStreamContext, settings: Settings) -> None:
+        """Loops publish through ``js`` with ``settings``."""
+        self.js = js
+        self.settings = settings
+        self.loops: dict[str, tuple[MemberSpec, asyncio.Task[None]]] = {}
+
+    async def update(self, key: str, spec: MemberSpec | None) -> None:
+        """Apply one record: start, restart (any change, e.g. the endpoint) or stop (gone, not active)."""
+        current = self.loops.get(key)
+        wanted = spec if spec is not None and spec.phase == "active" else None
+        if current is not None and current[0] == wanted:
+            return
+        if current is not None:
+            await self.stop(key)
+            log.info("stopped polling", extra={"member": key})
+        if wanted is not None:
+            # started only once the old loop is gone, so two loops of a member never publish at once
+            self.loops[key] = (wanted, asyncio.create_task(MemberLoop(self.js, self.settings, wanted).run()))
+            log.info("polling", extra={"member": key, "endpoint": wanted.endpoint})
+
+    async def stop(self, key: str) -> None:
+        """Stop one member's loop and wait until it has ended."""
+        _, task = self.loops.pop(key)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    async def close(self) -> None:
+        """Stop every loop, waiting for them to end."""
+        tasks = [task for _, task in self.loops.values()]
+        self.loops.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _follow_records(members: Members, bucket: KeyValue, stop: asyncio.Event) -> None:
+    watcher = await bucket.watchall()
+    stopping = asyncio.create_task(stop.wait())
     try:
-        js = nc.jetstream()
-        await natsio.declare(js)
-        members = await natsio.bucket(js, subjects.MEMBERS_BUCKET)
-        watcher = await members.watchall()
-        stopping = asyncio.create_task(stop.wait())
         while not stop.is_set():
             update = asyncio.create_task(watcher.updates(timeout=3600))  # type: ignore[no-untyped-call]
             done, _ = await asyncio.wait({update, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -159,19 +328,22 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                     spec = msgspec.json.decode(entry.value, type=MemberSpec)
                 except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                     log.error("unreadable member record %s: %s", entry.key, exc)
-            current = loops.get(entry.key)
-            if current is not None and (spec is None or spec.phase != "active" or spec != current[0]):
-                current[1].cancel()
-                del loops[entry.key]
-                log.info("stopped polling", extra={"member": entry.key})
-            if spec is not None and spec.phase == "active" and entry.key not in loops:
-                loops[entry.key] = (spec, asyncio.create_task(MemberLoop(js, settings, spec).run()))
-                log.info("polling", extra={"member": entry.key, "endpoint": spec.endpoint})
-        await watcher.stop()  # type: ignore[no-untyped-call]
+            await members.update(entry.key, spec)
     finally:
-        for _, task in loops.values():
-            task.cancel()
-        for _, task in loops.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        stopping.cancel()
+        await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Publish the checks of every active member of ``ensemble-members`` until ``stop`` (or SIGTERM)."""
+    stop = stop or asyncio.Event()
+    natsio.stop_on_signals(stop)
+    nc = await natsio.connect(settings, "poller")
+    js = nc.jetstream()
+    members = Members(js, settings)
+    try:
+        await natsio.declare(js)
+        await _follow_records(members, await natsio.bucket(js, subjects.MEMBERS_BUCKET), stop)
+    finally:
+        await members.close()
         await nc.drain()

@@ -1,0 +1,343 @@
+"""One poller process keeping thousands of members at their check period: lag, cadence, CPU and memory.
+
+Usage: ``.venv/bin/python bench/poller.py [--members 2000] [--sidecars 4] [--check 1] [--duration 60]
+[--warmup 15] [--mode watch|poll] [--backend local|sim]``
+
+A private nats-server is started, then ``--sidecars`` sidecar processes (``ensemble sidecar --backend
+BACKEND --nodes 1``, no jobs), ``--members`` members registered in the ``ensemble-members`` bucket
+(round robin over the sidecars: many members share one sidecar here, where each MiniCluster would have
+its own), and ``ensemble poller`` exactly as deployed. ``--mode poll`` serves the members with
+original-shaped sidecars instead (this script with ``--serve-original``: ``RequestStatus`` only, so
+the poller falls back to polling, one call per member per check).
+
+After ``--warmup`` seconds, ``--duration`` seconds are measured:
+
+- lag: for each ``Metrics`` stored in the window, the stream's timestamp (when nats-server stored
+  it) minus ``Metrics.time`` (the check's instant on the poller's clock; same machine, same clock);
+- cadence: the gaps between consecutive ``Metrics.time`` of a member, and the checks stored per
+  member per check period (1.0: none missed);
+- integrity: every member's seqs in the stream are contiguous, with no duplicate;
+- the poller's CPU (psutil, sampled every second; 100 % is one core) and resident memory.
+
+Writes ``bench/results/poller.json`` (or ``--out``) and prints the figures with their targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ensemble_cli.up import nats_server_binary  # noqa: E402
+from ensemble_core import natsio, subjects  # noqa: E402
+from ensemble_core.messages import AlgorithmSpec, JobSpec, MemberSpec, encode  # noqa: E402
+from ensemble_core.subjects import MemberAddress  # noqa: E402
+from ensemble_core.tokens import ensemble_token  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "poller.json"
+ENSEMBLE_BIN = REPO / ".venv" / "bin" / "ensemble"
+NAMESPACE = "bench"
+ENSEMBLE = "poller"
+SECRET = "bench-secret"
+#: p99 of the lag (check → stored) the poller must stay under (seconds).
+LAG_TARGET = 1.0
+
+ORIGINAL_PAYLOAD = json.dumps(
+    {
+        "nodes": {"node_cores_free": 1, "node_cores_up": 1, "node_up_count": 1, "node_free_count": 1},
+        "queue": {"new": 0, "depend": 0, "priority": 0, "sched": 0, "run": 0, "cleanup": 0, "inactive": 0},
+        "waiting": {},
+        "nextJobs": [],
+        "counts": {},
+        "metrics": {},
+    }
+)
+
+
+class Check(msgspec.Struct):
+    """The fields of a stored ``Metrics`` this benchmark reads."""
+
+    member: int
+    seq: int
+    time: float
+
+
+async def serve_original() -> None:
+    """An original-shaped sidecar: ``RequestStatus`` only (``WatchStatus`` is UNIMPLEMENTED)."""
+    import grpc
+
+    from ensemble_core.rpc import ensemble_service_pb2 as pb
+
+    async def status(request: pb.StatusRequest, context: object) -> pb.Response:
+        return pb.Response(payload=ORIGINAL_PAYLOAD, status=pb.Response.SUCCESS)
+
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(
+        status, request_deserializer=pb.StatusRequest.FromString, response_serializer=pb.Response.SerializeToString
+    )
+    service = pb.DESCRIPTOR.services_by_name["EnsembleOperator"].full_name
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {"RequestStatus": handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(None)
+
+
+def start_nats(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    ports = workdir / "ports"
+    ports.mkdir()
+    process = subprocess.Popen(
+        [
+            nats_server_binary(),
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            "-1",
+            "-sd",
+            str(workdir / "store"),
+            "--ports_file_dir",
+            str(ports),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for found in ports.glob("*.ports"):
+            with contextlib.suppress(json.JSONDecodeError, KeyError):
+                return process, str(json.loads(found.read_text())["nats"][0])
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("nats-server did not start")
+
+
+def start_sidecar(mode: str, backend: str) -> tuple[subprocess.Popen[str], str]:
+    if mode == "poll":
+        command = [sys.executable, str(Path(__file__).resolve()), "--serve-original"]
+    else:
+        command = [str(ENSEMBLE_BIN), "sidecar", "--backend", backend, "--port", "0", "--nodes", "1"]
+        command += ["--log-level", "WARNING"]
+    env = {**os.environ, "ENSEMBLE_SIDECAR_TOKEN": ensemble_token(SECRET, NAMESPACE, ENSEMBLE)}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    assert process.stdout is not None
+    port = process.stdout.readline().strip()
+    if not port.isdigit():
+        process.kill()
+        raise RuntimeError(f"sidecar did not start: {command}")
+    return process, f"127.0.0.1:{port}"
+
+
+def start_poller(url: str, log_path: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "ENSEMBLE_NATS_URL": url, "ENSEMBLE_SIDECAR_TOKEN": SECRET, "ENSEMBLE_LOG_LEVEL": "INFO"}
+    env["PYTHONFAULTHANDLER"] = "1"
+    with log_path.open("wb") as log:
+        return subprocess.Popen([str(ENSEMBLE_BIN), "poller"], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def member_spec(member: int, endpoint: str, check: float) -> MemberSpec:
+    return MemberSpec(
+        namespace=NAMESPACE,
+        ensemble=ENSEMBLE,
+        member=member,
+        name=f"bench-{member}",
+        size=1,
+        min_size=1,
+        max_size=1,
+        endpoint=endpoint,
+        algorithm=AlgorithmSpec(),
+        jobs=[JobSpec(name="idle", command="true", count=0)],
+        check_seconds=check,
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
+
+
+async def read_checks(url: str) -> list[tuple[Check, float]]:
+    """Every stored ``Metrics`` with the time nats-server stored it."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    expected = (await js.stream_info(subjects.METRICS_STREAM)).state.messages
+    out: list[tuple[Check, float]] = []
+    done = asyncio.Event()
+    decoder = msgspec.json.Decoder(Check)
+
+    async def collect(msg: Any) -> None:
+        out.append((decoder.decode(msg.data), msg.metadata.timestamp.timestamp()))
+        if len(out) >= expected:
+            done.set()
+
+    sub = await js.subscribe(subjects.ALL_METRICS, ordered_consumer=True, cb=collect, pending_msgs_limit=-1)
+    await asyncio.wait_for(done.wait(), 600)
+    await sub.unsubscribe()
+    await nc.close()
+    return out
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    processes: list[subprocess.Popen[Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-poller-") as tmp:
+        nats_process, url = start_nats(Path(tmp))
+        processes.append(nats_process)
+        try:
+            endpoints = []
+            for _ in range(args.sidecars):
+                sidecar, endpoint = start_sidecar(args.mode, args.backend)
+                processes.append(sidecar)
+                endpoints.append(endpoint)
+            nc = await nats.connect(url)
+            js = nc.jetstream()
+            await natsio.declare(js)
+            members = await js.key_value(subjects.MEMBERS_BUCKET)
+            for i in range(args.members):
+                spec = member_spec(i, endpoints[i % len(endpoints)], args.check)
+                await members.put(MemberAddress(NAMESPACE, ENSEMBLE, i).key, encode(spec))
+            await nc.close()
+
+            log_path = Path(tmp) / "poller.log"
+            poller = start_poller(url, log_path)
+            processes.append(poller)
+            watched = psutil.Process(poller.pid)
+            watched.cpu_percent(None)
+            await asyncio.sleep(args.warmup)
+            start = time.time()
+            cpu: list[float] = []
+            rss: list[int] = []
+            watched.cpu_percent(None)
+            while time.time() - start < args.duration:
+                await asyncio.sleep(1.0)
+                cpu.append(watched.cpu_percent(None))
+                rss.append(watched.memory_info().rss)
+            end = time.time()
+            poller.send_signal(signal.SIGTERM)
+            stopping = time.monotonic()
+            try:
+                poller.wait(60)
+            except subprocess.TimeoutExpired:
+                poller.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
+                poller.wait()
+            stop_seconds = time.monotonic() - stopping
+            if poller.returncode != 0:
+                raise RuntimeError(
+                    f"poller exited {poller.returncode} {stop_seconds:.1f} s after SIGTERM: "
+                    f"{log_path.read_text()[-6000:]}"
+                )
+            stored = await read_checks(url)
+        finally:
+            for process in reversed(processes):
+                if process.poll() is None:
+                    process.terminate()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        process.wait(10)
+                if process.poll() is None:
+                    process.kill()
+
+    by_member: dict[int, list[Check]] = {}
+    for check, _ in stored:
+        by_member.setdefault(check.member, []).append(check)
+    broken = [m for m, checks in by_member.items() if [c.seq for c in checks] != list(range(len(checks)))]
+    in_window = [(check, at) for check, at in stored if start <= at < end]
+    lags = [at - check.time for check, at in in_window]
+    gaps = [
+        b.time - a.time
+        for checks in by_member.values()
+        for a, b in itertools.pairwise(checks)
+        if start <= a.time and b.time < end
+    ]
+    per_period = len(in_window) / (args.members * (end - start) / args.check)
+    return {
+        "benchmark": "poller",
+        "mode": args.mode,
+        "sidecar_backend": args.backend if args.mode == "watch" else "original-shaped (RequestStatus only)",
+        "members": args.members,
+        "sidecar_processes": args.sidecars,
+        "check_seconds": args.check,
+        "warmup_seconds": args.warmup,
+        "window_seconds": round(end - start, 2),
+        "metrics_stored_in_window": len(in_window),
+        "members_seen": len(by_member),
+        "checks_per_member_per_period": round(per_period, 4),
+        "members_with_seq_gaps_or_duplicates": len(broken),
+        "lag_seconds": {
+            "p50": round(percentile(lags, 50), 4),
+            "p90": round(percentile(lags, 90), 4),
+            "p99": round(percentile(lags, 99), 4),
+            "max": round(max(lags), 4) if lags else None,
+            "target_p99": LAG_TARGET,
+        },
+        "check_gap_seconds": {
+            "p1": round(percentile(gaps, 1), 4),
+            "p50": round(percentile(gaps, 50), 4),
+            "p99": round(percentile(gaps, 99), 4),
+            "max": round(max(gaps), 4) if gaps else None,
+        },
+        "poller_cpu_percent_of_one_core": {
+            "mean": round(statistics.fmean(cpu), 1) if cpu else None,
+            "max": round(max(cpu), 1) if cpu else None,
+        },
+        "poller_stop_seconds": round(stop_seconds, 2),
+        "poller_rss_mib": {"end": round(rss[-1] / 2**20, 1) if rss else None, "max": round(max(rss) / 2**20, 1)},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0]},
+        "ok": bool(lags) and percentile(lags, 99) < LAG_TARGET and not broken and per_period > 0.97,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--members", type=int, default=2000)
+    parser.add_argument("--sidecars", type=int, default=4)
+    parser.add_argument("--check", type=float, default=1.0, help="check period of every member (seconds)")
+    parser.add_argument("--duration", type=float, default=60.0, help="measured seconds")
+    parser.add_argument("--warmup", type=float, default=15.0, help="seconds before measuring")
+    parser.add_argument("--mode", choices=("watch", "poll"), default="watch")
+    parser.add_argument("--backend", choices=("local", "sim"), default="local", help="sidecar backend (watch mode)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--serve-original", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_original:
+        asyncio.run(serve_original())
+        return 0
+    result = asyncio.run(bench(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    lag, cpu = result["lag_seconds"], result["poller_cpu_percent_of_one_core"]
+    print(
+        f"{result['members']} members at {result['check_seconds']} s ({result['mode']}): "
+        f"lag p50 {lag['p50']} s, p99 {lag['p99']} s (target < {LAG_TARGET}), max {lag['max']} s; "
+        f"checks/member/period {result['checks_per_member_per_period']}; "
+        f"seq gaps/duplicates in {result['members_with_seq_gaps_or_duplicates']} members; "
+        f"poller CPU {cpu['mean']} % of a core (max {cpu['max']}), "
+        f"RSS {result['poller_rss_mib']['max']} MiB"
+    )
+    print(f"wrote {args.out}")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

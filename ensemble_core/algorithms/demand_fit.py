@@ -1,0 +1,167 @@
+"""``demand-fit``: ask at once for the nodes the waiting work needs, release idle nodes fast.
+
+Named for what it does: the member's size is fitted to the demand of the queue in one step, where
+``workload-demand`` grows one job's worth at a time after ``scaleChecks`` checks of waiting. When a
+new node takes far longer to provision than a job takes to run (about 100 s against 6 to 15 s on the
+recorded GKE runs), every stepwise grow costs a whole provisioning delay; asking once for everything
+the queue can use pays that delay once.
+
+Options (YAML names):
+
+=====================  ============  ========================================================================
+option                 default       meaning
+=====================  ============  ========================================================================
+``order``              ``random``    order of the submission by node count: ``random``, ``ascending``,
+                                     ``descending``, or ``""`` (as written)
+``waves``              ``1``         1 to 1000: the waiting work should run in at most this many rounds on the
+                                     nodes asked for; 1 asks for every node it can use at once
+``shrinkChecks``       ``1``         1 to 1000: consecutive checks with free (or still coming) nodes and no job
+                                     waiting before those nodes are released
+``terminateChecks``    ``1``         1 to 1000: consecutive idle checks (no active job and every submitted job
+                                     finished or failed) before the end
+``disableTermination`` ``no``        ``yes``: when done, shrink to minSize and complete instead of terminating
+=====================  ============  ========================================================================
+
+Rules, on every metrics snapshot:
+
+1. first check: submit the whole jobs matrix in ``order`` and, in the same step, grow to the size the
+   matrix needs (computed from the jobs matrix, since the queue does not show the jobs yet);
+2. already terminated or completed: nothing, ever again;
+3. idle for ``terminateChecks`` checks: terminate (or complete);
+4. jobs waiting: the size wanted is ``max(widest waiting job, ceil((busy + waiting) / waves))`` nodes,
+   where *busy* is the nodes running jobs and *waiting* the nodes the waiting jobs need together.
+   The widest waiting job must fit, or first-come-first-served scheduling blocks behind it for good.
+   The target is clamped into ``[minSize, maxSize]``; the member grows when it is above the size
+   already requested — nodes requested but not yet up are part of that size, so nothing is asked
+   for twice while nodes provision;
+5. no job waiting, every submitted job visible in the queue, and free or coming nodes for
+   ``shrinkChecks`` checks in a row: shrink by the free and coming nodes (running jobs keep theirs).
+
+The accounting guard is workload-demand's: the member is idle only when every submitted job is
+finished or failed, so an empty queue before the sidecar has queued the submission is not the end,
+and nothing is shrunk before the submission shows. A gap in ``metrics.seq`` restarts the counters;
+metrics with a seq at or below the last one consumed change nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec.structs import replace
+
+from ensemble_core.messages import Decision, MemberSpec, Metrics
+
+from .base import decision
+from .sizing import Order, coming, finish, idle, scale_to, shrink_excess, visible, waiting_jobs
+from .workload_demand import member_seed
+
+Bounded = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+
+
+class DemandFitOptions(msgspec.Struct, kw_only=True, frozen=True, rename="camel", forbid_unknown_fields=True):
+    """The options of ``demand-fit`` (see the module docstring)."""
+
+    order: Order = "random"
+    waves: Bounded = 3
+    shrink_checks: Bounded = 1
+    terminate_checks: Bounded = 1
+    disable_termination: bool = False
+
+
+class DemandFitState(msgspec.Struct, kw_only=True, frozen=True):
+    """What ``demand-fit`` remembers between checks (every field has a default)."""
+
+    seed: int = 0
+    last_seq: int = -1
+    submitted: bool = False
+    jobs_submitted: int = 0
+    #: Consecutive checks with nodes to spare and no job waiting.
+    spare_periods: int = 0
+    #: Consecutive idle checks.
+    inactive: int = 0
+    done: bool = False
+
+
+class DemandFit:
+    """The ``demand-fit`` algorithm (see the module docstring for its rules)."""
+
+    name: str = "demand-fit"
+    options_type: type[DemandFitOptions] = DemandFitOptions
+    state_type: type[DemandFitState] = DemandFitState
+
+    def initial_state(self, member: MemberSpec, options: DemandFitOptions) -> DemandFitState:
+        """A fresh state seeded by the member's address."""
+        return DemandFitState(seed=member_seed(member))
+
+    def decide(
+        self, member: MemberSpec, options: DemandFitOptions, state: DemandFitState, metrics: Metrics
+    ) -> tuple[DemandFitState, list[Decision]]:
+        """Apply the rules to one snapshot; the returned state is new, the inputs are untouched."""
+        if state.done or metrics.seq <= state.last_seq:
+            return state, []
+        if not state.submitted:
+            return _submit(member, options, state, metrics)
+        contiguous = metrics.seq == state.last_seq + 1
+        inactive = (state.inactive if contiguous else 0) + 1 if idle(metrics, state.jobs_submitted) else 0
+        state = replace(state, last_seq=metrics.seq, inactive=inactive)
+        if inactive >= options.terminate_checks:
+            why = (
+                f"no job active for {inactive} checks and all {state.jobs_submitted} submitted jobs finished or failed"
+            )
+            return replace(state, done=True), finish(member, metrics, 0, options.disable_termination, why)
+        waiting = waiting_jobs(metrics)
+        if waiting:
+            widest = max(nodes for nodes, jobs in metrics.waiting.items() if jobs > 0)
+            demand = sum(nodes * jobs for nodes, jobs in metrics.waiting.items() if jobs > 0)
+            busy = max(0, metrics.nodes.node_up_count - metrics.nodes.node_free_count)
+            wanted = _wanted(widest, busy + demand, options.waves)
+            state = replace(state, spare_periods=0)
+            if wanted <= metrics.size:
+                return state, []
+            why = (
+                f"{waiting} jobs waiting need {demand} nodes (widest {widest}); {busy} busy, "
+                f"{coming(metrics)} coming; {_plan(options.waves)}"
+            )
+            return state, scale_to(member, metrics, 0, wanted, why)
+        spare = metrics.nodes.node_free_count + coming(metrics)
+        if not spare or not visible(metrics, state.jobs_submitted):
+            return replace(state, spare_periods=0), []
+        periods = (state.spare_periods if contiguous else 0) + 1
+        if periods < options.shrink_checks:
+            return replace(state, spare_periods=periods), []
+        free = metrics.nodes.node_free_count
+        why = f"{free} nodes free for {periods} checks and no job waiting"
+        return replace(state, spare_periods=0), shrink_excess(member, metrics, 0, why)
+
+
+def _wanted(widest: int, nodes: int, waves: int) -> int:
+    """Nodes to run ``nodes`` worth of work in ``waves`` rounds; never fewer than the widest job."""
+    return max(widest, -(-nodes // waves))
+
+
+def _plan(waves: int) -> str:
+    return "all at once" if waves == 1 else f"in {waves} waves"
+
+
+def _submit(
+    member: MemberSpec, options: DemandFitOptions, state: DemandFitState, metrics: Metrics
+) -> tuple[DemandFitState, list[Decision]]:
+    jobs = [job for job in member.jobs if job.count > 0]
+    total = sum(job.count for job in jobs)
+    state = replace(state, last_seq=metrics.seq, submitted=True, jobs_submitted=total)
+    if not jobs:
+        return state, []
+    order = f"in {options.order} order" if options.order else "as given"
+    groups = "group" if len(jobs) == 1 else "groups"
+    reason = f"first check: submit all {total} jobs of {len(jobs)} {groups} {order}"
+    decisions = [decision(member, metrics, 0, "submit", jobs=jobs, order=options.order, seed=state.seed, reason=reason)]
+    # The queue does not show the jobs yet: their demand comes from the matrix itself.
+    widest = max(job.nodes for job in jobs)
+    demand = sum(job.nodes * job.count for job in jobs)
+    busy = max(0, metrics.nodes.node_up_count - metrics.nodes.node_free_count)
+    wanted = _wanted(widest, busy + demand, options.waves)
+    if wanted > metrics.size:
+        why = f"{total} jobs submitted need {demand} nodes (widest {widest}); {busy} busy; {_plan(options.waves)}"
+        decisions += scale_to(member, metrics, 1, wanted, why)
+    return state, decisions

@@ -1,0 +1,145 @@
+"""The Kubernetes driver: members are MiniClusters, changed through the Kubernetes API.
+
+- ``scale`` patches the MiniCluster's ``/scale`` subresource (``spec.size``) to the target clamped to the
+  bounds the MiniCluster was created with (the Flux Operator silently ignores a size outside
+  [minSize, maxSize]), then reads the MiniCluster back and returns the size it now asks for; a size that
+  did not take is a transient error (retried later), never reported as applied.
+- ``terminate`` deletes the MiniCluster (already gone counts as done); ``complete`` leaves it running,
+  scaled down to its minSize when ``ENSEMBLE_COMPLETE_TO_MIN_SIZE`` is set.
+- ``submit`` goes to the member's sidecar over authenticated gRPC, as in local mode.
+- ``report`` writes what became of each decision into the Ensemble's ``status.members[]`` (``requestedSize``,
+  ``lastDecision``, ``lastDecisionTime``, ``lastReason``, ``phase``), ``status.size`` and the ``Scaling``
+  condition (docs/kubernetes.md has the shape), and posts an Event (Normal, or Warning when the decision
+  could not be applied) named after the decision, so a redelivered decision leaves one Event.
+
+Retrying answers (409, 429, 5xx, a broken connection) are retried with backoff by
+:class:`ensemble_core.kube.Kube`; when the backoff runs out the error is transient and the actuator
+redelivers the decision later. Other refusals (403, 422) are final.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from ensemble_core import minicluster
+from ensemble_core.kube import (
+    ENSEMBLE_GROUP,
+    ENSEMBLE_KIND,
+    ENSEMBLE_VERSION,
+    Kube,
+    KubeError,
+    member_status,
+    set_condition,
+)
+from ensemble_core.messages import Applied, Decision, MemberSpec
+from services.actuator.drivers import DriverError, LocalDriver
+
+T = TypeVar("T")
+Obj = dict[str, Any]
+MC = (minicluster.GROUP, minicluster.VERSION, minicluster.PLURAL)
+
+#: The Event reason of each applied action (a failed one is always ``ActionFailed``).
+_REASONS = {"scale": "Scaled", "submit": "Submitted", "terminate": "Terminated", "complete": "Completed"}
+_PHASES = {"terminate": "Terminated", "complete": "Completed"}
+
+
+class KubernetesDriver:
+    """Applies decisions to MiniClusters (see the module docstring)."""
+
+    def __init__(self, kube: Kube, sidecar: LocalDriver, complete_to_min_size: bool = False) -> None:
+        self.kube = kube
+        self.sidecar = sidecar
+        self.complete_to_min_size = complete_to_min_size
+
+    async def minicluster(self, member: MemberSpec) -> Obj | None:
+        """The member's MiniCluster, or None when it is gone."""
+        return await _kube(self.kube.get(*MC, member.namespace, member.name))
+
+    async def size(self, member: MemberSpec) -> int:
+        """The size the MiniCluster asks for (``spec.size``); 0 once it is gone."""
+        found = await self.minicluster(member)
+        return 0 if found is None else int((found.get("spec") or {}).get("size") or 0)
+
+    async def scale(self, member: MemberSpec, target: int) -> int:
+        """Patch ``/scale`` to ``target`` within the MiniCluster's bounds; return the size read back."""
+        found = await self.minicluster(member)
+        if found is None:
+            raise DriverError(f"MiniCluster {member.namespace}/{member.name} is gone", transient=False)
+        spec = found.get("spec") or {}
+        current = int(spec.get("size") or 0)
+        low = max(int(spec.get("minSize") or 1), member.min_size)
+        high = min(int(spec.get("maxSize") or current or member.max_size), member.max_size)
+        target = min(max(target, low), high)
+        if target != current:
+            await _kube(self.kube.patch_scale(*MC, member.namespace, member.name, target))
+        after = await self.size(member)
+        if after != target:
+            raise DriverError(
+                f"MiniCluster {member.name}: asked for size {target}, it still asks for {after}", transient=True
+            )
+        return after
+
+    async def submit(self, member: MemberSpec, decision: Decision) -> int:
+        """Queue the decision's jobs through the member's sidecar (idempotent on the decision id)."""
+        return await self.sidecar.submit(member, decision)
+
+    async def terminate(self, member: MemberSpec) -> None:
+        """Delete the MiniCluster (its pods go with it); one already gone is terminated."""
+        await _kube(self.kube.delete(*MC, member.namespace, member.name))
+
+    async def complete(self, member: MemberSpec) -> int:
+        """Leave the MiniCluster up (at its minSize when configured so); return its size."""
+        if self.complete_to_min_size:
+            return await self.scale(member, member.min_size)
+        return await self.size(member)
+
+    async def report(self, decision: Decision, applied: Applied) -> None:
+        """Write the decision's outcome into the Ensemble's status and post an Event about it."""
+
+        def change(status: Obj, _: Obj) -> None:
+            entry = member_status(status, decision.member)
+            if applied.size_after is not None:
+                entry["requestedSize"] = applied.size_after
+            entry["lastDecision"] = f"scale {applied.size_after}" if decision.action == "scale" else decision.action
+            entry["lastDecisionTime"] = datetime.datetime.fromtimestamp(applied.time, datetime.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            )
+            entry["lastReason"] = applied.error if not applied.ok else (decision.reason or decision.action)
+            if applied.ok and decision.action in _PHASES:
+                entry["phase"] = _PHASES[decision.action]
+            if applied.ok and decision.action == "scale":
+                moved = applied.size_before != applied.size_after
+                message = f"member {decision.member}: size {applied.size_before} -> {applied.size_after}"
+                set_condition(status, "Scaling", moved, "ScaleRequested" if moved else "SizeUnchanged", message, None)
+            status["size"] = sum(int(item.get("requestedSize") or 0) for item in status["members"])
+
+        await _kube(self.kube.update_status(decision.namespace, decision.ensemble, change))
+        ensemble = {
+            "apiVersion": f"{ENSEMBLE_GROUP}/{ENSEMBLE_VERSION}",
+            "kind": ENSEMBLE_KIND,
+            "metadata": {"name": decision.ensemble, "namespace": decision.namespace},
+        }
+        sizes = "" if applied.size_after is None else f" ({applied.size_before} -> {applied.size_after})"
+        if applied.ok:
+            message = f"member {decision.member}: {decision.action}{sizes}: {decision.reason or 'applied'}"
+            await self.kube.event(
+                ensemble, "Normal", _REASONS.get(decision.action, "Applied"), message, key=decision.id
+            )
+        else:
+            message = f"member {decision.member}: {decision.action} not applied: {applied.error}"
+            await self.kube.event(ensemble, "Warning", "ActionFailed", message, key=decision.id)
+
+    async def close(self) -> None:
+        """Close the sidecar connections and the API client."""
+        await self.sidecar.close()
+        await self.kube.close()
+
+
+async def _kube(call: Awaitable[T]) -> T:
+    """Await a Kubernetes call, translating its failures into :class:`DriverError`."""
+    try:
+        return await call
+    except KubeError as exc:
+        raise DriverError(str(exc), transient=exc.transient) from exc

@@ -1,0 +1,357 @@
+"""Kubernetes mode: the creator and actuator through the official client against kmock's API emulator + real NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import kmock
+import msgspec
+import pytest
+from nats.aio.client import Client
+from nats.js.errors import KeyNotFoundError
+
+from ensemble_core import minicluster, subjects
+from ensemble_core.kube import Kube, api_client
+from ensemble_core.messages import Applied, Decision, MemberEvent, MemberSpec, encode
+from ensemble_core.settings import Settings
+from ensemble_core.spec import validate
+from ensemble_core.subjects import MemberAddress
+from ensemble_core.tokens import ensemble_token
+from services.actuator.service import run as run_actuator
+from services.creator.service import run as run_creator
+from tests.conftest import wait_for
+from tests.test_minicluster import assert_valid_minicluster
+
+NS = "science"
+ENSEMBLES = kmock.resource("ensemble.flux-framework.org/v1alpha1/ensembles")
+MINICLUSTERS = kmock.resource("flux-framework.org/v1alpha2/miniclusters")
+PODS = kmock.resource("v1/pods")
+EVENTS = kmock.resource("v1/events")
+SECRETS = kmock.resource("v1/secrets")
+ADDRESS = MemberAddress(NS, "demo", 0)
+
+ENSEMBLE: dict[str, Any] = {
+    "apiVersion": "ensemble.flux-framework.org/v1alpha1",
+    "kind": "Ensemble",
+    "metadata": {"name": "demo", "namespace": NS, "uid": "3f9c2a10-0000-4000-8000-00000000d3e0", "generation": 1},
+    "spec": {
+        "checkSeconds": 1,
+        "members": [
+            {
+                "minicluster": {
+                    "spec": {
+                        "size": 2,
+                        "minSize": 1,
+                        "maxSize": 4,
+                        "containers": [{"image": "ghcr.io/converged-computing/metric-lammps:latest"}],
+                    }
+                },
+                "sidecar": {"port": 7000},
+                "jobs": [{"name": "lmp", "command": "lmp -in in.reaxc", "count": 4, "nodes": 2}],
+            }
+        ],
+    },
+}
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]:
+    """kmock's Kubernetes emulator on a real HTTP port, with the resources of the operator declared.
+
+    It answers create with 201 (the real API's code) and serves the MiniCluster's ``/scale`` subresource
+    as the CRD declares it (``.spec.replicas`` of the Scale is the MiniCluster's ``.spec.size``).
+    """
+    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
+        for resource in ("ensemble.flux-framework.org/v1alpha1/ensembles", "flux-framework.org/v1alpha2/miniclusters"):
+            emulator.resources[resource] = {}
+        for resource in ("v1/pods", "v1/events", "v1/secrets"):
+            emulator.resources[resource] = {}
+        emulator[kmock.action.CREATE] << 201 << (lambda request: request.data)
+
+        def scale(request: kmock.Request) -> dict[str, Any]:
+            found = emulator.objects[MINICLUSTERS, request.namespace, request.name]
+            found.patch({"spec": {"size": request.data["spec"]["replicas"], "replicas": None}})
+            return {"kind": "Scale", "spec": {"replicas": found["spec"]["size"]}}
+
+        emulator["patch", kmock.subresource("scale")] << scale
+        yield emulator, str(server.url).rstrip("/")
+
+
+def k8s_settings(settings: Settings, url: str) -> Settings:
+    return msgspec.structs.replace(settings, mode="kubernetes", kube_api=url, resync_seconds=0.2)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    run: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]], settings: Settings
+) -> AsyncIterator[asyncio.Task[None]]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(settings, stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+async def create_ensemble(url: str, document: dict[str, Any]) -> None:
+    kube = Kube(api_client(url))
+    assert await kube.create("ensemble.flux-framework.org", "v1alpha1", "ensembles", copy.deepcopy(document))
+    await kube.close()
+
+
+def start_lead_pod(emulator: kmock.KubernetesEmulator, minicluster_name: str, ip: str) -> None:
+    """What the Flux Operator and the Job controller do: the lead broker pod, running with an IP."""
+    emulator.objects[PODS, NS, f"{minicluster_name}-0-abcde"] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{minicluster_name}-0-abcde",
+            "namespace": NS,
+            "labels": {"job-name": minicluster_name, "job-index": "0"},
+        },
+        "spec": {"containers": [{"name": "app", "image": "flux"}]},
+        "status": {"phase": "Running", "podIP": ip},
+    }
+
+
+def live(emulator: kmock.KubernetesEmulator, resource: kmock.resource) -> list[dict[str, Any]]:
+    return [dict(obj.raw) for key, obj in emulator.objects.items() if key[0] == resource and not obj.deleted]
+
+
+def ensemble_status(emulator: kmock.KubernetesEmulator) -> dict[str, Any]:
+    return dict(emulator.objects[ENSEMBLES, NS, "demo"].raw.get("status") or {})
+
+
+def condition(emulator: kmock.KubernetesEmulator, kind: str) -> dict[str, Any]:
+    return next((c for c in ensemble_status(emulator).get("conditions", []) if c["type"] == kind), {})
+
+
+async def messages(nc: Client, subject: str, kind: type[Any]) -> list[Any]:
+    """Every message on ``subject`` in the events stream, decoded."""
+    js = nc.jetstream()
+    if not (await js.stream_info(subjects.EVENTS_STREAM)).state.messages:
+        return []
+    sub = await js.subscribe(subject, stream=subjects.EVENTS_STREAM, ordered_consumer=True)
+    found = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            found.append(msgspec.json.decode((await sub.next_msg(timeout=0.3)).data, type=kind))
+    await sub.unsubscribe()
+    return found
+
+
+async def member_record(nc: Client) -> MemberSpec | None:
+    try:
+        entry = await (await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)).get(ADDRESS.key)
+    except KeyNotFoundError:
+        return None
+    return msgspec.json.decode(entry.value or b"", type=MemberSpec)
+
+
+async def test_an_ensemble_becomes_a_minicluster_with_the_sidecar_and_its_member_is_ready_once_the_lead_pod_is_up(
+    api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
+) -> None:
+    emulator, url = api
+    await create_ensemble(url, ENSEMBLE)
+    async with running(run_creator, k8s_settings(settings, url)):
+        await wait_for(lambda: live(emulator, MINICLUSTERS), timeout=10)
+        [created] = live(emulator, MINICLUSTERS)
+        assert_valid_minicluster(created)
+        assert created["metadata"]["name"] == "demo-0"
+        assert created["metadata"]["ownerReferences"] == [
+            {
+                "apiVersion": "ensemble.flux-framework.org/v1alpha1",
+                "kind": "Ensemble",
+                "name": "demo",
+                "uid": ENSEMBLE["metadata"]["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert created["spec"]["containers"][-1]["name"] == minicluster.SIDECAR_CONTAINER
+        [secret] = live(emulator, SECRETS)
+        assert secret["stringData"]["token"] == ensemble_token(settings.sidecar_token, NS, "demo")
+        assert secret["metadata"]["ownerReferences"][0]["uid"] == ENSEMBLE["metadata"]["uid"]
+        await wait_for(lambda: ensemble_status(emulator).get("phase") == "Pending", timeout=5)
+        assert await member_record(nc) is None  # not before its sidecar has an address
+
+        start_lead_pod(emulator, "demo-0", "10.1.2.3")
+        await wait_for(lambda: member_record(nc), timeout=10)
+        record = await member_record(nc)
+        assert record is not None
+        assert (record.endpoint, record.name, record.size, record.max_size) == ("10.1.2.3:7000", "demo-0", 2, 4)
+        await wait_for(lambda: condition(emulator, "Ready").get("status") == "True", timeout=5)
+        status = ensemble_status(emulator)
+        assert status["members"] == [{"index": 0, "phase": "Running", "minicluster": "demo-0", "requestedSize": 2}]
+        assert (status["phase"], status["memberCount"], status["jobsTotal"], status["size"]) == ("Running", 1, 4, 2)
+        events = await messages(nc, subjects.events(ADDRESS), MemberEvent)
+        assert [e.event for e in events] == ["created", "ready"]
+        assert any(e["reason"] == "Created" and e["type"] == "Normal" for e in live(emulator, EVENTS))
+
+        # the MiniCluster disappears (deleted by hand): the member is announced gone and no longer active
+        emulator.objects[MINICLUSTERS, NS, "demo-0"].delete()
+
+        async def gone() -> bool:
+            found = await messages(nc, subjects.events(ADDRESS), MemberEvent)
+            return [e.event for e in found][-1:] == ["gone"]
+
+        await wait_for(gone, timeout=10)
+        record = await member_record(nc)
+        assert record is not None and record.phase == "terminated"
+        await asyncio.sleep(0.5)
+        assert live(emulator, MINICLUSTERS) == []  # a terminated member is never created again
+
+
+async def test_an_invalid_ensemble_gets_a_failed_condition_and_one_warning_event_naming_the_field(
+    api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
+) -> None:
+    emulator, url = api
+    document = copy.deepcopy(ENSEMBLE)
+    document["spec"]["members"][0]["jobs"][0]["nodes"] = 12
+    document["spec"]["members"][0]["algorithm"] = {"options": {"scaleUpChecks": 4}}
+    await create_ensemble(url, document)
+    async with running(run_creator, k8s_settings(settings, url)) as task:
+        await wait_for(lambda: condition(emulator, "Failed").get("status") == "True", timeout=10)
+        failed = condition(emulator, "Failed")
+        assert failed["reason"] == "InvalidSpec"
+        assert "spec.members[0].jobs[0].nodes: 12 exceeds maxSize 4" in failed["message"]
+        assert "did you mean scaleChecks?" in failed["message"]
+        assert ensemble_status(emulator)["phase"] == "Failed"
+        await asyncio.sleep(1.0)  # five more passes: nothing is retried hot, nothing crashes
+        assert not task.done()
+        warnings = [e for e in live(emulator, EVENTS) if e["type"] == "Warning"]
+        assert len(warnings) == 1
+        assert "spec.members[0].jobs[0].nodes" in warnings[0]["message"]
+        assert warnings[0]["involvedObject"]["name"] == "demo"
+        assert live(emulator, MINICLUSTERS) == []
+        assert await member_record(nc) is None
+
+
+async def test_a_creator_restarted_mid_creation_creates_nothing_twice(
+    api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
+) -> None:
+    emulator, url = api
+    # the first create is stored but its answer is lost (409 when the creator retries): already there
+    (emulator**1)["post", MINICLUSTERS][:1] << 409 << {"kind": "Status", "code": 409, "reason": "AlreadyExists"}
+    await create_ensemble(url, ENSEMBLE)
+    async with running(run_creator, k8s_settings(settings, url)):
+        await wait_for(lambda: ensemble_status(emulator).get("phase") == "Pending", timeout=10)
+    async with running(run_creator, k8s_settings(settings, url)), running(run_creator, k8s_settings(settings, url)):
+        start_lead_pod(emulator, "demo-0", "10.1.2.3")
+        await wait_for(lambda: condition(emulator, "Ready").get("status") == "True", timeout=10)
+    async with running(run_creator, k8s_settings(settings, url)):
+        await asyncio.sleep(0.5)
+    assert len(live(emulator, MINICLUSTERS)) == 1
+    assert len(list(emulator["post", MINICLUSTERS])) == 1  # get-before-create: one attempt in all
+    assert len(live(emulator, SECRETS)) == 1
+    events = await messages(nc, subjects.events(ADDRESS), MemberEvent)
+    assert [e.event for e in events] == ["ready"]  # the lost create's answer left no "created" event
+    revisions = await (await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)).history(ADDRESS.key)
+    assert len(revisions) == 1
+
+
+async def put_member(emulator: kmock.KubernetesEmulator, nc: Client) -> MemberSpec:
+    """An Ensemble, its member's MiniCluster (as the creator makes it) and its record, as after creation."""
+    ensemble, errors = validate(ENSEMBLE, NS)
+    assert ensemble is not None, errors
+    member = ensemble.members[0]
+    emulator.objects[ENSEMBLES, NS, "demo"] = copy.deepcopy(ENSEMBLE)
+    owner = {"apiVersion": "ensemble.flux-framework.org/v1alpha1", "kind": "Ensemble", "name": "demo", "uid": "u"}
+    emulator.objects[MINICLUSTERS, NS, "demo-0"] = minicluster.build(ensemble, member, owner)
+    record = msgspec.structs.replace(ensemble.member_spec(member, "10.1.2.3:7000"), name="demo-0")
+    await (await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)).put(ADDRESS.key, encode(record))
+    return record
+
+
+async def decide(nc: Client, seq: int, action: str, size: int | None = None, reason: str = "") -> Decision:
+    decision = Decision(
+        namespace=NS,
+        ensemble="demo",
+        member=0,
+        id=f"{ADDRESS.key}:{seq}",
+        time=100.0 + seq,
+        based_on=seq,
+        action=action,
+        size=size,
+        reason=reason,
+    )
+    await nc.jetstream().publish(subjects.decisions(ADDRESS), encode(decision), headers={"Nats-Msg-Id": decision.id})
+    return decision
+
+
+async def applied(nc: Client) -> list[Applied]:
+    return await messages(nc, subjects.applied(ADDRESS), Applied)
+
+
+async def test_scale_decisions_patch_the_scale_subresource_within_bounds_and_terminate_deletes_the_minicluster(
+    api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
+) -> None:
+    emulator, url = api
+    await put_member(emulator, nc)
+    async with running(run_actuator, k8s_settings(settings, url)):
+        await decide(nc, 1, "scale", 9, reason="11 jobs waiting")
+        await wait_for(lambda: _count(applied(nc), 1), timeout=10)
+        [grow] = await applied(nc)
+        assert (grow.ok, grow.size_before, grow.size_after) == (True, 2, 4)  # clamped to maxSize, read back
+        assert emulator.objects[MINICLUSTERS, NS, "demo-0"]["spec"]["size"] == 4
+        [patch] = list(emulator["patch", kmock.subresource("scale")])
+        assert patch.data == {"spec": {"replicas": 4}}
+        member = ensemble_status(emulator)["members"][0]
+        assert (member["requestedSize"], member["lastDecision"], member["lastReason"]) == (
+            4,
+            "scale 4",
+            "11 jobs waiting",
+        )
+        assert condition(emulator, "Scaling")["status"] == "True"
+        [scaled] = [e for e in live(emulator, EVENTS) if e["reason"] == "Scaled"]
+        assert scaled["type"] == "Normal" and "(2 -> 4)" in scaled["message"]
+
+        await decide(nc, 2, "scale", 0)
+        await wait_for(lambda: _count(applied(nc), 2), timeout=10)
+        assert (await applied(nc))[1].size_after == 1  # clamped up to minSize
+        assert emulator.objects[MINICLUSTERS, NS, "demo-0"]["spec"]["size"] == 1
+
+        await decide(nc, 3, "terminate", reason="all jobs done")
+        await wait_for(lambda: _count(applied(nc), 3), timeout=10)
+        assert (await applied(nc))[2].ok
+        assert live(emulator, MINICLUSTERS) == []
+        record = await member_record(nc)
+        assert record is not None and record.phase == "terminated"
+        assert ensemble_status(emulator)["members"][0]["phase"] == "Terminated"
+        assert any(e["reason"] == "Terminated" for e in live(emulator, EVENTS))
+
+
+async def test_bursts_of_409_and_500_from_the_api_are_retried_and_the_decision_is_applied_once(
+    api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
+) -> None:
+    emulator, url = api
+    await put_member(emulator, nc)
+    (emulator**1)["get", MINICLUSTERS][:2] << 503 << {"kind": "Status", "code": 503, "message": "etcd leader changed"}
+    (emulator**1)["patch", kmock.subresource("scale")][:3] << 500 << {"kind": "Status", "code": 500, "message": "boom"}
+    (
+        (emulator**1)["patch", kmock.subresource("status")][:2]
+        << 409
+        << {"kind": "Status", "code": 409, "reason": "Conflict"}
+    )
+    (emulator**1)["post", EVENTS][:2] << 500 << {"kind": "Status", "code": 500, "message": "boom"}
+    async with running(run_actuator, k8s_settings(settings, url)):
+        decision = await decide(nc, 1, "scale", 3, reason="grow")
+        await wait_for(lambda: _count(applied(nc), 1), timeout=20)
+        await asyncio.sleep(0.5)
+    [result] = await applied(nc)
+    assert (result.ok, result.size_before, result.size_after) == (True, 2, 3)
+    assert emulator.objects[MINICLUSTERS, NS, "demo-0"]["spec"]["size"] == 3
+    assert len(list(emulator["patch", kmock.subresource("scale")])) == 4  # three refused, one accepted
+    assert ensemble_status(emulator)["members"][0]["lastReason"] == decision.reason
+    assert len([e for e in live(emulator, EVENTS) if e["reason"] == "Scaled"]) == 1
+    records = await nc.jetstream().key_value(subjects.ACTUATOR_BUCKET)
+    assert list(msgspec.json.decode((await records.get(ADDRESS.key)).value or b"")["applied"]) == [decision.id]
+
+
+async def _count(source: Coroutine[Any, Any, list[Any]], count: int) -> bool:
+    return len(await source) >= count

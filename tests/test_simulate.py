@@ -1,0 +1,133 @@
+"""`ensemble simulate`: fidelity to the recorded runs, the cost model, and the command itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from ensemble_cli.simulation import SimulationConfig, simulate, trace_groups
+from ensemble_core import algorithms
+from ensemble_core.messages import Applied, Decision, Metrics
+from ensemble_core.spec import load
+from sidecar.sim import TraceJob, load_trace
+from tests.conftest import REPO, SHARED
+
+SEED_RUNS = SHARED / "data/seed-gke"
+#: Measured on GKE (shared/data/seed-gke/README.md): makespan and applied scale-ups of each run.
+RECORDED = {"run5-random": (196.0, 4), "run5-ascending": (213.0, 5), "run5-descending": (188.0, 2)}
+CLI = [sys.executable, "-m", "ensemble_cli", "simulate"]
+
+
+def seed_run(run: str, algorithm: str, **options: str | int) -> dict[str, object]:
+    folder = SEED_RUNS / run
+    ensemble = load(folder / "ensemble.yaml")
+    accepted = algorithms.option_names(algorithm)
+    merged = {k: v for k, v in {**ensemble.members[0].algorithm.options, **options}.items() if k in accepted}
+    config = SimulationConfig(
+        ensemble=ensemble, algorithm=algorithm, options=merged, trace=load_trace(folder / "jobs.jsonl"), delay=100
+    )
+    return simulate(config).summary()
+
+
+@pytest.mark.parametrize("run", sorted(RECORDED))
+def test_reference_model_reproduces_the_recorded_runs(run: str) -> None:
+    makespan, scale_ups = RECORDED[run]
+    summary = seed_run(run, "seed-as-built")
+    assert summary["completed"] is True
+    assert abs(float(summary["makespan_s"]) - makespan) <= 0.2 * makespan, summary
+    assert abs(int(summary["scale_ups"]) - scale_ups) <= 1, summary
+    assert summary["scale_downs"] == 0  # the original never applied a scale-down
+
+
+@pytest.mark.parametrize("run", sorted(RECORDED))
+def test_demand_fit_beats_the_original_on_both_axes(run: str) -> None:
+    original = seed_run(run, "seed-as-built")
+    fit = seed_run(run, "demand-fit")
+    assert float(fit["node_seconds"]) <= float(original["node_seconds"])
+    assert float(fit["makespan_s"]) <= 0.72 * float(original["makespan_s"])
+
+
+def test_every_algorithm_finishes_a_recorded_run_with_utilisation_at_most_one() -> None:
+    for name in algorithms.names():
+        if name == "rules":
+            continue
+        summary = seed_run("run5-random", name)
+        assert summary["completed"] is True, name
+        assert summary["jobs"] == 12, name
+        assert 0 < float(summary["utilization"]) <= 1, (name, summary)
+        assert float(summary["node_seconds"]) >= float(summary["job_node_seconds"]), name
+
+
+def test_same_seed_same_run_and_another_seed_may_differ() -> None:
+    first = seed_run("run5-random", "workload-demand")
+    second = seed_run("run5-random", "workload-demand")
+    first.pop("wall_s")
+    second.pop("wall_s")
+    assert first == second
+
+
+def test_preprovisioned_static_costs_its_size_for_the_whole_run() -> None:
+    ensemble = load(REPO / "examples/hello-world.yaml")
+    result = simulate(
+        SimulationConfig(ensemble=ensemble, algorithm="static", options={"size": 4}, delay=100, default_duration=30)
+    )
+    summary = result.summary()
+    assert summary["scale_events"] == 0 and summary["peak_size"] == 4
+    # cost runs from t=0 to the terminate check, 4 nodes all along
+    assert float(summary["node_seconds"]) == pytest.approx(4 * result.members[0].node_seconds / 4)
+    assert float(summary["node_seconds"]) % 4 == 0
+
+
+def test_trace_groups_keep_names_unique_and_counts() -> None:
+    trace = [TraceJob("lmp", 4, 9.0, True), TraceJob("lmp", 2, 8.0, True), TraceJob("lmp", 4, 9.5, True)]
+    groups = trace_groups(trace)
+    assert [(g.name, g.nodes, g.count) for g in groups] == [("lmp-4", 4, 2), ("lmp-2", 2, 1)]
+
+
+def test_command_json_record_and_plot(tmp_path: Path) -> None:
+    record = tmp_path / "run.jsonl"
+    plot = tmp_path / "run.png"
+    result = subprocess.run(
+        [*CLI, str(SEED_RUNS / "run5-descending/ensemble.yaml"), "--trace",
+         str(SEED_RUNS / "run5-descending/jobs.jsonl"), "--algorithm", "demand-fit", "--option", "waves=2",
+         "--json", "--record", str(record), "--plot", str(plot)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    for key in ("makespan_s", "node_seconds", "job_node_seconds", "utilization", "scale_events", "peak_size"):
+        assert key in summary
+    assert summary["algorithm"] == "demand-fit" and summary["jobs"] == 12
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    union = Metrics | Decision | Applied
+    records = [msgspec.json.decode(line, type=union) for line in record.read_bytes().splitlines()]
+    assert any(isinstance(r, Metrics) for r in records)
+    decisions = [r for r in records if isinstance(r, Decision)]
+    assert decisions[0].action == "submit" and decisions[-1].action == "terminate"
+    assert all(r.ok for r in records if isinstance(r, Applied))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--algorithm", "demand-fit", "--option", "wavez=2"],
+            "wavez: unknown option for demand-fit; did you mean waves?",
+        ),
+        (["--algorithm", "nope"], "unknown algorithm 'nope'"),
+        (["--option", "waves=2"], "--option needs --algorithm"),
+        (["--delay", "soon"], "--delay 'soon'"),
+        (["--trace", "/nonexistent/jobs.jsonl"], "jobs.jsonl"),
+    ],
+)
+def test_bad_input_is_refused_with_a_message(extra: list[str], message: str) -> None:
+    result = subprocess.run(
+        [*CLI, str(REPO / "examples/hello-world.yaml"), *extra], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
