@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ensemble replay``."""
     parser.add_argument("recording", metavar="RECORDING", help="a recording (JSON Lines, as `ensemble record` writes)")
     parser.add_argument(
-        "--algorithm", metavar="NAME", help="the algorithm to replay (default: the member's, else workload-demand)"
+        "--algorithm", metavar="NAME", help="the algorithm to replay (default: the member's, else demand-fit)"
     )
     parser.add_argument(
         "--option",
@@ -204,7 +204,7 @@ def member_from_recording(recording: Recording, address: MemberAddress) -> tuple
         f"member {address}: no Ensemble file, so it is reconstructed from the recording: size {spec.size} "
         f"(the first snapshot), jobs from the waiting counts at {where} ({sum(j.count for j in jobs)} jobs); "
         f"minSize unknown, taken as 1; maxSize unknown, taken as {spec.max_size} (the largest size the member had); "
-        "the algorithm and its options unknown, so workload-demand with defaults unless --algorithm/--option. "
+        "the algorithm and its options unknown, so demand-fit with defaults unless --algorithm/--option. "
         f"Pass --ensemble FILE (or put {BESIDE} beside the recording) to set them."
     ]
     return spec, notes

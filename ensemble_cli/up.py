@@ -6,6 +6,7 @@ port, with a temporary store), one sidecar per member on the ``local`` queue (re
 virtual nodes), and the four services as separate processes; it follows the events, metrics and
 decisions on NATS, shows them live, and when every member is terminated or completed prints a summary
 and stops everything in order (services drain first, then sidecars, then NATS). Ctrl-C does the same.
+Each sidecar journals its queue in ``<workdir>/sidecar-<i>/`` (``--state-dir``).
 
 Exit codes: 0 every job succeeded; 1 some job failed; 2 the Ensemble file is invalid; 3 the run
 could not complete (a part died, or ``--timeout`` passed).
@@ -395,6 +396,9 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
                 str(args.cores),
                 "--provision-delay",
                 str(args.provision_delay),
+                # its journal: a sidecar restarted on it keeps its jobs (see docs/sidecar.md)
+                "--state-dir",
+                str(stack.workdir / f"sidecar-{member.index}"),
             ],
             env={"ENSEMBLE_SIDECAR_TOKEN": ensemble_token(token, ensemble.namespace, ensemble.name)},
         )

@@ -232,9 +232,13 @@ class Kube:
         return True
 
     def _create_once(self, group: str, version: str, namespace: str, plural: str, body: Obj) -> None:
-        # 409 on create is "already there", not a conflict to retry: it leaves the retry loop as itself
+        # 409 on create is "already there", not a conflict to retry: it leaves the retry loop as itself.
+        # Strict: an unknown field (a typo in the user's MiniCluster spec) is refused with 400 naming it,
+        # where the API server's default would drop it silently.
         try:
-            self.custom.create_namespaced_custom_object(group, version, namespace, plural, body)
+            self.custom.create_namespaced_custom_object(
+                group, version, namespace, plural, body, field_validation="Strict"
+            )
         except k8s.ApiException as exc:
             if exc.status == 409:
                 raise _AlreadyExists from exc

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from ensemble_core import algorithms
-from ensemble_core.messages import AlgorithmSpec, JobSpec, MemberSpec
+from ensemble_core.messages import DEFAULT_ALGORITHM, AlgorithmSpec, JobSpec, MemberSpec
 
 API_VERSION = "ensemble.flux-framework.org/v1alpha1"
 KIND = "Ensemble"
@@ -125,7 +125,9 @@ class _Checker:
         if keys is not None:
             for key in value:
                 if str(key) not in keys:
-                    self.error(f"{path}.{key}", _suggest(str(key), keys))
+                    # a blank key would leave the path without a visible last part (at the top, blank)
+                    shown = str(key) if str(key).strip() else f'"{key}"'
+                    self.error(f"{path}.{shown}", _suggest(shown, keys))
         return {str(k): v for k, v in value.items()}
 
     def integer(
@@ -175,7 +177,7 @@ def _algorithm(check: _Checker, value: object, path: str) -> AlgorithmSpec | Non
     data = check.mapping(value, path, _ALGORITHM_KEYS)
     if not data:
         return None
-    name = check.string(data, "name", path, required=False, default="workload-demand") or "workload-demand"
+    name = check.string(data, "name", path, required=False, default=DEFAULT_ALGORITHM) or DEFAULT_ALGORITHM
     options_raw = check.mapping(data.get("options"), f"{path}.options")
     options: dict[str, str | int | float | bool] = {}
     for key, option in options_raw.items():

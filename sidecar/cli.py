@@ -4,7 +4,8 @@ Backends: ``local`` (real subprocess jobs on virtual nodes), ``sim`` (the same q
 clock following wall time times ``--speed``) and ``flux`` (the Flux instance at ``FLUX_URI``).
 The token comes from the environment variable ``ENSEMBLE_SIDECAR_TOKEN`` (never from the command
 line, where other users could read it); unset or empty means no authentication. With ``--port 0``
-the bound port is printed as the first line of stdout.
+the bound port is printed as the first line of stdout. ``--state-dir`` (local backend) journals the
+queue there and replays it on start, so a restarted sidecar keeps its jobs (see ``sidecar.local``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from sidecar.backend import Backend
-from sidecar.local import LocalBackend
+from sidecar.local import JournalBusy, LocalBackend
 from sidecar.queue import QueueError
-from sidecar.server import serve
+from sidecar.server import delay_from_file, serve
 from sidecar.sim import SimBackend, SimQueue, TraceError, load_trace
 
 TOKEN_ENV = "ENSEMBLE_SIDECAR_TOKEN"
@@ -56,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
         default=[0.0],
         help="seconds before grown nodes come up (default 0); sim: a comma-separated list to draw from",
     )
+    local = parser.add_argument_group("local backend")
+    local.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="journal the queue in this directory and replay it on start: a restarted sidecar keeps its jobs",
+    )
     sim = parser.add_argument_group("sim backend")
     sim.add_argument("--speed", type=float, default=1.0, help="virtual seconds per wall second (default 1)")
     sim.add_argument("--trace", default=None, help="Flux job records (JSON Lines or a jobs dump) giving run times")
@@ -67,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         "--heartbeat", type=float, default=5.0, help="WatchStatus heartbeat interval in seconds (default 5)"
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument(
+        "--test-delay-file",
+        type=Path,
+        default=None,
+        help="test hook: every call first waits the seconds written in this file (none or empty: no wait)",
+    )
     return parser
 
 
@@ -80,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.backend == "local" and len(args.provision_delay) != 1:
         parser.error("--provision-delay: the local backend takes one delay; a list is for --backend sim")
+    if args.backend != "local" and args.state_dir is not None:
+        parser.error("--state-dir: only the local backend keeps its queue in a state directory")
     if not (args.speed > 0 and args.speed < float("inf")):
         parser.error(f"--speed: must be a number > 0, got {args.speed}")
     if not 0 <= args.port <= 65535:
@@ -128,9 +145,18 @@ def _backend(args: argparse.Namespace) -> Backend:
             start=time.time(),
         )
         return SimBackend(sim, speed=args.speed)
-    return LocalBackend(
-        nodes=args.nodes, cores=args.cores, max_nodes=args.max_nodes, provision_delay=args.provision_delay[0]
-    )
+    try:
+        return LocalBackend(
+            nodes=args.nodes,
+            cores=args.cores,
+            max_nodes=args.max_nodes,
+            provision_delay=args.provision_delay[0],
+            state_dir=args.state_dir,
+        )
+    except JournalBusy as exc:
+        raise BackendUnavailable(str(exc)) from None
+    except OSError as exc:
+        raise BackendUnavailable(f"--state-dir: {exc}") from None
 
 
 async def _run(args: argparse.Namespace, token: str | None) -> int:
@@ -140,7 +166,14 @@ async def _run(args: argparse.Namespace, token: str | None) -> int:
         loop.add_signal_handler(sig, stop.set)
     backend = _backend(args)
     try:
-        running = await serve(backend, host=args.host, port=args.port, token=token, heartbeat=args.heartbeat)
+        running = await serve(
+            backend,
+            host=args.host,
+            port=args.port,
+            token=token,
+            heartbeat=args.heartbeat,
+            call_delay=delay_from_file(args.test_delay_file) if args.test_delay_file else None,
+        )
     except RuntimeError as exc:
         await backend.aclose()
         print(f"ensemble sidecar: {exc}", file=sys.stderr)

@@ -5,21 +5,34 @@ the whole process group is killed when the job times out, when it exits leaving 
 when the backend closes: no job process outlives the backend. stdout and stderr are merged and the
 last ``output_limit`` bytes are kept per job. ``tasks`` is recorded but not used: a job is one
 process whatever its width. Nodes are virtual; the job sees ``FLUX_JOB_ID`` and ``FLUX_JOB_NNODES``.
+
+With a state directory the backend survives its own restart, ``kill -9`` included: every change of
+the queue is appended to ``<state-dir>/journal.jsonl`` (:class:`Journal`) before it is answered or
+acted on, and replayed by the next backend on the same directory. A job's start is on disk before its
+process is spawned, so a job is never run twice: a job that was running when the backend died is
+reported ``lost`` (failed, with :data:`LOST` as its output) and its leftover process group is killed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import shlex
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TypeAlias
 
+import msgspec
+
+from ensemble_core.messages import JobSpec
 from ensemble_core.wire import (
     JobInfo,
+    Order,
     ResizeResult,
     StatusPayload,
     SubmitPayload,
@@ -41,6 +54,175 @@ _PRIVATE_ENV = ("ENSEMBLE_SIDECAR_TOKEN",)
 #: escaped the group may hold the pipe open forever.
 _DRAIN_SECONDS = 1.0
 
+#: The journal's file name inside the state directory.
+JOURNAL_FILE = "journal.jsonl"
+
+#: Characters of a finished job's output kept in the journal (the tail): what ``jobinfo`` shows after a restart.
+JOURNAL_OUTPUT = 4096
+
+#: The output of a job that was running when the backend died: it is not run again, and its outcome is unknown.
+LOST = "lost: the sidecar restarted while it ran"
+
+#: Exit status of a backend that cannot write its journal (``EX_SOFTWARE``): it stops rather than
+#: run what it could not record.
+JOURNAL_FAILED = 70
+
+
+class JournalError(QueueError):
+    """The journal cannot be replayed; the message names the file and line."""
+
+
+class JournalBusy(Exception):
+    """Another live backend holds the journal of this state directory."""
+
+
+class _Record(msgspec.Struct, tag_field="e", kw_only=True, omit_defaults=True):
+    """One line of the journal."""
+
+
+class Opened(_Record, tag="open"):
+    """The first line: the queue's shape, which a restart keeps whatever its command line says."""
+
+    nodes: int
+    cores: int
+    max_nodes: int
+
+
+class Submitted(_Record, tag="submit"):
+    """A submit that queued jobs (duplicates and refusals queue nothing and are not recorded).
+
+    The jobs are the groups as sent; ``order`` and ``seed`` make their expansion deterministic, and
+    ``first`` / ``count`` are the ids it gave, checked on replay.
+    """
+
+    t: float
+    jobs: list[JobSpec]
+    first: int
+    count: int
+    order: Order = ""
+    seed: int = 0
+    key: str = ""
+
+
+class Started(_Record, tag="start"):
+    """Jobs placed on nodes, written before their processes are spawned."""
+
+    t: float
+    ids: list[int]
+
+
+class Spawned(_Record, tag="pid"):
+    """A job's process: its pid (also its process group) and its start time in clock ticks after boot."""
+
+    id: int
+    pid: int
+    since: int | None = None
+
+
+class Finished(_Record, tag="finish"):
+    """A job's process ended (the tail of its output is kept)."""
+
+    t: float
+    id: int
+    rc: int
+    output: str = ""
+
+
+class Lost(_Record, tag="lost"):
+    """A job found running in the journal by a restarted backend: failed, not run again."""
+
+    t: float
+    id: int
+
+
+class Resized(_Record, tag="resize"):
+    """The requested size changed (grow or shrink)."""
+
+    size: int
+
+
+class NodesUp(_Record, tag="ready"):
+    """Provisioned nodes came up."""
+
+    count: int
+
+
+class Cancelled(_Record, tag="cancel"):
+    """A group's waiting jobs were cancelled."""
+
+    t: float
+    group: str
+
+
+class Terminated(_Record, tag="terminate"):
+    """The queue was terminated."""
+
+
+Record: TypeAlias = (
+    Opened | Submitted | Started | Spawned | Finished | Lost | Resized | NodesUp | Cancelled | Terminated
+)
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Record)
+
+
+class Journal:
+    """The append-only JSON Lines journal of one backend's queue in ``directory``.
+
+    Opening it takes an exclusive ``flock`` (released by the kernel when the process dies, ``kill -9``
+    included), so two live backends never share one. Every record is one ``write`` of one line;
+    :meth:`append` ``fsync``s it unless told otherwise. A write that fails stops the process
+    (:data:`JOURNAL_FAILED`): a backend that can no longer record what it runs must not run it.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        """Open (creating) ``directory/journal.jsonl``; :class:`JournalBusy` if another backend holds it."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / JOURNAL_FILE
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise JournalBusy(f"{self.path} is held by another running sidecar") from None
+
+    def read(self) -> list[Record]:
+        """Every record, in order. A last line without its newline (the process died while writing it)
+        is dropped from the file; any other unreadable line raises :class:`JournalError`."""
+        data = self.path.read_bytes()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            log.warning("journal: dropping an incomplete last line of %d bytes", len(data) - complete)
+            assert self._fd is not None
+            os.ftruncate(self._fd, complete)
+        records: list[Record] = []
+        for number, line in enumerate(data[:complete].splitlines(), 1):
+            try:
+                records.append(_decoder.decode(line))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise JournalError(f"{self.path} line {number}: {exc}") from None
+        return records
+
+    def append(self, record: Record, *, sync: bool = True) -> None:
+        """Write one record (and ``fsync`` it when ``sync``); nothing once closed."""
+        if self._fd is None:
+            return
+        line = memoryview(_encoder.encode(record) + b"\n")
+        try:
+            while line:
+                line = line[os.write(self._fd, line) :]
+            if sync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            log.critical("cannot write the journal %s: %s; stopping", self.path, exc)
+            os._exit(JOURNAL_FAILED)
+
+    def close(self) -> None:
+        """Stop recording and release the lock (what happens afterwards is not recorded)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
 
 class LocalBackend:
     """A queue of ``nodes`` virtual nodes (``cores`` each) running jobs as local subprocesses.
@@ -58,10 +240,15 @@ class LocalBackend:
         provision_delay: float = 0.0,
         output_limit: int = 64 * 1024,
         clock: Callable[[], float] = time.time,
+        state_dir: Path | None = None,
     ) -> None:
         """``provision_delay`` seconds pass between a grow and its nodes coming up.
 
-        Raises :class:`QueueError` for impossible sizes (e.g. ``max_nodes < nodes``).
+        With ``state_dir`` the queue is journaled there, and a journal already there is replayed
+        (see :meth:`_restore`): its ``nodes`` / ``cores`` / ``max_nodes`` win over the arguments.
+        Raises :class:`QueueError` for impossible sizes (e.g. ``max_nodes < nodes``),
+        :class:`JournalError` for a journal that cannot be replayed and :class:`JournalBusy` when
+        another backend holds it.
         """
         if provision_delay < 0:
             raise QueueError(f"provision_delay: must be >= 0, got {provision_delay}")
@@ -74,6 +261,14 @@ class LocalBackend:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._closed = False
+        self._journal: Journal | None = None
+        if state_dir is not None:
+            self._journal = Journal(state_dir)
+            try:
+                self._restore(self._journal.read())
+            except BaseException:
+                self._journal.close()
+                raise
 
     # -- Backend ---------------------------------------------------------------------------------
 
@@ -91,11 +286,24 @@ class LocalBackend:
                 shlex.split(spec.command)
             except ValueError as exc:
                 raise QueueError(f"jobs[{i}].command: cannot be split into arguments: {exc}") from None
-        result = self.queue.submit(payload.jobs, self._clock(), order=payload.order, seed=payload.seed, key=payload.key)
+        now = self._clock()
+        result = self.queue.submit(payload.jobs, now, order=payload.order, seed=payload.seed, key=payload.key)
         if result.duplicate:
             log.info("submit duplicate key=%r submitted=%d", payload.key, result.submitted)
         else:
             log.info("submit jobs=%d order=%r", result.submitted, payload.order)
+            first = _last_id(self.queue) - result.submitted + 1
+            self._record(
+                Submitted(
+                    t=now,
+                    jobs=payload.jobs,
+                    order=payload.order,
+                    seed=payload.seed,
+                    key=payload.key,
+                    first=first,
+                    count=result.submitted,
+                )
+            )
             self._pump()
         return result
 
@@ -112,25 +320,32 @@ class LocalBackend:
 
     def grow(self, size: int) -> ResizeResult:
         """Request ``size`` nodes (>= the current size); they come up after the provisioning delay."""
-        self._provision(self.queue.grow(size))
+        to_provision = self.queue.grow(size)
+        self._record(Resized(size=size))
+        self._provision(to_provision)
         return self._resized("grow")
 
     def shrink(self, size: int) -> ResizeResult:
         """Request ``size`` nodes (<= the current size): free nodes go now, busy ones drain."""
-        self._provision(self.queue.shrink(size))
+        to_provision = self.queue.shrink(size)
+        self._record(Resized(size=size))
+        self._provision(to_provision)
         return self._resized("shrink")
 
     def cancel(self, group: str) -> int:
         """Cancel the waiting jobs of ``group``; return how many."""
-        cancelled = self.queue.cancel(group, self._clock())
+        now = self._clock()
+        cancelled = self.queue.cancel(group, now)
         log.info("cancel group=%r jobs=%d", group, cancelled)
         if cancelled:
+            self._record(Cancelled(t=now, group=group))
             self._pump()
         return cancelled
 
     def terminate(self) -> ResizeResult:
         """Stop placing work and drop pending provisioning; nodes go as running jobs end."""
         self.queue.terminate()
+        self._record(Terminated())
         self._cancel_timers()
         log.info("terminate running=%d", self.queue.running)
         self._notify()
@@ -148,9 +363,13 @@ class LocalBackend:
     async def aclose(self, grace: float = 2.0) -> None:
         """Stop placing work, SIGTERM every job's process group, SIGKILL it after ``grace`` seconds.
 
-        Returns once every job process has exited and been reaped.
+        Returns once every job process has exited and been reaped. The journal is closed first: jobs
+        killed here are not recorded as ended, so a backend started again on the same state directory
+        reports them lost rather than failed with a signal.
         """
         self._closed = True
+        if self._journal is not None:
+            self._journal.close()
         self._cancel_timers()
         tasks = list(self._tasks.values())
         for proc in self._procs.values():
@@ -170,11 +389,98 @@ class LocalBackend:
         self._pump()
         return ResizeResult(size=self.queue.size, nodes_up=self.queue.nodes_up)
 
+    def _record(self, record: Record, *, sync: bool = True) -> None:
+        if self._journal is not None:
+            self._journal.append(record, sync=sync)
+
+    def _restore(self, records: list[Record]) -> None:
+        """Rebuild the queue from a journal, then settle what the previous backend left running.
+
+        Every record is applied to the queue model in order (no process is started), which gives
+        back the jobs with their ids and results, the waiting jobs in their order, the idempotency
+        keys and the requested size. Jobs still running in the replayed queue were running when the
+        previous backend died: each is recorded and reported :data:`LOST`, and its process group, if
+        still alive and still the one recorded, is killed. Nodes requested but not up are provisioned
+        again, and waiting jobs start on the free nodes.
+        """
+        assert self._journal is not None
+        path = self._journal.path
+        if not records:
+            self._record(Opened(nodes=self.queue.size, cores=self.queue.cores, max_nodes=self.queue.max_nodes))
+            return
+        opened = records[0]
+        if not isinstance(opened, Opened):
+            raise JournalError(f"{path} line 1: expected the queue's shape (an 'open' record)")
+        shape = (opened.nodes, opened.cores, opened.max_nodes)
+        if shape != (self.queue.size, self.queue.cores, self.queue.max_nodes):
+            log.warning("journal: keeping the queue's recorded nodes, cores, max_nodes %s", shape)
+        self.queue = queue = Queue(nodes=opened.nodes, cores=opened.cores, max_nodes=opened.max_nodes)
+        pids: dict[int, Spawned] = {}
+        for number, record in enumerate(records[1:], 2):
+            try:
+                self._replay(queue, record, pids)
+            except QueueError as exc:
+                raise JournalError(f"{path} line {number}: {exc}") from None
+        now = self._clock()
+        lost = queue.running_jobs()
+        for job in lost:
+            spawned = pids.get(job.id)
+            if spawned is not None:
+                _kill_leftover(spawned)
+            self._record(Lost(t=now, id=job.id))
+            queue.lose(job.id, now, LOST)
+        log.info(
+            "journal replayed records=%d jobs=%d waiting=%d lost=%d size=%d",
+            len(records),
+            _last_id(queue),
+            queue.waiting,
+            len(lost),
+            queue.size,
+        )
+        if not queue.terminated:
+            self._provision(queue.size - queue.nodes_up)
+        self._pump()
+
+    @staticmethod
+    def _replay(queue: Queue, record: Record, pids: dict[int, Spawned]) -> None:
+        """Apply one journal record to the queue model (no process is started or signalled)."""
+        if isinstance(record, Submitted):
+            result = queue.submit(record.jobs, record.t, order=record.order, seed=record.seed, key=record.key)
+            if (
+                result.duplicate
+                or result.submitted != record.count
+                or _last_id(queue) - record.count + 1 != record.first
+            ):
+                raise QueueError(
+                    f"submit: replay queued {result.submitted} jobs, not {record.count} from id {record.first}"
+                )
+        elif isinstance(record, Started):
+            ids = [job.id for job in queue.schedule(record.t)]
+            if ids != record.ids:
+                raise QueueError(f"start: replay started jobs {ids}, the journal says {record.ids}")
+        elif isinstance(record, Spawned):
+            pids[record.id] = record
+        elif isinstance(record, Finished):
+            queue.finish(record.id, record.t, record.rc, record.output)
+        elif isinstance(record, Lost):
+            queue.lose(record.id, record.t, LOST)
+        elif isinstance(record, Resized):
+            queue.resize(record.size)
+        elif isinstance(record, NodesUp):
+            queue.nodes_ready(record.count)
+        elif isinstance(record, Cancelled):
+            queue.cancel(record.group, record.t)
+        elif isinstance(record, Terminated):
+            queue.terminate()
+        else:
+            raise QueueError(f"e: a {type(record).__name__} record belongs on the first line only")
+
     def _provision(self, count: int) -> None:
         if count <= 0:
             return
         if self.provision_delay <= 0:
             self.queue.nodes_ready(count)
+            self._record(NodesUp(count=count))
             return
         loop = asyncio.get_running_loop()
         timer: asyncio.TimerHandle
@@ -182,6 +488,7 @@ class LocalBackend:
         def ready() -> None:
             self._timers.discard(timer)
             added = self.queue.nodes_ready(count)
+            self._record(NodesUp(count=count))
             log.info("nodes up added=%d nodes_up=%d", added, self.queue.nodes_up)
             self._pump()
 
@@ -196,7 +503,12 @@ class LocalBackend:
     def _pump(self) -> None:
         """Start what fits, then tell the listeners something changed."""
         if not self._closed:
-            for job in self.queue.schedule(self._clock()):
+            now = self._clock()
+            started = self.queue.schedule(now)
+            if started:
+                # on disk before any process exists: a restart reports these lost, never runs them again
+                self._record(Started(t=now, ids=[job.id for job in started]))
+            for job in started:
                 task = asyncio.get_running_loop().create_task(self._run(job), name=f"job-{job.id}")
                 self._tasks[job.id] = task
         self._notify()
@@ -219,7 +531,9 @@ class LocalBackend:
         finally:
             self._tasks.pop(job.id, None)
             self._procs.pop(job.id, None)
-        self.queue.finish(job.id, self._clock(), returncode, output)
+        now = self._clock()
+        self.queue.finish(job.id, now, returncode, output)
+        self._record(Finished(t=now, id=job.id, rc=returncode, output=output[-JOURNAL_OUTPUT:]))
         log.info("job done id=%d group=%r returncode=%d", job.id, job.group, returncode)
         self._pump()
 
@@ -243,6 +557,9 @@ class LocalBackend:
         except OSError as exc:
             return NOT_EXECUTABLE, f"sidecar: cannot start job: {exc}\n"
         self._procs[job.id] = proc
+        # not fsync'd: it only helps a restart kill what this process leaves behind, and the page cache
+        # outlives a killed sidecar
+        self._record(Spawned(id=job.id, pid=proc.pid, since=_start_time(proc.pid)), sync=False)
         log.info("job start id=%d group=%r pid=%d", job.id, job.group, proc.pid)
         if self._closed:
             _signal_group(proc, signal.SIGKILL)
@@ -276,3 +593,39 @@ def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None
     """Signal the job's process group (its session leader's pid); gone already is fine."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
+
+
+def _last_id(queue: Queue) -> int:
+    """The id of the newest job (0 before the first)."""
+    newest = queue.recent(1)
+    return newest[0].id if newest else 0
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks after boot (``/proc/<pid>/stat`` field 22); None if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _kill_leftover(spawned: Spawned) -> None:
+    """SIGKILL the process group a job of a previous backend left running, if it is still that job's.
+
+    The group's id is the job's pid. A live process with that pid but another start time means the pid
+    was reused: it is left alone. With the leader gone, a group of that id can only be the job's own
+    (Linux does not reuse a pid while a group of that id has members). Without a recorded start time
+    (no ``/proc``) nothing is killed.
+    """
+    if spawned.since is None:
+        log.warning("job id=%d: cannot tell whether pid %d is still the job's; not killed", spawned.id, spawned.pid)
+        return
+    now = _start_time(spawned.pid)
+    if now is not None and now != spawned.since:
+        return
+    try:
+        os.killpg(spawned.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    log.warning("job id=%d: killed the process group %d it left running", spawned.id, spawned.pid)

@@ -21,6 +21,8 @@ Model
   and they are removed as their jobs end. Running work is never killed.
 * :meth:`Queue.terminate` stops placing work and sets the size to 0; the nodes go away as the
   running jobs end. Jobs still waiting stay in ``sched``, like a stopped Flux queue.
+* :meth:`Queue.lose` ends a running job whose outcome is unknown (its supervisor restarted while it
+  ran): it fails with a reason and no return code, and is counted in ``counts["lost"]``.
 
 Memory: a job costs a few hundred bytes (its command and workdir strings are shared by the jobs of one
 group) plus its output, which is kept for the ``keep_outputs`` most recently finished jobs only.
@@ -260,6 +262,7 @@ class Queue:
         self._groups: dict[str, GroupTally] = {}
         self._finished = 0
         self._failed = 0
+        self._lost = 0
         self._keys: dict[str, SubmitResult] = {}
 
     # -- reading ---------------------------------------------------------------------------------
@@ -284,6 +287,10 @@ class Queue:
         """Jobs running."""
         return self._states[JobState.RUN]
 
+    def running_jobs(self) -> list[Job]:
+        """The jobs running now, in id order (O(jobs): for a restart, not for a hot path)."""
+        return [job for job in self._jobs.values() if job.state is JobState.RUN]
+
     def job(self, job_id: int) -> Job | None:
         """The job with this id, or ``None``."""
         return self._jobs.get(job_id)
@@ -297,6 +304,9 @@ class Queue:
     def status(self, now: float) -> StatusPayload:
         """A snapshot of nodes, queue and groups at ``now`` (O(groups + NEXT_JOBS))."""
         free = self.nodes_free
+        counts = {"waiting": self.waiting, "running": self.running}
+        if self._lost:
+            counts["lost"] = self._lost
         return StatusPayload(
             nodes=NodeCounts(
                 node_cores_free=free * self.cores,
@@ -307,7 +317,7 @@ class Queue:
             queue=QueueCounts(**{state.value: self._states[state] for state in JobState}),
             waiting={width: n for width, n in sorted(self._waiting_by_nodes.items()) if n},
             next_jobs=[job.nodes for job in itertools.islice(self._waiting, NEXT_JOBS)],
-            counts={"waiting": self.waiting, "running": self.running},
+            counts=counts,
             metrics={},
             size=self.size,
             finished=self._finished,
@@ -404,6 +414,28 @@ class Queue:
             self._failed += 1
         assert job.t_run is not None  # set by schedule() when the job entered RUN
         group.ended(success=job.success, run=now - job.t_run, wait=job.t_run - job.t_submit)
+        return job
+
+    def lose(self, job_id: int, now: float, reason: str) -> Job:
+        """End a running job whose outcome is unknown: it failed with ``reason`` as output and no return code.
+
+        Its nodes are released as by :meth:`finish`; it counts as finished, failed and lost.
+        """
+        job = self._jobs.get(job_id)
+        if job is None or job.state is not JobState.RUN:
+            raise QueueError(f"id: job {job_id} is not running")
+        self._busy -= job.nodes
+        self.nodes_up -= min(job.nodes, self.draining)
+        job.success = False
+        job.output = reason
+        job.t_inactive = now
+        self._move(job, JobState.INACTIVE)
+        self._finished += 1
+        self._failed += 1
+        self._lost += 1
+        assert job.t_run is not None  # set by schedule() when the job entered RUN
+        # how long it ran is unknown, so it adds nothing to the run-time statistics
+        self._group(job.group).ended(success=False, run=None, wait=job.t_run - job.t_submit)
         return job
 
     def cancel(self, group: str, now: float) -> int:

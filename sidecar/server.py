@@ -21,6 +21,9 @@ Actions of ``RequestAction``:
 
 With a token, every call of the service needs the metadata ``authorization: Bearer <token>``, else
 it fails ``UNAUTHENTICATED``; the health and reflection services stay open.
+
+Test hook: ``call_delay`` (``ensemble sidecar --test-delay-file``) makes every call, and every
+``WatchStatus`` snapshot, wait that many seconds first, so a fault test can make a sidecar slow.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -107,11 +111,20 @@ def _decode(payload: str, kind: type[_T], action: str, *, optional: bool = False
 class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
     """The ``EnsembleOperator`` service over a :class:`~sidecar.backend.Backend`."""
 
-    def __init__(self, backend: Backend, *, heartbeat: float = 5.0, min_interval: float = 0.1) -> None:
-        """``heartbeat``: longest gap between WatchStatus snapshots; ``min_interval``: shortest."""
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        heartbeat: float = 5.0,
+        min_interval: float = 0.1,
+        call_delay: Callable[[], float] | None = None,
+    ) -> None:
+        """``heartbeat``: longest gap between WatchStatus snapshots; ``min_interval``: shortest;
+        ``call_delay``: the test hook's seconds to wait before each answer (None: none)."""
         self.backend = backend
         self.heartbeat = heartbeat
         self.min_interval = min_interval
+        self.call_delay = call_delay
         self._actions: dict[str, Callable[[str], pb.Response]] = {
             "submit": self._submit,
             "jobinfo": self._jobinfo,
@@ -124,10 +137,12 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
 
     async def RequestStatus(self, request: pb.StatusRequest, context: Any) -> pb.Response:
         """The status snapshot as JSON (:class:`~ensemble_core.wire.StatusPayload`), ``SUCCESS``."""
+        await self._delay()
         return self._status()
 
     async def RequestAction(self, request: pb.ActionRequest, context: Any) -> pb.Response:
         """Run one action (see the module docstring); refusals answer ``ERROR`` / ``DENIED``."""
+        await self._delay()
         handler = self._actions.get(request.action)
         if handler is None:
             known = ", ".join(sorted(self._actions))
@@ -147,6 +162,7 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
 
     async def RequestUpdate(self, request: pb.UpdateRequest, context: Any) -> pb.Response:
         """Reserved: accepts any payload, changes nothing, answers ``SUCCESS`` with ``{}``."""
+        await self._delay()
         return _reply({})
 
     async def WatchStatus(self, request: pb.StatusRequest, context: Any) -> AsyncIterator[pb.Response]:
@@ -158,6 +174,7 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
         self.backend.add_listener(changed.set)
         try:
             while True:
+                await self._delay()
                 changed.clear()
                 yield self._status()
                 sent = time.monotonic()
@@ -169,6 +186,11 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
                 await asyncio.sleep(max(0.0, sent + self.min_interval - time.monotonic()))
         finally:
             self.backend.remove_listener(changed.set)
+
+    async def _delay(self) -> None:
+        seconds = self.call_delay() if self.call_delay is not None else 0.0
+        if seconds > 0:
+            await asyncio.sleep(seconds)
 
     # -- actions ---------------------------------------------------------------------------------
 
@@ -270,16 +292,18 @@ async def serve(
     port: int = 0,
     token: str | None = None,
     heartbeat: float = 5.0,
+    call_delay: Callable[[], float] | None = None,
 ) -> RunningServer:
     """Start the sidecar service (plus health and reflection) for ``backend`` on ``host:port``.
 
     ``port`` 0 binds a free port (see ``RunningServer.port``). ``token`` (None or empty: no
-    authentication) is required from every caller of the service. Raises ``RuntimeError`` when the
-    address cannot be bound.
+    authentication) is required from every caller of the service. ``call_delay`` is the test hook
+    (see the module docstring). Raises ``RuntimeError`` when the address cannot be bound.
     """
     interceptors = [TokenInterceptor(token)] if token else []
     server = aio.server(interceptors=interceptors)
-    pb_grpc.add_EnsembleOperatorServicer_to_server(SidecarServicer(backend, heartbeat=heartbeat), server)
+    servicer = SidecarServicer(backend, heartbeat=heartbeat, call_delay=call_delay)
+    pb_grpc.add_EnsembleOperatorServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -295,6 +319,18 @@ async def serve(
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info("sidecar listening address=%s port=%d auth=%s", host, bound, "token" if token else "none")
     return RunningServer(server=server, port=bound, backend=backend, health=health)
+
+
+def delay_from_file(path: Path) -> Callable[[], float]:
+    """The test hook's delay, read from ``path`` at each call: its seconds (missing, empty, not a number: 0)."""
+
+    def delay() -> float:
+        try:
+            return float(path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0.0
+
+    return delay
 
 
 async def serve_local(

@@ -213,7 +213,7 @@ async def test_an_invalid_ensemble_gets_a_failed_condition_and_one_warning_event
     emulator, url = api
     document = copy.deepcopy(ENSEMBLE)
     document["spec"]["members"][0]["jobs"][0]["nodes"] = 12
-    document["spec"]["members"][0]["algorithm"] = {"options": {"scaleUpChecks": 4}}
+    document["spec"]["members"][0]["algorithm"] = {"name": "workload-demand", "options": {"scaleUpChecks": 4}}
     await create_ensemble(url, document)
     async with running(run_creator, k8s_settings(settings, url)) as task:
         await wait_for(lambda: condition(emulator, "Failed").get("status") == "True", timeout=10)

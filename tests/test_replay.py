@@ -114,7 +114,16 @@ def test_without_an_ensemble_file_the_member_is_reconstructed_and_the_gaps_are_n
 ) -> None:
     alone = tmp_path / "recording.jsonl"
     shutil.copy(SEED / "run5-ascending" / "recording.jsonl", alone)
-    decisions = run_json(capsys, str(alone), "--option", "terminateChecks=2", "--option", "order=ascending")
+    decisions = run_json(
+        capsys,
+        str(alone),
+        "--algorithm",
+        "workload-demand",
+        "--option",
+        "terminateChecks=2",
+        "--option",
+        "order=ascending",
+    )
     notes = capsys.readouterr().err
     assert "maxSize unknown, taken as 23" in notes
     assert "--ensemble FILE" in notes
@@ -204,7 +213,7 @@ async def test_record_exports_the_streams_in_time_order_and_replay_reads_the_fil
     ]
     assert kinds == [("metrics", 0), ("metrics", 1), ("decision", 1), ("applied", None), ("metrics", 2)]
 
-    lines = run_json(capsys, str(out), "--compare", "--option", "scaleChecks=1")
+    lines = run_json(capsys, str(out), "--compare", "--algorithm", "workload-demand", "--option", "scaleChecks=1")
     assert lines[-1]["recorded"] == 1
     assert [p["recorded"]["id"] for p in lines[:-1] if p["recorded"]] == [decision.id]
     assert "no Ensemble file" in capsys.readouterr().err

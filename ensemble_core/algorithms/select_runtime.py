@@ -33,6 +33,7 @@ Ties between predictions go to the group written first in the jobs matrix.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import msgspec
@@ -86,10 +87,17 @@ def learn(model: GroupModel, stats: GroupStats, smoothing: int) -> GroupModel:
         return model
     total = stats.run_mean * stats.finished
     if stats.finished < model.seen:
-        return GroupModel(seen=stats.finished, run_total=total, predicted=stats.run_mean)
-    latest = max(0.0, (total - model.run_total) / (stats.finished - model.seen))
-    predicted = latest if model.seen == 0 else model.predicted + smoothing / 100 * (latest - model.predicted)
-    return GroupModel(seen=stats.finished, run_total=total, predicted=predicted)
+        learned = GroupModel(seen=stats.finished, run_total=total, predicted=stats.run_mean)
+    else:
+        latest = max(0.0, (total - model.run_total) / (stats.finished - model.seen))
+        predicted = latest if model.seen == 0 else model.predicted + smoothing / 100 * (latest - model.predicted)
+        learned = GroupModel(seen=stats.finished, run_total=total, predicted=predicted)
+    # A mean no run can have (1e308 s from a faulty sidecar) overflows to infinity, which JSON cannot
+    # carry: the saved state would never decode again and the member would get no more decisions.
+    # Such statistics are ignored.
+    if not (math.isfinite(learned.run_total) and math.isfinite(learned.predicted)):
+        return model
+    return learned
 
 
 class SelectRuntime:

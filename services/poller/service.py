@@ -136,7 +136,7 @@ class MemberLoop:
                 while True:
                     try:
                         while await self._watch(client):
-                            log.info("watch stream silent; opening it again", extra={"member": str(self.address)})
+                            log.debug("watch stream silent; opening it again", extra={"member": str(self.address)})
                         await self._poll(client)
                     except (SidecarUnavailable, SidecarError) as exc:
                         await self._lost(exc)
