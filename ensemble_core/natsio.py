@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
+import functools
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -219,16 +223,38 @@ async def consume(
     service: str,
     stop: asyncio.Event,
     batch: int = 64,
+    confirm_ack: bool = True,
 ) -> None:
-    """Fetch and handle messages one by one, in order, until ``stop`` is set.
+    """Fetch and handle messages until ``stop`` is set: subjects concurrently, each subject in stream order.
 
-    Settlement: handler returned → ``ack_sync``; :class:`Transient` → ``nak(delay)``; undecodable,
-    wrong version, :class:`Poison`, or any other exception ``MAX_DELIVER`` times → dead letter + ``term``;
-    any other exception fewer times → ``nak`` (never dropped on a first failure).
+    A subject is one member's, so one member is never handled twice at once (and a slow or hung
+    member does not hold up the others) while other members, and the next fetch, go on; at most about
+    two batches are in flight. Settlement (see :func:`settle`): handler returned → ack; :class:`Transient`
+    → ``nak(delay)``; undecodable, wrong version, :class:`Poison`, or any other exception ``MAX_DELIVER``
+    times → dead letter + ``term``; any other exception fewer times → ``nak`` (never dropped on a first
+    failure). A lost connection ends the loop once the messages in flight are settled.
     """
     decoder = msgspec.json.Decoder(message_type)
+    running: set[asyncio.Task[None]] = set()
+    tails: dict[str, asyncio.Task[None]] = {}
+
+    async def settle_after(previous: asyncio.Task[None] | None, msg: Msg) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # its outcome is its own: this message is settled regardless
+        await settle(js, msg, decoder, handler, service, confirm_ack=confirm_ack)
+
+    def forget(subject: str, task: asyncio.Task[None]) -> None:
+        if tails.get(subject) is task:
+            del tails[subject]
+
     try:
         while not stop.is_set():
+            if len(running) >= batch:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                running.difference_update(done)
+                for task in done:
+                    task.result()
+                continue
             try:
                 messages = await subscription.fetch(batch, timeout=1.0)
             except nats.errors.TimeoutError:
@@ -240,8 +266,13 @@ async def consume(
                 await asyncio.sleep(0.5)
                 continue
             for msg in messages:
-                await settle(js, msg, decoder, handler, service)
+                task = asyncio.create_task(settle_after(tails.get(msg.subject), msg))
+                task.add_done_callback(functools.partial(forget, msg.subject))
+                tails[msg.subject] = task
+                running.add(task)
     finally:
+        if running:
+            await asyncio.wait(running)
         # a pull subscription keeps the status replies of expired pulls queued; draining the connection
         # would wait for them for ever, so the subscription is dropped first
         with contextlib.suppress(Exception):
@@ -308,6 +339,17 @@ async def _handle(
     return "ok"
 
 
+#: Seconds after SIGTERM / SIGINT before a service that has not finished stopping is ended.
+SHUTDOWN_GRACE = 20.0
+_watchdog: list[threading.Timer] = []
+
+
+def _force_exit() -> None:
+    log.error("still stopping %.0fs after the signal; exiting (stacks on stderr)", SHUTDOWN_GRACE)
+    faulthandler.dump_traceback(all_threads=True)
+    os._exit(1)
+
+
 def stop_on_signals(stop: asyncio.Event) -> None:
     """Set ``stop`` on SIGTERM or SIGINT (the service then drains its connection and returns)."""
     loop = asyncio.get_running_loop()
@@ -315,6 +357,13 @@ def stop_on_signals(stop: asyncio.Event) -> None:
     def on_signal() -> None:
         stop.set()
         _stopping.set()
+        if not _watchdog:
+            # A drain that never ends must not keep a pod (or `ensemble up`) waiting for ever: after the
+            # grace period, dump every thread's stack (to find the cause) and exit.
+            timer = threading.Timer(SHUTDOWN_GRACE, _force_exit)
+            timer.daemon = True
+            timer.start()
+            _watchdog.append(timer)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)

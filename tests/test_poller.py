@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import msgspec
+import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -21,6 +27,7 @@ from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import JobInfo, StatusPayload, SubmitPayload, SubmitResult
+from services.poller import service as poller_service
 from services.poller.service import MemberLoop
 from services.poller.service import run as run_poller
 from sidecar.local import LocalBackend
@@ -357,3 +364,36 @@ async def test_a_silent_watch_stream_is_opened_again_without_an_alarm(nc: Client
         assert_contiguous(checks)
     finally:
         await sidecar.stop()
+
+
+async def test_a_hung_sidecar_s_last_pushed_view_is_not_published_as_fresh(
+    nc: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(poller_service, "PUSH_FRESH", 1.5)
+    log = (tmp_path / "sidecar.out").open("w")
+    process = subprocess.Popen(  # noqa: ASYNC220  (a real sidecar process, to be frozen with SIGSTOP)
+        [sys.executable, "-m", "ensemble_cli", "sidecar", "--backend", "local", "--port", "0", "--heartbeat", "0.5"],
+        env={**os.environ, "ENSEMBLE_SIDECAR_TOKEN": token(settings)},
+        stdout=log,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await wait_for(lambda: (tmp_path / "sidecar.out").read_text().strip() != "", timeout=20)
+        port = int((tmp_path / "sidecar.out").read_text().split()[0])
+        await register(nc, member_spec(0, f"127.0.0.1:{port}"))
+        async with stored(nc) as found, poller(settings):
+            await wait_for(lambda: len(found.of(0)) >= 3, timeout=15)
+            process.send_signal(signal.SIGSTOP)
+            frozen = time.time()
+            await asyncio.sleep(4.0)
+            during = [m for m in found.of(0) if m.time > frozen + 1.5 + 2 * CHECK]
+            process.send_signal(signal.SIGCONT)
+            resumed = time.time()
+            await wait_for(lambda: any(m.time > resumed for m in found.of(0)), timeout=30)
+        assert during == [], "checks were published from a snapshot the frozen sidecar pushed long before"
+        assert_contiguous(found.of(0))
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()

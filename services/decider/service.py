@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import msgspec
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -314,67 +312,6 @@ def _waited(msg: Msg | None) -> float:
     return time.time() - msg.metadata.timestamp.timestamp()
 
 
-async def consume(
-    js: JetStreamContext,
-    subscription: JetStreamContext.PullSubscription,
-    decider: Decider,
-    *,
-    stop: asyncio.Event,
-    batch: int,
-) -> None:
-    """Fetch metrics until ``stop`` is set, members concurrently, each member's messages in stream order.
-
-    Each message is settled by :func:`natsio.settle` (acknowledged after its effect is stored, nak'd
-    on a transient error, dead-lettered when poison) in a task chained after the previous message of
-    the same subject, so one member is never handled twice at once while other members, and the next
-    fetch, go on. At most about two batches are in flight. An error that settling itself raises (a
-    lost connection) ends the loop, like :func:`natsio.consume`, once the messages in flight are done.
-    """
-    decoder = msgspec.json.Decoder(Metrics)
-    running: set[asyncio.Task[None]] = set()
-    tails: dict[str, asyncio.Task[None]] = {}
-
-    async def settle_after(previous: asyncio.Task[None] | None, msg: Msg) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])  # its outcome is its own: this message is settled regardless
-        # a lost ack only redelivers a snapshot the member's last_seq already covers: skipped, harmless
-        await natsio.settle(js, msg, decoder, decider.handle, "decider", confirm_ack=False)
-
-    def forget(subject: str, task: asyncio.Task[None]) -> None:
-        if tails.get(subject) is task:
-            del tails[subject]
-
-    try:
-        while not stop.is_set():
-            if len(running) >= batch:
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                running.difference_update(done)
-                for task in done:
-                    task.result()
-                continue
-            try:
-                messages = await subscription.fetch(batch, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
-                return
-            except Exception as exc:  # a broken connection: wait for the client to reconnect
-                log.warning("fetch failed: %s", exc)
-                await asyncio.sleep(0.5)
-                continue
-            for msg in messages:
-                task = asyncio.create_task(settle_after(tails.get(msg.subject), msg))
-                task.add_done_callback(functools.partial(forget, msg.subject))
-                tails[msg.subject] = task
-                running.add(task)
-    finally:
-        if running:
-            await asyncio.wait(running)
-        # see natsio.consume: queued status replies of expired pulls would stall the drain
-        with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
-
-
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Consume metrics until ``stop`` (or SIGTERM), then drain."""
     stop = stop or asyncio.Event()
@@ -391,7 +328,11 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await decider.members.start()
         try:
             subscription = await natsio.durable_subscription(js, natsio.DECIDER, settings)
-            await consume(js, subscription, decider, stop=stop, batch=settings.fetch_batch)
+            # a lost ack only redelivers a snapshot the member's last_seq already covers: skipped, harmless
+            await natsio.consume(
+                js, subscription, Metrics, decider.handle, service="decider", stop=stop,
+                batch=settings.fetch_batch, confirm_ack=False,
+            )  # fmt: skip
         finally:
             await decider.members.stop()
     finally:

@@ -37,7 +37,7 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge, Histogram
 
 from ensemble_core import natsio, subjects
-from ensemble_core.messages import EventKind, MemberEvent, MemberSpec, Metrics, encode
+from ensemble_core.messages import EventKind, MemberEvent, MemberSpec, Metrics, VersionError, check_version, encode
 from ensemble_core.settings import Settings
 from ensemble_core.sidecar_client import SidecarClient, SidecarError, SidecarUnavailable, SidecarUnimplemented
 from ensemble_core.subjects import MemberAddress
@@ -50,6 +50,10 @@ log = logging.getLogger("poller")
 MAX_BACKOFF = 30.0
 #: A watch stream silent this long is taken for dead: three heartbeats of a sidecar at its default (5 s).
 WATCH_SILENCE = 15.0
+#: A pushed snapshot older than this is no longer published as the member's state: a stream that
+#: stopped (a hung sidecar) must not pass an old view off as fresh. Half of WATCH_SILENCE, so a
+#: sidecar's heartbeat must stay below it (the default is 5 s).
+PUSH_FRESH = WATCH_SILENCE / 2
 
 LAG = Histogram(
     "ensemble_poller_lag_seconds",
@@ -117,6 +121,7 @@ class MemberLoop:
         #: the next seq to publish; None: read it from the stream first (at start, after a failed publish)
         self.seq: int | None = None
         self._latest: StatusPayload | None = None
+        self._latest_at = 0.0
         #: when the next check is due (monotonic clock); kept across reconnections, so opening a stream
         #: again does not add a check
         self._next_check = time.monotonic()
@@ -154,6 +159,7 @@ class MemberLoop:
         try:
             try:
                 self._latest = await asyncio.wait_for(anext(stream), self.settings.sidecar_timeout)
+                self._latest_at = time.monotonic()
             except SidecarUnimplemented:
                 log.info("sidecar has no WatchStatus; polling RequestStatus", extra={"member": str(self.address)})
                 return False
@@ -169,7 +175,13 @@ class MemberLoop:
                         if done:
                             follower.result()  # the stream failed: raise why
                             return True
-                    await self._publish(self._latest, time.time(), "watch")
+                    if time.monotonic() - self._latest_at <= PUSH_FRESH:
+                        await self._publish(self._latest, time.time(), "watch")
+                    else:
+                        silent = time.monotonic() - self._latest_at
+                        log.warning(
+                            "no snapshot pushed for %.0fs; check skipped", silent, extra={"member": str(self.address)}
+                        )
                     self._next_check = _next_due(self._next_check, self.spec.check_seconds)
             finally:
                 follower.cancel()
@@ -185,6 +197,7 @@ class MemberLoop:
         while True:
             try:
                 self._latest = await asyncio.wait_for(anext(stream), self.watch_silence)
+                self._latest_at = time.monotonic()
             except TimeoutError:
                 return
 
@@ -326,7 +339,9 @@ async def _follow_records(members: Members, bucket: KeyValue, stop: asyncio.Even
             if entry.operation is None and entry.value:
                 try:
                     spec = msgspec.json.decode(entry.value, type=MemberSpec)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    check_version(spec)
+                except (msgspec.DecodeError, msgspec.ValidationError, VersionError) as exc:
+                    spec = None
                     log.error("unreadable member record %s: %s", entry.key, exc)
             await members.update(entry.key, spec)
     finally:
