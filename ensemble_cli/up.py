@@ -62,7 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a new virtual node takes to come up, like a cloud node (default 2)",
     )
     parser.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (default: never)")
-    parser.add_argument("--logs", help="keep the logs of every part in this directory (default: a temporary one)")
+    parser.add_argument(
+        "--logs",
+        help="keep the logs and state of every part in this directory, replacing a previous run's "
+        "(default: a temporary directory, removed at the end)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no live view; print only the summary")
 
 
@@ -349,6 +353,10 @@ def _workdir(keep: str | None) -> Iterator[Path]:
     if keep:
         path = Path(keep)
         path.mkdir(parents=True, exist_ok=True)
+        # a run's state must never leak into the next one (a sidecar would replay the old journal)
+        for old in (path / "jetstream", path / "ports", *path.glob("sidecar-*/")):
+            if old.is_dir():
+                shutil.rmtree(old)
         yield path
     else:
         with tempfile.TemporaryDirectory(prefix="ensemble-up-") as tmp:
