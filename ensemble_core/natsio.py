@@ -131,8 +131,7 @@ async def connect(settings: Settings, name: str) -> Client:
     stopping.cancel()
     if not connecting.done():
         connecting.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await connecting
+        await asyncio.wait({connecting})
         raise ConnectionAbortedError("stopped before NATS could be reached")
     return connecting.result()
 

@@ -6,6 +6,8 @@ per-ensemble token as ``authorization: Bearer <token>`` metadata when one is con
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from typing import TypeVar
 
@@ -18,6 +20,8 @@ from ensemble_core.wire import StatusPayload, decode_status
 
 T = TypeVar("T")
 
+#: Longest wait for a channel to close: shutdown must not hang on a peer that stopped answering.
+CLOSE_TIMEOUT = 2.0
 #: Largest gRPC message accepted from a sidecar (a status with many groups, a long jobinfo).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -80,8 +84,10 @@ class SidecarClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel."""
-        await self._channel.close(grace=None)
+        """Close the channel (cancelling calls in flight); never waits more than ``CLOSE_TIMEOUT`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):  # not wait_for, which can swallow a cancellation (3.11)
+                await self._channel.close(grace=None)
 
     async def status(self) -> StatusPayload:
         """One status snapshot. Raises :class:`SidecarUnavailable` or :class:`SidecarError`."""

@@ -320,7 +320,8 @@ def validate(document: object, namespace: str = "default") -> tuple[Ensemble | N
         return None, check.errors
     if not isinstance(document, dict):
         return None, [f"(document): expected a mapping (an Ensemble resource), got {_kind(document)}"]
-    check.errors = [e.lstrip(".") for e in check.errors]
+    # top-level paths came out as ".<key>"; only that dot goes (a key may itself start with dots)
+    check.errors = [e.removeprefix(".") for e in check.errors]
     if top.get("apiVersion") != API_VERSION:
         check.error("apiVersion", f"expected {API_VERSION!r}, got {top.get('apiVersion')!r}")
     if top.get("kind") != KIND:

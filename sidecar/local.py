@@ -568,7 +568,8 @@ class LocalBackend:
         reader = asyncio.get_running_loop().create_task(self._read(proc.stdout, tail))
         note = ""
         try:
-            await asyncio.wait_for(proc.wait(), timeout=job.duration or None)
+            async with asyncio.timeout(job.duration or None):  # not wait_for: it can swallow a cancel (3.11)
+                await proc.wait()
         except TimeoutError:
             _signal_group(proc, signal.SIGKILL)
             await proc.wait()
@@ -576,7 +577,8 @@ class LocalBackend:
         # Children the command left behind belong to the job: they end with it.
         _signal_group(proc, signal.SIGKILL)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(reader, timeout=_DRAIN_SECONDS)
+            async with asyncio.timeout(_DRAIN_SECONDS):
+                await reader
         output = bytes(tail).decode("utf-8", errors="replace") + note
         assert proc.returncode is not None  # proc.wait() returned
         return proc.returncode, output

@@ -179,7 +179,8 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
                 yield self._status()
                 sent = time.monotonic()
                 try:
-                    await asyncio.wait_for(changed.wait(), timeout=self.heartbeat)
+                    async with asyncio.timeout(self.heartbeat):  # not wait_for: it can swallow a cancel (3.11)
+                        await changed.wait()
                 except TimeoutError:
                     continue
                 # Coalesce a burst of changes into one snapshot.

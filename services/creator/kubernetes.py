@@ -296,7 +296,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             except Exception:
                 log.exception("reconciliation failed; retrying next pass")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), settings.resync_seconds)
+                async with asyncio.timeout(settings.resync_seconds):  # not wait_for (3.11 cancellation)
+                    await stop.wait()
     finally:
         await kube.close()
         await nc.drain()

@@ -126,8 +126,9 @@ class MemberCache:
         """Stop following the bucket (the cached records stay readable)."""
         if self._follower is not None:
             self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+            # asyncio.wait, not `await` under suppress(CancelledError): that would also swallow a
+            # cancellation of this task arriving meanwhile, and the caller would never stop
+            await asyncio.wait({self._follower})
 
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         try:

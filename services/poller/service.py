@@ -54,6 +54,8 @@ WATCH_SILENCE = 15.0
 #: stopped (a hung sidecar) must not pass an old view off as fresh. Half of WATCH_SILENCE, so a
 #: sidecar's heartbeat must stay below it (the default is 5 s).
 PUSH_FRESH = WATCH_SILENCE / 2
+#: Longest wait for a gRPC stream or channel to close.
+CLOSE_TIMEOUT = 2.0
 
 LAG = Histogram(
     "ensemble_poller_lag_seconds",
@@ -146,6 +148,7 @@ class MemberLoop:
                     except (SidecarUnavailable, SidecarError) as exc:
                         await self._lost(exc)
                     await asyncio.sleep(self.backoff)
+                    _still_running()
                     self.backoff = min(self.backoff * 2, self.max_backoff)
         finally:
             if not self.reachable:
@@ -158,7 +161,10 @@ class MemberLoop:
         stream = client.watch()
         try:
             try:
-                self._latest = await asyncio.wait_for(anext(stream), self.settings.sidecar_timeout)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+                # comes as the inner call completes, and a cancelled member loop would then run on for ever
+                async with asyncio.timeout(self.settings.sidecar_timeout):
+                    self._latest = await anext(stream)
                 self._latest_at = time.monotonic()
             except SidecarUnimplemented:
                 log.info("sidecar has no WatchStatus; polling RequestStatus", extra={"member": str(self.address)})
@@ -177,6 +183,7 @@ class MemberLoop:
                             return True
                     if time.monotonic() - self._latest_at <= PUSH_FRESH:
                         await self._publish(self._latest, time.time(), "watch")
+                        _still_running()
                     else:
                         silent = time.monotonic() - self._latest_at
                         log.warning(
@@ -185,10 +192,14 @@ class MemberLoop:
                     self._next_check = _next_due(self._next_check, self.spec.check_seconds)
             finally:
                 follower.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await follower
+                # asyncio.wait, not `await` under suppress(CancelledError): that would also swallow the
+                # cancellation of this member loop arriving meanwhile, and the loop would run for ever
+                await asyncio.wait({follower})
         finally:
-            await stream.aclose()
+            # closing a gRPC stream has been seen to hang on a loaded machine: never wait on it for long
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await stream.aclose()
 
     async def _follow(self, stream: AsyncIterator[StatusPayload]) -> None:
         """Keep the newest pushed snapshot; return when none came for ``watch_silence`` seconds."""
@@ -196,7 +207,8 @@ class MemberLoop:
         # opening the stream again tells a live sidecar (first snapshot at once) from a dead one
         while True:
             try:
-                self._latest = await asyncio.wait_for(anext(stream), self.watch_silence)
+                async with asyncio.timeout(self.watch_silence):  # not wait_for: see _watch
+                    self._latest = await anext(stream)
                 self._latest_at = time.monotonic()
             except TimeoutError:
                 return
@@ -209,6 +221,7 @@ class MemberLoop:
             status = await client.status()
             await self._answered()
             await self._publish(status, checked, "poll")
+            _still_running()
             self._next_check = _next_due(self._next_check, self.spec.check_seconds)
 
     async def _publish(self, status: StatusPayload, checked: float, source: str) -> None:
@@ -270,6 +283,18 @@ class MemberLoop:
         return True
 
 
+def _still_running() -> None:
+    """Raise ``CancelledError`` if this task was asked to stop.
+
+    A library call can swallow a cancellation that arrives as it completes (``asyncio.wait_for`` on
+    Python 3.11 does, and nats-py uses it): a loop that only relied on ``cancel()`` then ran on for
+    ever — seen as a poller that never stopped after SIGTERM. The loops check after each such call.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _next_due(due: float, period: float) -> float:
     """When the check after the one due at ``due`` (and made now) is due.
 
@@ -307,8 +332,7 @@ class Members:
         """Stop one member's loop and wait until it has ended."""
         _, task = self.loops.pop(key)
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await asyncio.wait({task})  # see _watch: never suppress a CancelledError that may be ours
 
     async def close(self) -> None:
         """Stop every loop, waiting for them to end."""
