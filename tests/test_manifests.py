@@ -54,17 +54,17 @@ USER_SECRETS = {"ensemble-sidecar-token", "ensemble-nats-auth", "nats-tls"}
 #: The RBAC contract: service → {(API group, resource): verbs}. docs/kubernetes.md holds the same table.
 RBAC: dict[str, dict[tuple[str, str], set[str]]] = {
     "creator": {
-        ("ensemble.flux-framework.org", "ensembles"): {"get", "list", "watch"},
+        ("ensemble.flux-framework.org", "ensembles"): {"get", "list"},
         ("ensemble.flux-framework.org", "ensembles/status"): {"patch"},
         ("ensemble.flux-framework.org", "ensembles/finalizers"): {"update"},
-        ("flux-framework.org", "miniclusters"): {"create", "get", "list", "watch"},
-        ("", "pods"): {"get", "list", "watch"},
+        ("flux-framework.org", "miniclusters"): {"create", "get"},
+        ("", "pods"): {"list"},
         ("", "secrets"): {"create", "get", "patch"},
         ("", "events"): {"create"},
     },
     "actuator": {
-        ("flux-framework.org", "miniclusters"): {"get", "patch", "delete"},
-        ("flux-framework.org", "miniclusters/scale"): {"get", "patch", "update"},
+        ("flux-framework.org", "miniclusters"): {"get", "delete"},
+        ("flux-framework.org", "miniclusters/scale"): {"patch"},
         ("ensemble.flux-framework.org", "ensembles"): {"get"},
         ("ensemble.flux-framework.org", "ensembles/status"): {"patch"},
         ("", "events"): {"create"},
