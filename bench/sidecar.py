@@ -24,6 +24,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -142,10 +143,10 @@ def bare_subprocess_rate(jobs: int) -> float:
     return jobs / (time.perf_counter() - started)
 
 
-async def local_throughput(jobs: int = 1000) -> dict[str, Any]:
+async def local_throughput(jobs: int = 1000, *extra: str) -> dict[str, Any]:
     baseline = bare_subprocess_rate(jobs)
 
-    sidecar = Sidecar("--backend", "local", "--nodes", "4")
+    sidecar = Sidecar("--backend", "local", "--nodes", "4", *extra)
     try:
         await sidecar.status()
         started = time.perf_counter()
@@ -243,6 +244,8 @@ async def main() -> None:
         "status_p99_100k": status,
         "rss_100k": memory,
         "local_throughput": await local_throughput(),
+        # what `ensemble up` runs: every job start and end journalled (fsync) for restarts
+        "local_throughput_journal": await local_throughput(1000, "--state-dir", tempfile.mkdtemp(prefix="bench-")),
         "watch_p99": await watch_latency(),
         "sim_1m_jobs": simulated_members(),
     }
