@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +43,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ensemble_cli.up import nats_server_binary  # noqa: E402
+from ensemble_cli.up import run_nats  # noqa: E402
 from ensemble_core import algorithms, natsio, subjects  # noqa: E402
 from ensemble_core.messages import (  # noqa: E402
     AlgorithmSpec,
@@ -123,25 +121,6 @@ def snapshot(member: MemberSpec, seq: int, now: float, checks: int) -> Metrics:
     )
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    ports = workdir / "ports"
-    ports.mkdir()
-    store = str(workdir / "store")
-    process = subprocess.Popen(
-        [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", "-1", "-sd", store, "--ports_file_dir", str(ports)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        for found in ports.glob("*.ports"):
-            with contextlib.suppress(json.JSONDecodeError, KeyError):
-                return process, json.loads(found.read_text())["nats"][0]
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("nats-server did not start")
-
-
 async def drain_rate(js: JetStreamContext, durable: str, total: int, command: list[str], env: dict[str, str]) -> float:
     """Start ``command`` and return the messages per second it acknowledges on ``durable``."""
     process = await asyncio.create_subprocess_exec(
@@ -171,7 +150,7 @@ async def drain_rate(js: JetStreamContext, durable: str, total: int, command: li
 
 async def throughput(members: int, checks: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        server, url = start_server(Path(tmp))
+        server, url = run_nats(Path(tmp))
         try:
             nc = await nats.connect(url)
             js = nc.jetstream()

@@ -47,7 +47,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ensemble_cli.up import nats_server_binary  # noqa: E402
+from ensemble_cli.up import run_nats  # noqa: E402
 from ensemble_core import natsio, subjects  # noqa: E402
 from ensemble_core.messages import AlgorithmSpec, JobSpec, MemberSpec, encode  # noqa: E402
 from ensemble_core.subjects import MemberAddress  # noqa: E402
@@ -104,35 +104,6 @@ async def serve_original() -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     await server.stop(None)
-
-
-def start_nats(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    ports = workdir / "ports"
-    ports.mkdir()
-    process = subprocess.Popen(
-        [
-            nats_server_binary(),
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            "-1",
-            "-sd",
-            str(workdir / "store"),
-            "--ports_file_dir",
-            str(ports),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        for found in ports.glob("*.ports"):
-            with contextlib.suppress(json.JSONDecodeError, KeyError):
-                return process, str(json.loads(found.read_text())["nats"][0])
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("nats-server did not start")
 
 
 def start_sidecar(mode: str, backend: str) -> tuple[subprocess.Popen[str], str]:
@@ -203,7 +174,7 @@ async def read_checks(url: str) -> list[tuple[Check, float]]:
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     processes: list[subprocess.Popen[Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-poller-") as tmp:
-        nats_process, url = start_nats(Path(tmp))
+        nats_process, url = run_nats(Path(tmp))
         processes.append(nats_process)
         try:
             endpoints = []

@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import msgspec
 import nats
@@ -150,22 +151,45 @@ async def _first_line(part: Part, timeout: float) -> str:
     raise RuntimeError(f"{part.name} did not start: see {part.log}\n{part.log.read_text(errors='replace')[-2000:]}")
 
 
+def nats_command(store: Path, ports: Path, port: int = -1) -> list[str]:
+    """nats-server with JetStream on loopback (``port`` -1: a free one), writing its ports into ``ports``."""
+    return [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store),
+            "--ports_file_dir", str(ports)]  # fmt: skip
+
+
+def nats_url(ports: Path) -> str | None:
+    """The client URL a nats-server started by :func:`nats_command` wrote, or None while it has not yet."""
+    for found in ports.glob("*.ports"):
+        with contextlib.suppress(json.JSONDecodeError, KeyError, IndexError):
+            return str(json.loads(found.read_text())["nats"][0])
+    return None
+
+
+def run_nats(workdir: Path, output: IO[bytes] | int = subprocess.DEVNULL) -> tuple[subprocess.Popen[bytes], str]:
+    """Start nats-server (store and ports under ``workdir``) and wait for its URL: for tests and benchmarks."""
+    ports = workdir / "ports"
+    ports.mkdir(exist_ok=True)
+    process = subprocess.Popen(nats_command(workdir / "store", ports), stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline and process.poll() is None:
+        url = nats_url(ports)
+        if url is not None:
+            return process, url
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("nats-server did not start")
+
+
 async def start_nats(stack: Stack) -> str:
-    """Start nats-server with JetStream on a free loopback port; return its client URL."""
-    store = stack.workdir / "jetstream"
+    """Start nats-server with JetStream on a free loopback port as part of the stack; return its client URL."""
     ports = stack.workdir / "ports"
     ports.mkdir()
-    part = stack.start(
-        "nats-server",
-        [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", "-1", "-sd", str(store), "--ports_file_dir", str(ports)],
-    )
+    part = stack.start("nats-server", nats_command(stack.workdir / "jetstream", ports))
     deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        for found in ports.glob("*.ports"):
-            with contextlib.suppress(json.JSONDecodeError):
-                return str(json.loads(found.read_text())["nats"][0])
-        if part.process.poll() is not None:
-            break
+    while time.monotonic() < deadline and part.process.poll() is None:
+        url = nats_url(ports)
+        if url is not None:
+            return url
         await asyncio.sleep(0.05)
     raise RuntimeError(f"nats-server did not start: see {part.log}")
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
-from ensemble_cli.up import nats_server_binary
+from ensemble_cli.up import run_nats
 from ensemble_core import natsio, subjects
 from ensemble_core.settings import Settings
 
@@ -27,35 +25,8 @@ SHARED = REPO.parent / "shared"
 def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a nats-server with JetStream started for this test session."""
     workdir = tmp_path_factory.mktemp("nats")
-    ports = workdir / "ports"
-    ports.mkdir()
     log = (workdir / "nats.log").open("wb")
-    process = subprocess.Popen(
-        [
-            nats_server_binary(),
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            "-1",
-            "-sd",
-            str(workdir / "store"),
-            "--ports_file_dir",
-            str(ports),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = None
-    deadline = time.monotonic() + 20
-    while url is None and time.monotonic() < deadline and process.poll() is None:
-        for found in ports.glob("*.ports"):
-            with contextlib.suppress(json.JSONDecodeError, KeyError):
-                url = json.loads(found.read_text())["nats"][0]
-        time.sleep(0.05)
-    if url is None:
-        process.kill()
-        raise RuntimeError(f"nats-server did not start: {(workdir / 'nats.log').read_text()}")
+    process, url = run_nats(workdir, output=log)
     yield url
     process.terminate()
     process.wait(timeout=10)
