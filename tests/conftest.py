@@ -71,3 +71,19 @@ async def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0
             return
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+async def stream_messages(nc: Client, stream: str, subject: str) -> list[bytes]:
+    """Every message on ``subject`` in ``stream`` (read with an ephemeral ordered consumer)."""
+    js = nc.jetstream()
+    info = await js.stream_info(stream)
+    out: list[bytes] = []
+    if not info.state.messages:
+        return out
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+    with contextlib.suppress(TimeoutError):
+        while True:
+            msg = await sub.next_msg(timeout=0.5)
+            out.append(msg.data)
+    await sub.unsubscribe()
+    return out

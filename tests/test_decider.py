@@ -26,7 +26,7 @@ from ensemble_core.settings import Settings
 from ensemble_core.subjects import MemberAddress
 from services.decider.service import STALE_MIN_SECONDS, Decider, DeciderRecord, stale_after
 from services.decider.service import run as run_decider
-from tests.conftest import wait_for
+from tests.conftest import stream_messages, wait_for
 
 
 def member(index: int = 0, *, max_size: int = 8, algorithm: str = "workload-demand") -> MemberSpec:
@@ -82,21 +82,8 @@ async def publish(nc: Client, *snapshots: Metrics) -> None:
         )
 
 
-async def read_all(nc: Client, stream: str, subject: str) -> list[bytes]:
-    js = nc.jetstream()
-    if not (await js.stream_info(stream)).state.messages:
-        return []
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
-    found: list[bytes] = []
-    with contextlib.suppress(TimeoutError):
-        while True:
-            found.append((await sub.next_msg(timeout=0.3)).data)
-    await sub.unsubscribe()
-    return found
-
-
 async def decisions(nc: Client) -> list[Decision]:
-    raw = await read_all(nc, subjects.DECISIONS_STREAM, subjects.ALL_DECISIONS)
+    raw = await stream_messages(nc, subjects.DECISIONS_STREAM, subjects.ALL_DECISIONS)
     return [msgspec.json.decode(data, type=Decision) for data in raw]
 
 
@@ -235,7 +222,7 @@ async def test_a_member_record_the_decider_cannot_use_dead_letters_its_metrics_a
         await publish(nc, *(snapshot(spec, 0, size=1, free=1, waiting=4) for spec in (unknown, unreadable, good)))
 
         async def letters() -> list[DeadLetter]:
-            raw = await read_all(nc, subjects.EVENTS_STREAM, subjects.deadletter("decider"))
+            raw = await stream_messages(nc, subjects.EVENTS_STREAM, subjects.deadletter("decider"))
             return [msgspec.json.decode(data, type=DeadLetter) for data in raw]
 
         await wait_for(lambda: _has_letters(letters, 2), timeout=15)

@@ -22,8 +22,7 @@ from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import JobInfo
-from tests.conftest import REPO, wait_for
-from tests.test_services import stream_messages
+from tests.conftest import REPO, stream_messages, wait_for
 
 CLI = [sys.executable, "-m", "ensemble_cli"]
 

@@ -27,7 +27,7 @@ from ensemble_core.settings import Settings
 from ensemble_core.subjects import MemberAddress
 from services.decider.service import Decider, DeciderRecord
 from services.decider.service import run as run_decider
-from tests.conftest import wait_for
+from tests.conftest import stream_messages, wait_for
 
 ADDRESS = MemberAddress("default", "demo.v1", 0)
 
@@ -67,22 +67,6 @@ def metrics(seq: int, sched: int = 2, finished: int = 0) -> Metrics:
 async def register(nc: Client) -> None:
     members = await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)
     await members.put(ADDRESS.key, encode(member_spec()))
-
-
-async def stream_messages(nc: Client, stream: str, subject: str) -> list[bytes]:
-    """Every message on ``subject`` in ``stream`` (read with an ephemeral ordered consumer)."""
-    js = nc.jetstream()
-    info = await js.stream_info(stream)
-    out: list[bytes] = []
-    if not info.state.messages:
-        return out
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
-    with contextlib.suppress(TimeoutError):
-        while True:
-            msg = await sub.next_msg(timeout=0.5)
-            out.append(msg.data)
-    await sub.unsubscribe()
-    return out
 
 
 async def decisions(nc: Client) -> list[Decision]:
