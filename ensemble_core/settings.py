@@ -36,6 +36,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     scale_cooldown: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     #: Messages fetched per pull from a JetStream consumer.
     fetch_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 64
+    #: decider: metrics fetched per pull. Snapshots of one member in a batch share one state write, so
+    #: under a backlog a batch of several times the number of members is what keeps the decider fast;
+    #: at most two batches are unacknowledged at once (the consumer allows 10,000).
+    decider_batch: Annotated[int, msgspec.Meta(ge=1, le=5_000)] = 4096
     #: Seconds before an unacknowledged message is redelivered.
     ack_wait: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     #: creator and actuator: ``local`` (an Ensemble file and sidecar endpoints, what ``ensemble up`` runs) or

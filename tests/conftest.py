@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# before anything loads grpc: the tests fork+exec services and sidecars from a process using gRPC (see
+# ensemble_cli/__init__.py)
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import asyncio
 import contextlib
 import time
@@ -58,6 +64,15 @@ async def nc(nats_url: str) -> AsyncIterator[Client]:
     await natsio.declare(client.jetstream())
     yield client
     await client.drain()
+
+
+@pytest.fixture
+async def publisher(nc: Client) -> AsyncIterator[natsio.Publisher]:
+    """A started :class:`natsio.Publisher` on ``nc`` (what the decider writes with)."""
+    started = natsio.Publisher(nc)
+    await started.start()
+    yield started
+    await started.stop()
 
 
 async def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.05) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 from nats.aio.client import Client
 
-from ensemble_core import natsio, subjects
+from ensemble_core import algorithms, natsio, subjects
 from ensemble_core.messages import (
     AlgorithmSpec,
     DeadLetter,
@@ -158,7 +158,7 @@ async def _count(nc: Client, count: int) -> bool:
 
 
 async def test_redelivery_after_a_crash_between_publish_and_ack_publishes_no_second_decision(
-    nc: Client, nats_url: str
+    nc: Client, nats_url: str, publisher: natsio.Publisher
 ) -> None:
     settings = Settings(nats_url=nats_url, ack_wait=1.0)
     spec = member()
@@ -167,7 +167,8 @@ async def test_redelivery_after_a_crash_between_publish_and_ack_publishes_no_sec
     await publish(nc, snapshot(spec, 0, size=1, free=1, waiting=4))
     subscription = await natsio.durable_subscription(js, natsio.DECIDER, settings)
     [msg] = await subscription.fetch(1, timeout=5)
-    decider = Decider(js, await js.key_value(subjects.MEMBERS_BUCKET), await js.key_value(subjects.DECIDER_BUCKET))
+    members, records = await js.key_value(subjects.MEMBERS_BUCKET), await js.key_value(subjects.DECIDER_BUCKET)
+    decider = Decider(js, members, records, publisher)
     await decider.handle(msgspec.json.decode(msg.data, type=Metrics), msg)
     await subscription.unsubscribe()  # the process dies here: state saved, decision published, no ack
     assert [d.action for d in await decisions(nc)] == ["submit"]
@@ -263,3 +264,122 @@ async def test_metrics_of_a_member_registered_after_the_decider_started_are_deci
         await publish(nc, snapshot(late, 0, size=1, free=1, waiting=4))
         await wait_for(lambda: _count(nc, 1), timeout=10)
     assert [(d.member, d.action) for d in await decisions(nc)] == [(3, "submit")]
+
+
+# --- a member's snapshots decided together (handle_group) -------------------------------------------
+
+
+def busy_then_idle(spec: MemberSpec, count: int) -> list[Metrics]:
+    """Jobs wait (grow), run, then the member idles (terminate): every kind of decision in one backlog."""
+    out = []
+    for seq in range(count):
+        if seq < 4:
+            out.append(snapshot(spec, seq, size=1, free=1, waiting=4))
+        elif seq < 10:
+            out.append(snapshot(spec, seq, size=8, free=0, waiting=2, done=1))
+        else:
+            out.append(snapshot(spec, seq, size=8, free=8, waiting=0, done=4))
+    return out
+
+
+def decided_one_by_one(spec: MemberSpec, snapshots: list[Metrics]) -> list[Decision]:
+    """What the algorithm decides when it is given the snapshots one at a time (no NATS)."""
+    algorithm = algorithms.get(spec.algorithm.name)
+    options = algorithms.parse_options(spec.algorithm.name, spec.algorithm.options)
+    state = algorithm.initial_state(spec, options)
+    out: list[Decision] = []
+    for metrics in snapshots:
+        state, made = algorithm.decide(spec, options, state, metrics)
+        out.extend(made)
+    return out
+
+
+async def decider_writes(nc: Client) -> int:
+    """Writes to the ``ensemble-decider`` bucket since it was created (its stream's last sequence)."""
+    return (await nc.jetstream().stream_info(f"KV_{subjects.DECIDER_BUCKET}")).state.last_seq
+
+
+async def test_a_backlog_of_a_member_is_decided_with_few_writes_and_the_same_decisions(
+    nc: Client, settings: Settings
+) -> None:
+    spec = member()
+    await register(nc, spec)
+    backlog = busy_then_idle(spec, 30)
+    expected = decided_one_by_one(spec, backlog)
+    assert {d.action for d in expected} >= {"submit", "scale", "terminate"}
+    await publish(nc, *backlog)  # all in the stream before the decider starts: one fetch takes them
+    async with decider_running(settings):
+        await wait_for(lambda: _seq_is(nc, spec, 29), timeout=15)
+        await wait_for(lambda: drained(nc), timeout=10)
+    found = await decisions(nc)
+    assert [(d.id, d.action, d.size, d.based_on) for d in found] == [
+        (d.id, d.action, d.size, d.based_on) for d in expected
+    ]
+    # the first snapshot creates the record; the other 29 share one write (two if the fetch split them)
+    assert 2 <= await decider_writes(nc) <= 4
+
+
+async def test_a_crash_after_a_shared_write_publishes_every_decision_it_covered_on_redelivery(
+    nc: Client, publisher: natsio.Publisher
+) -> None:
+    spec = member()
+    await register(nc, spec)
+    backlog = busy_then_idle(spec, 14)
+    expected = decided_one_by_one(spec, backlog)
+    js = nc.jetstream()
+    members, records = await js.key_value(subjects.MEMBERS_BUCKET), await js.key_value(subjects.DECIDER_BUCKET)
+
+    class CrashingDecider(Decider):
+        crash = False
+
+        async def publish(self, subject: str, found: Sequence[Decision]) -> None:
+            if self.crash and found:
+                raise ConnectionError("crashed after saving the state")
+            await super().publish(subject, found)
+
+    first = CrashingDecider(js, members, records, publisher)
+    await first.members.start()
+    try:
+        assert await first.handle_group([(backlog[0], None)]) == [None]  # type: ignore[list-item]
+        first.crash = True
+        group = [(metrics, None) for metrics in backlog[1:]]
+        outcomes = await first.handle_group(group)  # type: ignore[arg-type]
+    finally:
+        await first.members.stop()
+    # every snapshot of the group was covered by the one write, so none may be acknowledged
+    assert all(isinstance(outcome, ConnectionError) for outcome in outcomes) and len(outcomes) == 13
+    assert await last_seq(nc, spec) == 13
+    assert [d.action for d in await decisions(nc)] == ["submit"]
+
+    restarted = Decider(js, members, records, publisher)  # the snapshots come again
+    await restarted.members.start()
+    try:
+        assert await restarted.handle_group(group) == [None] * 13  # type: ignore[arg-type]
+    finally:
+        await restarted.members.stop()
+    assert [d.id for d in await decisions(nc)] == [d.id for d in expected]
+
+
+async def test_a_group_with_a_gap_or_an_old_snapshot_falls_back_to_one_at_a_time(
+    nc: Client, publisher: natsio.Publisher
+) -> None:
+    spec = member()
+    await register(nc, spec)
+    backlog = busy_then_idle(spec, 8)
+    js = nc.jetstream()
+    members, records = await js.key_value(subjects.MEMBERS_BUCKET), await js.key_value(subjects.DECIDER_BUCKET)
+    decider = Decider(js, members, records, publisher)
+    await decider.members.start()
+    try:
+        # 0 and 1 decided; 1 again (redelivered) skipped; 2 and 3 decided together; 3 again skipped
+        group = [backlog[0], backlog[1], backlog[1], backlog[2], backlog[3], backlog[3]]
+        assert await decider.handle_group([(m, None) for m in group]) == [None] * 6  # type: ignore[misc]
+        assert await last_seq(nc, spec) == 3
+        # a snapshot of a member nobody registered, in the same group, changes nothing of the others
+        stranger = msgspec.structs.replace(backlog[4], member=7)
+        outcomes = await decider.handle_group([(stranger, None), (backlog[4], None)])  # type: ignore[list-item]
+        assert outcomes == [None, None]
+    finally:
+        await decider.members.stop()
+    assert await last_seq(nc, spec) == 4
+    assert [d.id for d in await decisions(nc)] == [d.id for d in decided_one_by_one(spec, backlog[:5])]

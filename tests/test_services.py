@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 import pytest
@@ -119,10 +119,13 @@ async def _decided(nc: Client, count: int) -> bool:
     return len(await decisions(nc)) >= count
 
 
-async def test_redelivery_after_a_crash_before_ack_does_not_duplicate_decisions(nc: Client) -> None:
+async def test_redelivery_after_a_crash_before_ack_does_not_duplicate_decisions(
+    nc: Client, publisher: natsio.Publisher
+) -> None:
     await register(nc)
     js = nc.jetstream()
-    decider = Decider(js, await js.key_value(subjects.MEMBERS_BUCKET), await js.key_value(subjects.DECIDER_BUCKET))
+    members, records = await js.key_value(subjects.MEMBERS_BUCKET), await js.key_value(subjects.DECIDER_BUCKET)
+    decider = Decider(js, members, records, publisher)
     first = metrics(0)
     await decider.handle(first, None)  # type: ignore[arg-type]
     await decider.handle(first, None)  # type: ignore[arg-type]  # redelivered: state saved, ack lost
@@ -137,20 +140,22 @@ async def test_redelivery_after_a_crash_before_ack_does_not_duplicate_decisions(
     assert record.last_seq == 1
 
 
-async def test_decisions_lost_between_save_and_publish_are_published_on_redelivery(nc: Client) -> None:
+async def test_decisions_lost_between_save_and_publish_are_published_on_redelivery(
+    nc: Client, publisher: natsio.Publisher
+) -> None:
     await register(nc)
     js = nc.jetstream()
     members = await js.key_value(subjects.MEMBERS_BUCKET)
     records = await js.key_value(subjects.DECIDER_BUCKET)
 
     class CrashingDecider(Decider):
-        async def publish(self, address: MemberAddress, found: list[Decision]) -> None:
+        async def publish(self, subject: str, found: Sequence[Decision]) -> None:
             raise ConnectionError("crashed after saving the state")
 
     with pytest.raises(ConnectionError):
-        await CrashingDecider(js, members, records).handle(metrics(0), None)  # type: ignore[arg-type]
+        await CrashingDecider(js, members, records, publisher).handle(metrics(0), None)  # type: ignore[arg-type]
     assert await decisions(nc) == []
-    await Decider(js, members, records).handle(metrics(0), None)  # type: ignore[arg-type]
+    await Decider(js, members, records, publisher).handle(metrics(0), None)  # type: ignore[arg-type]
     assert [d.action for d in await decisions(nc)] == ["submit"]
 
 
