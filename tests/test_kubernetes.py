@@ -207,6 +207,35 @@ async def test_an_ensemble_becomes_a_minicluster_with_the_sidecar_and_its_member
         assert live(emulator, MINICLUSTERS) == []  # a terminated member is never created again
 
 
+async def test_a_member_follows_its_lead_broker_pod_to_a_new_ip(
+    api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
+) -> None:
+    emulator, url = api
+    await create_ensemble(url, ENSEMBLE)
+    async with running(run_creator, k8s_settings(settings, url)):
+        await wait_for(lambda: live(emulator, MINICLUSTERS), timeout=10)
+        start_lead_pod(emulator, "demo-0", "10.1.2.3")
+        await wait_for(lambda: member_record(nc), timeout=10)
+
+        # the pod is rescheduled: gone for a while (the record keeps its endpoint), then back elsewhere
+        emulator.objects[PODS, NS, "demo-0-0-abcde"].delete()
+        await asyncio.sleep(0.6)  # three passes
+        record = await member_record(nc)
+        assert record is not None and record.endpoint == "10.1.2.3:7000"
+        start_lead_pod(emulator, "demo-0", "10.9.8.7")
+
+        async def moved() -> bool:
+            found = await member_record(nc)
+            return found is not None and found.endpoint == "10.9.8.7:7000"
+
+        await wait_for(moved, timeout=10)
+        record = await member_record(nc)
+        assert record is not None and (record.phase, record.size, record.name) == ("active", 2, "demo-0")
+        await asyncio.sleep(0.6)
+        [event] = [e for e in live(emulator, EVENTS) if e["reason"] == "SidecarMoved"]
+        assert "10.9.8.7:7000 (was 10.1.2.3:7000)" in event["message"]
+
+
 async def test_an_invalid_ensemble_gets_a_failed_condition_and_one_warning_event_naming_the_field(
     api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
 ) -> None:

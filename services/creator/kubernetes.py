@@ -12,7 +12,8 @@ loop free of a blocking client thread; a change is seen within one resync period
    AlreadyExists counts as created), and once the lead broker pod (``job-name=<minicluster>``,
    ``job-index=0``) is running with an IP, its ``MemberSpec`` (endpoint ``<pod IP>:<sidecar port>``) is
    written with KV ``create`` and its ``ready`` event published (deduplicated by ``Nats-Msg-Id``). A
-   member with a record is never created again, so a terminated member stays terminated;
+   member with a record is never created again, so a terminated member stays terminated; an active
+   member's record follows its lead broker pod to a new IP (compare-and-set);
 4. the Ensemble's status (phase, members, conditions) is updated.
 
 Then the records are swept: an active member whose MiniCluster is gone gets a ``gone`` event and its
@@ -125,7 +126,10 @@ class Creator:
         with contextlib.suppress(KeyNotFoundError):
             entry = await self.members.get(address.key)
             if entry.value:
-                return _PHASES[msgspec.json.decode(entry.value, type=MemberSpec).phase]
+                spec = msgspec.json.decode(entry.value, type=MemberSpec)
+                if spec.phase == "active":
+                    await self.follow_lead(document, address, member, spec, entry.revision or 0)
+                return _PHASES[spec.phase]
         name = minicluster.minicluster_name(ensemble.name, member)
         found = await self.kube.get(*MC, ensemble.namespace, name)
         if found is None:
@@ -152,6 +156,34 @@ class Creator:
             log.info("member already registered", extra={"member": str(address)})
         await self.publish(address, "ready", member.size, f"sidecar at {endpoint}")
         return "Running"
+
+    async def follow_lead(
+        self, document: Obj, address: MemberAddress, member: Member, spec: MemberSpec, revision: int
+    ) -> None:
+        """Point an active member's record at its lead broker pod's current IP, if that pod came back with another.
+
+        A rescheduled or restarted lead broker pod gets a new IP; the record is updated (compare-and-set:
+        a record changed meanwhile is left to the next pass), the poller then follows the new endpoint and
+        the actuator reads it with the next decision. While no lead pod runs, the record is left alone.
+        """
+        ip = await self.lead_ip(address.namespace, spec.name)
+        endpoint = f"{ip}:{member.sidecar.port}"
+        if not ip or endpoint == spec.endpoint:
+            return
+        try:
+            await self.members.update(
+                address.key, encode(msgspec.structs.replace(spec, endpoint=endpoint)), last=revision
+            )
+        except KeyWrongLastSequenceError:
+            return
+        log.info("lead broker moved", extra={"member": str(address), "endpoint": endpoint, "was": spec.endpoint})
+        await self.kube.event(
+            document,
+            "Normal",
+            "SidecarMoved",
+            f"member {member.index}: the lead broker pod of {spec.name} is now at {endpoint} (was {spec.endpoint})",
+            key=f"moved:{spec.name}:{endpoint}:{metadata_uid(document)}",
+        )
 
     async def lead_ip(self, namespace: str, name: str) -> str:
         """The IP of the running lead broker pod of MiniCluster ``name``, or "" while there is none."""
