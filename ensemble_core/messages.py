@@ -117,6 +117,14 @@ class GroupStats(msgspec.Struct, kw_only=True, omit_defaults=True):
     wait_mean: float = 0.0
     wait_min: float = 0.0
     wait_max: float = 0.0
+    #: Sample variance (None below two values), interquartile range and mean absolute deviation (None
+    #: before the first value) of the same run / wait times; streaming estimates (``sidecar/streaming.py``).
+    run_var: float | None = None
+    run_iqr: float | None = None
+    run_mad: float | None = None
+    wait_var: float | None = None
+    wait_iqr: float | None = None
+    wait_mad: float | None = None
 
 
 class Metrics(Addressed, tag="metrics", kw_only=True):

@@ -50,6 +50,7 @@ from ensemble_core.wire import (
     StatusPayload,
     SubmitResult,
 )
+from sidecar.streaming import Spread
 
 #: How many waiting jobs ``next_jobs`` lists.
 NEXT_JOBS = 20
@@ -121,25 +122,6 @@ class Job:
 
 
 @dataclass(slots=True)
-class _Spread:
-    """Running count / sum / min / max of a series of durations."""
-
-    n: int = 0
-    total: float = 0.0
-    low: float = 0.0
-    high: float = 0.0
-
-    def add(self, value: float) -> None:
-        self.low = value if self.n == 0 else min(self.low, value)
-        self.high = value if self.n == 0 else max(self.high, value)
-        self.n += 1
-        self.total += value
-
-    def mean(self) -> float:
-        return self.total / self.n if self.n else 0.0
-
-
-@dataclass(slots=True)
 class GroupTally:
     """Incrementally maintained statistics of one job group (O(1) per finished job)."""
 
@@ -147,8 +129,8 @@ class GroupTally:
     finished: int = 0
     succeeded: int = 0
     failed: int = 0
-    run: _Spread = field(default_factory=_Spread)
-    wait: _Spread = field(default_factory=_Spread)
+    run: Spread = field(default_factory=Spread)
+    wait: Spread = field(default_factory=Spread)
 
     def ended(self, *, success: bool, run: float | None, wait: float | None) -> None:
         """Count a job that became inactive; ``run`` / ``wait`` seconds are added when it ran."""
@@ -175,6 +157,12 @@ class GroupTally:
             wait_mean=self.wait.mean(),
             wait_min=self.wait.low,
             wait_max=self.wait.high,
+            run_var=self.run.variance(),
+            run_iqr=self.run.iqr(),
+            run_mad=self.run.mad(),
+            wait_var=self.wait.variance(),
+            wait_iqr=self.wait.iqr(),
+            wait_mad=self.wait.mad(),
         )
 
 

@@ -460,6 +460,30 @@ def test_duration_statistics_have_no_value_before_a_job_finished() -> None:
     assert actions(run.feed(make_metrics(1, finished=1, groups={"sleep": quick}))) == [("terminate", None)]
 
 
+@pytest.mark.parametrize(
+    ("name", "when", "stats", "fires"),
+    [
+        # std is the square root of the sample variance; none before two jobs ran
+        ("std.sleep-duration", "> 1.5", [GroupStats(finished=1, run_var=None), GroupStats(finished=2, run_var=4.0)],
+         [False, True]),
+        ("variance.sleep-pending", ">= 4", [GroupStats(finished=3, wait_var=3.9), GroupStats(finished=4, wait_var=4.0)],
+         [False, True]),
+        ("var.sleep-duration", "< 1", [GroupStats(finished=2, run_var=0.5)], [True]),
+        ("iqr.sleep-duration", "> 10", [GroupStats(finished=5, run_iqr=10.0), GroupStats(finished=6, run_iqr=12.5)],
+         [False, True]),
+        # an original sidecar reports no spread at all: nothing fires, whatever the threshold
+        ("mad.sleep-pending", "< 100", [GroupStats(finished=9), GroupStats(finished=9, wait_mad=2.0)], [False, True]),
+    ],
+)  # fmt: skip
+def test_spread_statistics_fire_on_the_value_the_sidecar_reports(
+    name: str, when: str, stats: list[GroupStats], fires: list[bool]
+) -> None:
+    rules = [{"trigger": "metric", "name": name, "when": when, "action": {"name": "grow", "repetitions": 10}}]
+    run = Run(make_member("rules", jobs=EXAMPLE_JOBS, rules=rules, max_size=20))
+    fired = [bool(run.feed(make_metrics(seq, groups={"sleep": one}))) for seq, one in enumerate(stats)]
+    assert fired == fires
+
+
 def test_shrink_rule_and_failure_events() -> None:
     rules = [{"trigger": "job-failure", "group": "sleep", "action": {"name": "shrink", "value": 2, "repetitions": 3}}]
     run = Run(make_member("rules", jobs=EXAMPLE_JOBS, rules=rules, min_size=2, max_size=8))
@@ -514,14 +538,16 @@ def document(algorithm: dict[str, Any], *, member_algorithm: dict[str, Any] | No
             "(groups: echo, sleep) (for spec.members[0])",
         ),
         (
-            [{"trigger": "metric", "name": "variance.sleep-duration", "when": 1, "action": {"name": "grow"}}],
-            "spec.algorithm.rules[0].name: variance is not available: it needs every job's sample, and the "
-            "sidecar reports only count, mean, min and max per group; use mean, min or max",
+            [{"trigger": "metric", "name": "median.sleep-duration", "when": 1, "action": {"name": "grow"}}],
+            "spec.algorithm.rules[0].name: 'median.sleep-duration' is not a statistic; one of "
+            "count.<group>.finished|success|failed, mean|min|max|variance|var|std|iqr|mad.<group>-duration or "
+            "mean|min|max|variance|var|std|iqr|mad.<group>-pending",
         ),
         (
             [{"trigger": "metric", "name": "count.sleep.succeeded", "when": 1, "action": {"name": "grow"}}],
             "spec.algorithm.rules[0].name: 'count.sleep.succeeded' is not a statistic; one of "
-            "count.<group>.finished|success|failed, mean|min|max.<group>-duration or mean|min|max.<group>-pending",
+            "count.<group>.finished|success|failed, mean|min|max|variance|var|std|iqr|mad.<group>-duration or "
+            "mean|min|max|variance|var|std|iqr|mad.<group>-pending",
         ),
         (
             [{"trigger": "metric", "name": "count.sleep.success", "when": "=> 2", "action": {"name": "grow"}}],

@@ -36,11 +36,14 @@ Triggers:
 
 Statistics, per job group (``<group>`` is a ``name`` of the member's jobs matrix):
 ``count.<group>.finished``, ``count.<group>.success``, ``count.<group>.failed`` (0 before any job
-ended), and ``mean|min|max.<group>-duration`` (run time, s) and ``mean|min|max.<group>-pending``
-(time from submit to start, s) over the group's finished jobs — a duration or pending statistic of
-a group with no finished job has no value and satisfies no ``when``. The successor also offered
-variance, IQR and mean absolute deviation; they need every job's sample, while the sidecar reports
-only count, mean, min and max per group, so they are rejected with an error rather than guessed.
+ended), and ``<stat>.<group>-duration`` (run time, s) and ``<stat>.<group>-pending`` (time from
+submit to start, s) over the group's finished jobs, where ``<stat>`` is ``mean``, ``min``, ``max``,
+``variance`` (or ``var``; sample variance, s²), ``std`` (its square root), ``iqr`` (75th minus 25th
+percentile) or ``mad`` (mean absolute deviation). A duration or pending statistic of a group with no
+finished job has no value and satisfies no ``when``; nor do ``variance`` and ``std`` before two.
+The sidecar computes them as streams (``sidecar/streaming.py``): variance exactly, ``iqr`` and ``mad``
+as estimates (P² quartiles; deviations from the running mean), like the successor's River statistics.
+A sidecar that does not report them (an original one) leaves them without a value.
 
 Actions (``action.name``), each with ``repetitions`` (default 1: how many times in all the action
 may be performed) and ``backoff`` (default 0: checks to let pass after each performance before the
@@ -73,6 +76,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import operator
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -96,9 +100,10 @@ _ACTIONS: tuple[str, ...] = ("submit", "grow", "shrink", "terminate")
 _RULE_KEYS = ("trigger", "group", "name", "when", "action")
 _ACTION_KEYS = ("name", "group", "value", "repetitions", "backoff")
 _COUNTS = {"finished": "finished", "success": "succeeded", "failed": "failed"}
-_SPREADS = ("mean", "min", "max")
+#: Statistic name → the ``GroupStats`` field suffix it reads.
+_SPREADS = {"mean": "mean", "min": "min", "max": "max", "variance": "var", "var": "var", "std": "var", "iqr": "iqr",
+            "mad": "mad"}  # fmt: skip
 _SERIES = {"duration": "run", "pending": "wait"}
-_UNAVAILABLE = ("variance", "var", "std", "iqr", "mad")
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
     "<=": operator.le,
@@ -128,6 +133,8 @@ class Statistic(msgspec.Struct, frozen=True):
     group: str
     field: str
     timed: bool
+    #: The square root of the field (``std`` from the variance).
+    root: bool = False
 
 
 class Rule(msgspec.Struct, frozen=True, kw_only=True):
@@ -301,7 +308,8 @@ def _not_a_group(value: str, groups: Collection[str]) -> str:
 
 
 def _statistic(value: object, path: str, groups: Collection[str] | None, errors: list[str]) -> Statistic | None:
-    forms = "count.<group>.finished|success|failed, mean|min|max.<group>-duration or mean|min|max.<group>-pending"
+    stats = "|".join(_SPREADS)
+    forms = f"count.<group>.finished|success|failed, {stats}.<group>-duration or {stats}.<group>-pending"
     if not isinstance(value, str) or "." not in value:
         problem = "required" if value is None else f"{value!r} is not a statistic"
         errors.append(f"{path}: {problem}; one of {forms}")
@@ -315,13 +323,7 @@ def _statistic(value: object, path: str, groups: Collection[str] | None, errors:
     elif kind in _SPREADS and "-" in rest:
         group, series = rest.rsplit("-", 1)
         if series in _SERIES and group:
-            statistic = Statistic(value, group, f"{_SERIES[series]}_{kind}", True)
-    elif kind in _UNAVAILABLE:
-        errors.append(
-            f"{path}: {kind} is not available: it needs every job's sample, and the sidecar reports only "
-            "count, mean, min and max per group; use mean, min or max"
-        )
-        return None
+            statistic = Statistic(value, group, f"{_SERIES[series]}_{_SPREADS[kind]}", True, root=kind == "std")
     if statistic is None:
         errors.append(f"{path}: {value!r} is not a statistic; one of {forms}")
         return None
@@ -498,5 +500,7 @@ def _value(stats: GroupStats | None, statistic: Statistic) -> float | None:
         return None if statistic.timed else 0.0
     if statistic.timed and stats.finished == 0:
         return None
-    value: float = getattr(stats, statistic.field)
+    value: float | None = getattr(stats, statistic.field)
+    if value is not None and statistic.root:
+        return math.sqrt(max(0.0, value))
     return value
