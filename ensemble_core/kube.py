@@ -343,6 +343,16 @@ class Kube:
             if all((pod.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in labels.items())
         ]
 
+    async def secret_data(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """The decoded ``data`` of Secret ``namespace/name``, or None when there is no such Secret."""
+        try:
+            found = await self.call(f"get secret {namespace}/{name}", self.core.read_namespaced_secret, name, namespace)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return {key: base64.b64decode(value) for key, value in (found.data or {}).items()}
+
     async def ensure_secret(self, body: Obj) -> bool:
         """Create the Secret ``body``, or bring an existing one's ``stringData`` up to date; True if written."""
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]

@@ -84,6 +84,33 @@ def token_secret(ensemble: Ensemble, token: str, owner: Mapping[str, Any]) -> di
     }
 
 
+#: Where the sidecar container finds its TLS certificate and key (``tls.crt``, ``tls.key``), when TLS is on.
+TLS_DIR = "/etc/ensemble/sidecar-tls"
+#: The sidecar container's volume with them.
+TLS_VOLUME = "ensemble-sidecar-tls"
+
+
+def tls_secret_name(ensemble: str) -> str:
+    """The Secret holding the sidecar TLS certificate and key in an Ensemble's namespace."""
+    return short_name(ensemble, 253, suffix="-sidecar-tls")
+
+
+def tls_secret(ensemble: Ensemble, chain: bytes, key: bytes, owner: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``kubernetes.io/tls`` Secret the sidecars of ``ensemble`` serve TLS with (owned by the Ensemble)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {
+            "name": tls_secret_name(ensemble.name),
+            "namespace": ensemble.namespace,
+            "labels": {ENSEMBLE_LABEL: label_value(ensemble.name)},
+            "ownerReferences": [dict(owner)],
+        },
+        "stringData": {"tls.crt": chain.decode(), "tls.key": key.decode()},
+    }
+
+
 def check(member: Member) -> list[str]:
     """What the Flux Operator would refuse (or misrun) in the member's containers, as ``<path>: <problem>``."""
     path = f"spec.members[{member.index}].minicluster.spec"
@@ -137,8 +164,11 @@ def _string_maps(places: Mapping[str, object]) -> list[str]:
     return errors
 
 
-def build(ensemble: Ensemble, member: Member, owner: Mapping[str, Any]) -> dict[str, Any]:
-    """The MiniCluster of ``member`` (see the module docstring); ``member`` must pass :func:`check`."""
+def build(ensemble: Ensemble, member: Member, owner: Mapping[str, Any], *, tls: bool = False) -> dict[str, Any]:
+    """The MiniCluster of ``member`` (see the module docstring); ``member`` must pass :func:`check`.
+
+    ``tls``: the sidecar serves TLS with the certificate of :func:`tls_secret`, mounted at ``TLS_DIR``.
+    """
     user = copy.deepcopy(dict(member.minicluster))
     user_metadata = user.get("metadata") or {}
     spec: dict[str, Any] = copy.deepcopy(user.get("spec") or {})
@@ -149,20 +179,24 @@ def build(ensemble: Ensemble, member: Member, owner: Mapping[str, Any]) -> dict[
     for i, container in enumerate(containers):
         container["runFlux"] = i == application
     sidecar = member.sidecar
-    containers.append(
-        {
-            "name": SIDECAR_CONTAINER,
-            "image": sidecar.image,
-            "pullAlways": sidecar.pull_always,
-            "command": f"ensemble sidecar --backend flux --host 0.0.0.0 --port {sidecar.port}",
-            "environment": {"FLUX_URI": FLUX_URI},
-            "secrets": {
-                "ENSEMBLE_SIDECAR_TOKEN": {"name": token_secret_name(ensemble.name), "key": TOKEN_KEY},
-            },
-            "ports": [sidecar.port],
-            "runFlux": False,
+    injected: dict[str, Any] = {
+        "name": SIDECAR_CONTAINER,
+        "image": sidecar.image,
+        "pullAlways": sidecar.pull_always,
+        "command": f"ensemble sidecar --backend flux --host 0.0.0.0 --port {sidecar.port}",
+        "environment": {"FLUX_URI": FLUX_URI},
+        "secrets": {
+            "ENSEMBLE_SIDECAR_TOKEN": {"name": token_secret_name(ensemble.name), "key": TOKEN_KEY},
+        },
+        "ports": [sidecar.port],
+        "runFlux": False,
+    }
+    if tls:
+        injected["command"] += f" --tls-cert {TLS_DIR}/tls.crt --tls-key {TLS_DIR}/tls.key"
+        injected["volumes"] = {
+            TLS_VOLUME: {"secretName": tls_secret_name(ensemble.name), "path": TLS_DIR, "readOnly": True}
         }
-    )
+    containers.append(injected)
     pod = dict(spec.get("pod") or {})
     pod["labels"] = {**(pod.get("labels") or {}), **labels}
     spec.update(

@@ -24,6 +24,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Bearer token the poller and actuator present to sidecars (empty: none).
     sidecar_token: str = ""
+    #: poller and actuator: the CA certificate (PEM file) that signed the sidecars' TLS certificates; empty:
+    #: plaintext gRPC to sidecars.
+    sidecar_ca: str = ""
+    #: poller and actuator: the name the sidecars' certificates are issued for (checked instead of the pod IP).
+    sidecar_tls_name: str = "ensemble-sidecar"
+    #: creator (Kubernetes mode): ``<namespace>/<name>`` of a ``kubernetes.io/tls`` Secret whose certificate
+    #: (for ``sidecar_tls_name``) every sidecar serves; copied into each Ensemble's namespace. Empty: no TLS.
+    sidecar_tls_secret: str = ""
     #: Seconds a gRPC call to a sidecar may take.
     sidecar_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     #: creator (local mode): the Ensemble file to run.

@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
-from typing import TypeVar
+from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import grpc
 import msgspec
 
 from ensemble_core.rpc import ensemble_service_pb2 as pb
 from ensemble_core.rpc import ensemble_service_pb2_grpc as pb_grpc
+from ensemble_core.settings import Settings, SettingsError
 from ensemble_core.wire import StatusPayload, decode_status
 
 T = TypeVar("T")
@@ -24,6 +26,39 @@ T = TypeVar("T")
 CLOSE_TIMEOUT = 2.0
 #: Largest gRPC message accepted from a sidecar (a status with many groups, a long jobinfo).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+#: The name sidecar certificates are issued for. Sidecars are reached by pod IP, which changes, so the
+#: client checks the certificate against this fixed name (``grpc.ssl_target_name_override``) instead.
+TLS_NAME = "ensemble-sidecar"
+
+
+class ClientTls(NamedTuple):
+    """TLS to sidecars: the CA (PEM) that signed their certificates and the name they were issued for."""
+
+    ca: bytes
+    name: str = TLS_NAME
+
+
+def client_tls(settings: Settings) -> ClientTls | None:
+    """The TLS the settings ask for (``ENSEMBLE_SIDECAR_CA``), or None for plaintext.
+
+    Raises :class:`SettingsError` naming the variable when the CA file cannot be read or holds no
+    certificate (checked at start, so a service never runs half-configured).
+    """
+    if not settings.sidecar_ca:
+        return None
+    path = Path(settings.sidecar_ca)
+    try:
+        ca = path.read_bytes()
+    except OSError as exc:
+        raise SettingsError(
+            f"ENSEMBLE_SIDECAR_CA: cannot read {path}: {exc.strerror}; mount the CA certificate there "
+            "or unset the variable for plaintext"
+        ) from None
+    if b"-----BEGIN CERTIFICATE-----" not in ca:
+        raise SettingsError(f"ENSEMBLE_SIDECAR_CA: {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return ClientTls(ca, settings.sidecar_tls_name)
 
 
 class SidecarError(Exception):
@@ -54,15 +89,17 @@ class SidecarClient:
         member: str = "minicluster",
         *,
         reconnect: tuple[float, float] | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         """``reconnect``: the first and the longest wait (seconds) between two attempts to connect after
         the endpoint failed, for a connection of this client's own (not shared with other clients of the
-        endpoint, whose waits would apply); None: a shared connection with gRPC's waits (1 s to 2 min)."""
+        endpoint, whose waits would apply); None: a shared connection with gRPC's waits (1 s to 2 min).
+        ``tls``: speak TLS and accept only a certificate of ``tls.name`` signed by ``tls.ca``."""
         self.endpoint = endpoint
         self.timeout = timeout
         self.member = member
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        options: list[tuple[str, int]] = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
@@ -74,7 +111,12 @@ class SidecarClient:
                 ("grpc.min_reconnect_backoff_ms", max(1, round(first * 1000))),
                 ("grpc.max_reconnect_backoff_ms", max(1, round(longest * 1000))),
             ]
-        self._channel = grpc.aio.insecure_channel(endpoint, options=options)
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(endpoint, options=options)
+        else:
+            options.append(("grpc.ssl_target_name_override", tls.name))
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls.ca)
+            self._channel = grpc.aio.secure_channel(endpoint, credentials, options=options)
         self._stub = pb_grpc.EnsembleOperatorStub(self._channel)
 
     async def __aenter__(self) -> SidecarClient:

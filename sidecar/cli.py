@@ -6,6 +6,7 @@ The token comes from the environment variable ``ENSEMBLE_SIDECAR_TOKEN`` (never 
 line, where other users could read it); unset or empty means no authentication. With ``--port 0``
 the bound port is printed as the first line of stdout. ``--state-dir`` (local backend) journals the
 queue there and replays it on start, so a restarted sidecar keeps its jobs (see ``sidecar.local``).
+``--tls-cert`` and ``--tls-key`` serve TLS only (the poller and actuator then need ``ENSEMBLE_SIDECAR_CA``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from sidecar.backend import Backend
 from sidecar.local import JournalBusy, LocalBackend
 from sidecar.queue import QueueError
-from sidecar.server import delay_from_file, serve
+from sidecar.server import ServerTls, delay_from_file, serve
 from sidecar.sim import SimBackend, SimQueue, TraceError, load_trace
 
 TOKEN_ENV = "ENSEMBLE_SIDECAR_TOKEN"
@@ -77,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument(
+        "--tls-cert", type=Path, default=None, help="serve TLS with this PEM certificate (chain); needs --tls-key"
+    )
+    parser.add_argument("--tls-key", type=Path, default=None, help="the PEM private key of --tls-cert")
+    parser.add_argument(
         "--test-delay-file",
         type=Path,
         default=None,
@@ -103,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port: must be in 0..65535, got {args.port}")
     if args.heartbeat <= 0:
         parser.error(f"--heartbeat: must be > 0, got {args.heartbeat}")
+    tls = _tls(parser, args.tls_cert, args.tls_key)
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     try:
-        return asyncio.run(_run(args, token))
+        return asyncio.run(_run(args, token, tls))
     except (QueueError, TraceError) as exc:
         print(f"ensemble sidecar: {exc}", file=sys.stderr)
         return 2
@@ -159,7 +165,25 @@ def _backend(args: argparse.Namespace) -> Backend:
         raise BackendUnavailable(f"--state-dir: {exc}") from None
 
 
-async def _run(args: argparse.Namespace, token: str | None) -> int:
+def _tls(parser: argparse.ArgumentParser, cert: Path | None, key: Path | None) -> ServerTls | None:
+    """The certificate and key the flags name (both or neither); exits with the problem otherwise."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        parser.error("--tls-cert and --tls-key go together: give both, or neither for plaintext")
+    pems = []
+    for flag, path, marker in (("--tls-cert", cert, b"CERTIFICATE-----"), ("--tls-key", key, b"PRIVATE KEY-----")):
+        try:
+            pem = path.read_bytes()
+        except OSError as exc:
+            parser.error(f"{flag}: cannot read {path}: {exc.strerror}")
+        if marker not in pem:
+            parser.error(f"{flag}: {path} is not a PEM {'certificate' if flag == '--tls-cert' else 'private key'}")
+        pems.append(pem)
+    return ServerTls(chain=pems[0], key=pems[1])
+
+
+async def _run(args: argparse.Namespace, token: str | None, tls: ServerTls | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -173,6 +197,7 @@ async def _run(args: argparse.Namespace, token: str | None) -> int:
             token=token,
             heartbeat=args.heartbeat,
             call_delay=delay_from_file(args.test_delay_file) if args.test_delay_file else None,
+            tls=tls,
         )
     except RuntimeError as exc:
         await backend.aclose()

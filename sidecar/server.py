@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 import grpc
 import msgspec
@@ -286,6 +286,13 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
+class ServerTls(NamedTuple):
+    """The sidecar's TLS certificate chain and private key (PEM)."""
+
+    chain: bytes
+    key: bytes
+
+
 async def serve(
     backend: Backend,
     *,
@@ -294,12 +301,14 @@ async def serve(
     token: str | None = None,
     heartbeat: float = 5.0,
     call_delay: Callable[[], float] | None = None,
+    tls: ServerTls | None = None,
 ) -> RunningServer:
     """Start the sidecar service (plus health and reflection) for ``backend`` on ``host:port``.
 
     ``port`` 0 binds a free port (see ``RunningServer.port``). ``token`` (None or empty: no
-    authentication) is required from every caller of the service. ``call_delay`` is the test hook
-    (see the module docstring). Raises ``RuntimeError`` when the address cannot be bound.
+    authentication) is required from every caller of the service. ``tls``: serve TLS only, with this
+    certificate chain and key. ``call_delay`` is the test hook (see the module docstring). Raises
+    ``RuntimeError`` when the address cannot be bound.
     """
     interceptors = [TokenInterceptor(token)] if token else []
     server = aio.server(interceptors=interceptors)
@@ -312,13 +321,19 @@ async def serve(
         server,
     )
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls.key, tls.chain)]))
     if bound == 0:
         raise RuntimeError(f"cannot bind {address}")
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("sidecar listening address=%s port=%d auth=%s", host, bound, "token" if token else "none")
+    log.info(
+        "sidecar listening address=%s port=%d auth=%s tls=%s",
+        host, bound, "token" if token else "none", "on" if tls else "off",
+    )  # fmt: skip
     return RunningServer(server=server, port=bound, backend=backend, health=health)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -17,7 +18,7 @@ from nats.js.errors import KeyNotFoundError
 from ensemble_core import minicluster, subjects
 from ensemble_core.kube import Kube, api_client
 from ensemble_core.messages import Applied, Decision, MemberEvent, MemberSpec, encode
-from ensemble_core.settings import Settings
+from ensemble_core.settings import Settings, SettingsError
 from ensemble_core.spec import validate
 from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token
@@ -236,6 +237,42 @@ async def test_a_member_follows_its_lead_broker_pod_to_a_new_ip(
         assert "10.9.8.7:7000 (was 10.1.2.3:7000)" in event["message"]
 
 
+async def test_with_sidecar_tls_the_creator_waits_for_the_secret_then_mounts_a_copy_into_the_sidecar(
+    api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
+) -> None:
+    emulator, url = api
+    await create_ensemble(url, ENSEMBLE)
+    tls_settings = msgspec.structs.replace(
+        k8s_settings(settings, url), sidecar_tls_secret="ensemble-system/ensemble-sidecar-tls"
+    )
+    chain, key = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n", b"-----BEGIN PRIVATE KEY-----\nx\n"
+    async with running(run_creator, tls_settings):
+        # no Secret yet: a Warning, and no MiniCluster whose sidecar nobody could reach
+        await wait_for(lambda: [e for e in live(emulator, EVENTS) if e["reason"] == "SidecarTLSMissing"], timeout=10)
+        assert live(emulator, MINICLUSTERS) == []
+        emulator.objects[SECRETS, "ensemble-system", "ensemble-sidecar-tls"] = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {"name": "ensemble-sidecar-tls", "namespace": "ensemble-system"},
+            "data": {"tls.crt": base64.b64encode(chain).decode(), "tls.key": base64.b64encode(key).decode()},
+        }
+        await wait_for(lambda: live(emulator, MINICLUSTERS), timeout=10)
+    [created] = live(emulator, MINICLUSTERS)
+    assert_valid_minicluster(created)
+    sidecar = created["spec"]["containers"][-1]
+    assert sidecar["command"].endswith(
+        f"--tls-cert {minicluster.TLS_DIR}/tls.crt --tls-key {minicluster.TLS_DIR}/tls.key"
+    )
+    assert sidecar["volumes"] == {
+        minicluster.TLS_VOLUME: {"secretName": "demo-sidecar-tls", "path": minicluster.TLS_DIR, "readOnly": True}
+    }
+    [copy_] = [secret for secret in live(emulator, SECRETS) if secret["metadata"]["name"] == "demo-sidecar-tls"]
+    assert copy_["metadata"]["namespace"] == NS and copy_["type"] == "kubernetes.io/tls"
+    assert copy_["stringData"] == {"tls.crt": chain.decode(), "tls.key": key.decode()}
+    assert copy_["metadata"]["ownerReferences"][0]["uid"] == ENSEMBLE["metadata"]["uid"]
+
+
 async def test_an_invalid_ensemble_gets_a_failed_condition_and_one_warning_event_naming_the_field(
     api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
 ) -> None:
@@ -384,3 +421,12 @@ async def test_bursts_of_409_and_500_from_the_api_are_retried_and_the_decision_i
 
 async def _count(source: Coroutine[Any, Any, list[Any]], count: int) -> bool:
     return len(await source) >= count
+
+
+@pytest.mark.parametrize("value", ["no-slash", "a/b/c", "/name", "namespace/"])
+async def test_a_malformed_sidecar_tls_secret_setting_stops_the_creator_naming_it(
+    settings: Settings, value: str
+) -> None:
+    bad = msgspec.structs.replace(settings, mode="kubernetes", kube_api="http://127.0.0.1:9", sidecar_tls_secret=value)
+    with pytest.raises(SettingsError, match="ENSEMBLE_SIDECAR_TLS_SECRET: expected <namespace>/<name>"):
+        await run_creator(bad, asyncio.Event())

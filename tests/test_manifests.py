@@ -44,7 +44,8 @@ COMBINATIONS: dict[str, list[str]] = {
     "network-policy": ["network-policy"],
     "monitoring": ["monitoring"],
     "ha": ["ha"],
-    "everything": ["tls", "tls-cert-manager", "nats-auth", "network-policy", "monitoring", "ha"],
+    "sidecar-tls": ["sidecar-tls"],
+    "everything": ["tls", "tls-cert-manager", "nats-auth", "network-policy", "monitoring", "ha", "sidecar-tls"],
 }
 RENDERS = [*COMBINATIONS, "overlays/production"]
 SERVICES = ("creator", "poller", "decider", "actuator")
@@ -599,6 +600,30 @@ def test_production_services_trust_the_nats_ca_and_authenticate() -> None:
             "optional": False,
             "items": [{"key": ca_file.name, "path": ca_file.name}],
         }
+
+
+@pytest.mark.parametrize("name", ["sidecar-tls", "overlays/production"])
+def test_sidecar_tls_settings_name_the_issued_secret_and_the_mounted_ca(name: str) -> None:
+    objects = render(name)
+    (settings_map,) = [o for o in find(objects, "ConfigMap") if o["metadata"]["name"].startswith("ensemble-settings")]
+    data = settings_map["data"]
+    namespace, secret = data["ENSEMBLE_SIDECAR_TLS_SECRET"].split("/")
+    (certificate,) = [c for c in find(objects, "Certificate") if c["spec"]["secretName"] == secret]
+    assert certificate["metadata"]["namespace"] == namespace
+    assert certificate["spec"]["dnsNames"] == [data["ENSEMBLE_SIDECAR_TLS_NAME"]]
+    ca_path = Path(data["ENSEMBLE_SIDECAR_CA"])
+    for service in SERVICES:
+        pod = deployment(objects, service)["spec"]["template"]["spec"]
+        volumes = [v for v in pod.get("volumes", []) if v.get("secret", {}).get("secretName") == secret]
+        if service not in ("poller", "actuator"):
+            assert volumes == [], f"{service} needs no sidecar certificate"
+            continue
+        # the CA certificate only, where ENSEMBLE_SIDECAR_CA points: never the sidecar's key
+        (volume,) = volumes
+        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": ca_path.name}]
+        (container,) = pod["containers"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["mountPath"] == str(ca_path.parent) and mount["readOnly"] is True
 
 
 def test_nats_keeps_its_store_on_a_claim() -> None:

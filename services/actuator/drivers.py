@@ -13,7 +13,7 @@ from collections.abc import Awaitable
 from typing import Protocol, TypeVar, cast, get_args
 
 from ensemble_core.messages import Applied, Decision, MemberSpec
-from ensemble_core.sidecar_client import SidecarClient, SidecarError, SidecarUnavailable
+from ensemble_core.sidecar_client import ClientTls, SidecarClient, SidecarError, SidecarUnavailable
 from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import Order, ResizePayload, ResizeResult, SubmitPayload, SubmitResult
 
@@ -63,9 +63,10 @@ class Driver(Protocol):
 class LocalDriver:
     """Drives sidecars on the ``local`` queue: the sidecar itself grows and shrinks its virtual nodes."""
 
-    def __init__(self, secret: str, timeout: float) -> None:
+    def __init__(self, secret: str, timeout: float, tls: ClientTls | None = None) -> None:
         self.secret = secret
         self.timeout = timeout
+        self.tls = tls
         self._clients: dict[str, SidecarClient] = {}
 
     def client(self, member: MemberSpec) -> SidecarClient:
@@ -73,7 +74,7 @@ class LocalDriver:
         client = self._clients.get(member.endpoint)
         if client is None:
             token = ensemble_token(self.secret, member.namespace, member.ensemble)
-            client = SidecarClient(member.endpoint, token, self.timeout)
+            client = SidecarClient(member.endpoint, token, self.timeout, tls=self.tls)
             self._clients[member.endpoint] = client
         return client
 

@@ -30,6 +30,7 @@ from ensemble_core import natsio, subjects
 from ensemble_core.kube import Kube, api_client
 from ensemble_core.messages import Applied, Decision, EventKind, MemberEvent, MemberSpec, encode
 from ensemble_core.settings import Settings
+from ensemble_core.sidecar_client import client_tls
 from ensemble_core.subjects import MemberAddress
 from services.actuator.drivers import Driver, DriverError, LocalDriver
 from services.actuator.effects import CooldownPending, InvalidDecision, apply
@@ -201,9 +202,10 @@ class Actuator:
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Consume decisions until ``stop`` (or SIGTERM), then drain."""
     stop = stop or asyncio.Event()
+    tls = client_tls(settings)  # a bad CA file stops the service here, naming the variable
     natsio.stop_on_signals(stop)
     nc = await natsio.connect(settings, "actuator")
-    local = LocalDriver(settings.sidecar_token, settings.sidecar_timeout)
+    local = LocalDriver(settings.sidecar_token, settings.sidecar_timeout, tls)
     driver: Driver = local
     if settings.mode == "kubernetes":
         driver = KubernetesDriver(Kube(api_client(settings.kube_api)), local, settings.complete_to_min_size)

@@ -108,10 +108,17 @@ class Creator:
         owner = owner_reference(document)
         token = ensemble_token(self.settings.sidecar_token, namespace, name)
         await self.kube.ensure_secret(minicluster.token_secret(ensemble, token, owner))
+        tls = False
+        if self.settings.sidecar_tls_secret:
+            pair = await self.sidecar_tls(document)
+            if pair is None:
+                return  # told in an Event; retried next pass, once the Secret is there
+            await self.kube.ensure_secret(minicluster.tls_secret(ensemble, *pair, owner))
+            tls = True
         phases: dict[int, str] = {}
         for member in ensemble.members:
             try:
-                phases[member.index] = await self.member(document, ensemble, member, owner)
+                phases[member.index] = await self.member(document, ensemble, member, owner, tls)
             except KubeError as exc:
                 if exc.status not in (400, 422):
                     raise
@@ -120,7 +127,7 @@ class Creator:
                 return
         await self.kube.update_status(namespace, name, lambda status, _: _summary(status, ensemble, phases, generation))
 
-    async def member(self, document: Obj, ensemble: Ensemble, member: Member, owner: Obj) -> str:
+    async def member(self, document: Obj, ensemble: Ensemble, member: Member, owner: Obj, tls: bool) -> str:
         """Create one member's MiniCluster and register it once its lead broker is up; return its phase."""
         address = MemberAddress(ensemble.namespace, ensemble.name, member.index)
         with contextlib.suppress(KeyNotFoundError):
@@ -133,7 +140,7 @@ class Creator:
         name = minicluster.minicluster_name(ensemble.name, member)
         found = await self.kube.get(*MC, ensemble.namespace, name)
         if found is None:
-            body = minicluster.build(ensemble, member, owner)
+            body = minicluster.build(ensemble, member, owner, tls=tls)
             if await self.kube.create(*MC, body):
                 log.info("created MiniCluster", extra={"member": str(address), "minicluster": name})
                 await self.kube.event(
@@ -156,6 +163,27 @@ class Creator:
             log.info("member already registered", extra={"member": str(address)})
         await self.publish(address, "ready", member.size, f"sidecar at {endpoint}")
         return "Running"
+
+    async def sidecar_tls(self, document: Obj) -> tuple[bytes, bytes] | None:
+        """The certificate chain and key of ``ENSEMBLE_SIDECAR_TLS_SECRET``, or None (with a Warning Event).
+
+        The poller and actuator accept sidecars only over TLS then, so no MiniCluster is created without it.
+        """
+        namespace, name = self.settings.sidecar_tls_secret.split("/", 1)
+        data = await self.kube.secret_data(namespace, name)
+        chain, key = (data or {}).get("tls.crt", b""), (data or {}).get("tls.key", b"")
+        if b"CERTIFICATE-----" in chain and b"PRIVATE KEY-----" in key:
+            return chain, key
+        problem = "does not exist" if data is None else "lacks a PEM tls.crt and tls.key"
+        message = (
+            f"the sidecar TLS Secret {namespace}/{name} ({env_name('sidecar_tls_secret')}) {problem}; "
+            "no MiniCluster is created until it does (cert-manager: the sidecar-tls component)"
+        )
+        log.warning(message, extra={"ensemble": (document.get("metadata") or {}).get("name")})
+        await self.kube.event(
+            document, "Warning", "SidecarTLSMissing", message, key=f"tls:{metadata_uid(document)}:{problem}"
+        )
+        return None
 
     async def follow_lead(
         self, document: Obj, address: MemberAddress, member: Member, spec: MemberSpec, revision: int
@@ -313,6 +341,12 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         raise SettingsError(
             f"{env_name('sidecar_token')}: required in Kubernetes mode (the secret each Ensemble's sidecar "
             "token is derived from); a sidecar must never accept jobs without one"
+        )
+    secret = settings.sidecar_tls_secret
+    if secret and (secret.count("/") != 1 or not all(secret.split("/"))):
+        raise SettingsError(
+            f"{env_name('sidecar_tls_secret')}: expected <namespace>/<name> of a kubernetes.io/tls Secret, "
+            f"got {secret!r}"
         )
     kube = Kube(api_client(settings.kube_api))
     nc = await natsio.connect(settings, "creator")

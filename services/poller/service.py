@@ -39,7 +39,14 @@ from prometheus_client import Counter, Gauge, Histogram
 from ensemble_core import natsio, subjects
 from ensemble_core.messages import EventKind, MemberEvent, MemberSpec, Metrics, VersionError, check_version, encode
 from ensemble_core.settings import Settings
-from ensemble_core.sidecar_client import SidecarClient, SidecarError, SidecarUnavailable, SidecarUnimplemented
+from ensemble_core.sidecar_client import (
+    ClientTls,
+    SidecarClient,
+    SidecarError,
+    SidecarUnavailable,
+    SidecarUnimplemented,
+    client_tls,
+)
 from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import StatusPayload
@@ -109,10 +116,13 @@ class MemberLoop:
         *,
         max_backoff: float = MAX_BACKOFF,
         watch_silence: float = WATCH_SILENCE,
+        tls: ClientTls | None = None,
     ) -> None:
-        """``max_backoff``: longest wait between attempts; ``watch_silence``: a quiet stream's limit."""
+        """``max_backoff``: longest wait between attempts; ``watch_silence``: a quiet stream's limit;
+        ``tls``: reach the sidecar over TLS."""
         self.js = js
         self.settings = settings
+        self.tls = tls
         self.spec = spec
         self.address = MemberAddress(spec.namespace, spec.ensemble, spec.member)
         self.token = ensemble_token(settings.sidecar_token, spec.namespace, spec.ensemble)
@@ -137,6 +147,7 @@ class MemberLoop:
             self.token,
             self.settings.sidecar_timeout,
             reconnect=(self.spec.check_seconds, self.max_backoff),
+            tls=self.tls,
         )
         try:
             async with client:
@@ -308,10 +319,11 @@ def _next_due(due: float, period: float) -> float:
 class Members:
     """The running loops, one per active member, kept in step with the member records."""
 
-    def __init__(self, js: JetStreamContext, settings: Settings) -> None:
-        """Loops publish through ``js`` with ``settings``."""
+    def __init__(self, js: JetStreamContext, settings: Settings, tls: ClientTls | None = None) -> None:
+        """Loops publish through ``js`` with ``settings`` and reach sidecars with ``tls``."""
         self.js = js
         self.settings = settings
+        self.tls = tls
         self.loops: dict[str, tuple[MemberSpec, asyncio.Task[None]]] = {}
 
     async def update(self, key: str, spec: MemberSpec | None) -> None:
@@ -325,7 +337,8 @@ class Members:
             log.info("stopped polling", extra={"member": key})
         if wanted is not None:
             # started only once the old loop is gone, so two loops of a member never publish at once
-            self.loops[key] = (wanted, asyncio.create_task(MemberLoop(self.js, self.settings, wanted).run()))
+            loop = MemberLoop(self.js, self.settings, wanted, tls=self.tls)
+            self.loops[key] = (wanted, asyncio.create_task(loop.run()))
             log.info("polling", extra={"member": key, "endpoint": wanted.endpoint})
 
     async def stop(self, key: str) -> None:
@@ -376,10 +389,11 @@ async def _follow_records(members: Members, bucket: KeyValue, stop: asyncio.Even
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Publish the checks of every active member of ``ensemble-members`` until ``stop`` (or SIGTERM)."""
     stop = stop or asyncio.Event()
+    tls = client_tls(settings)  # a bad CA file stops the service here, naming the variable
     natsio.stop_on_signals(stop)
     nc = await natsio.connect(settings, "poller")
     js = nc.jetstream()
-    members = Members(js, settings)
+    members = Members(js, settings, tls)
     try:
         await natsio.declare(js)
         await _follow_records(members, await natsio.bucket(js, subjects.MEMBERS_BUCKET), stop)
