@@ -7,13 +7,18 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import trustme
+from nats.aio.client import Client
 
 from ensemble_core.settings import Settings, SettingsError
 from ensemble_core.sidecar_client import TLS_NAME, ClientTls, SidecarClient, SidecarUnavailable, client_tls
+from services.actuator.drivers import LocalDriver
 from sidecar.local import LocalBackend
 from sidecar.server import RunningServer, ServerTls, serve
+from tests.conftest import wait_for
+from tests.test_poller import member_spec, poller, register, stored, token
 
 TOKEN = "tls-test-token"
 
@@ -99,3 +104,27 @@ async def test_the_sidecar_command_serves_tls_and_explains_bad_flags(tmp_path: P
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_the_poller_and_the_actuator_reach_a_tls_sidecar_with_the_ca_setting(
+    nc: Client, settings: Settings, ca: trustme.CA, tmp_path: Path
+) -> None:
+    ca_file = tmp_path / "ca.crt"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert = ca.issue_cert(TLS_NAME)
+    tls = ServerTls(chain=cert.private_key_and_cert_chain_pem.bytes(), key=cert.private_key_pem.bytes())
+    sidecar = await serve(LocalBackend(nodes=1, max_nodes=3), port=0, token=token(settings), tls=tls)
+    with_ca = msgspec.structs.replace(settings, sidecar_ca=str(ca_file))
+    spec = member_spec(0, f"127.0.0.1:{sidecar.port}")
+    try:
+        await register(nc, spec)
+        async with stored(nc) as found, poller(with_ca):
+            await wait_for(lambda: len(found.of(0)) >= 2, timeout=10)
+        assert found.of(0)[0].size == 1
+        driver = LocalDriver(settings.sidecar_token, 5.0, client_tls(with_ca))
+        try:
+            assert await driver.size(spec) == 1
+        finally:
+            await driver.close()
+    finally:
+        await sidecar.stop()
