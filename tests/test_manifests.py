@@ -539,15 +539,32 @@ def check_nats_config(files: dict[str, str], directory: Path, env: dict[str, str
     )
 
 
+#: The environment nats-auth gives the server: each service's password (keys of ensemble-nats-auth).
+NATS_PASSWORDS = {f"NATS_{service.upper()}_PASSWORD": "x" * 24 for service in SERVICES}
+
+
 @pytest.mark.parametrize("name", ["base", "nats-auth"])
 def test_nats_accepts_its_configuration(name: str, tmp_path: Path) -> None:
-    result = check_nats_config(nats_files(name), tmp_path, {"NATS_USER": "ensemble", "NATS_PASSWORD": "x" * 24})
+    result = check_nats_config(nats_files(name), tmp_path, NATS_PASSWORDS)
     assert result.returncode == 0, result.stderr
 
 
-def test_nats_refuses_to_start_without_the_auth_secret(tmp_path: Path) -> None:
-    result = check_nats_config(nats_files("nats-auth"), tmp_path, {})
-    assert result.returncode != 0 and "NATS_USER" in result.stderr
+@pytest.mark.parametrize("service", SERVICES)
+def test_nats_refuses_to_start_without_a_services_password(tmp_path: Path, service: str) -> None:
+    missing = {k: v for k, v in NATS_PASSWORDS.items() if k != f"NATS_{service.upper()}_PASSWORD"}
+    result = check_nats_config(nats_files("nats-auth"), tmp_path, missing)
+    assert result.returncode != 0 and f"NATS_{service.upper()}_PASSWORD" in result.stderr
+
+
+def test_the_nats_server_gets_every_services_password_from_the_secret() -> None:
+    (nats,) = find(render("nats-auth"), "StatefulSet", "nats")
+    (container,) = nats["spec"]["template"]["spec"]["containers"]
+    secrets = {
+        e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    for service in SERVICES:
+        reference = secrets[f"NATS_{service.upper()}_PASSWORD"]
+        assert (reference["name"], reference["key"], reference["optional"]) == ("ensemble-nats-auth", service, False)
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate")
@@ -576,7 +593,7 @@ def test_production_nats_configuration_with_tls_and_auth_is_accepted(tmp_path: P
     )
     files = nats_files("overlays/production")
     assert "tls {" in files["tls.conf"] and "authorization {" in files["auth.conf"]
-    result = check_nats_config(files, tmp_path, {"NATS_USER": "ensemble", "NATS_PASSWORD": "x" * 24})
+    result = check_nats_config(files, tmp_path, NATS_PASSWORDS)
     assert result.returncode == 0, result.stderr
 
 
@@ -590,7 +607,9 @@ def test_production_services_trust_the_nats_ca_and_authenticate() -> None:
         (container,) = pod["containers"]
         env = {e["name"]: e for e in container["env"]}
         url = env["ENSEMBLE_NATS_URL"]["value"]
-        assert url.startswith("nats://$(NATS_USER):$(NATS_PASSWORD)@"), url
+        assert url.startswith(f"nats://{service}:$(NATS_PASSWORD)@"), url  # each service its own user
+        password = env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert (password["name"], password["key"]) == ("ensemble-nats-auth", service)
         host = url.rsplit("@", 1)[1].split(":")[0]
         assert host in server_cert["spec"]["dnsNames"], f"the server certificate does not name {host}"
         (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(ca_file.parent)]

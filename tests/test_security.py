@@ -32,6 +32,7 @@ import pytest
 from grpc import aio
 from nats.aio.client import Client
 
+from ensemble_cli.up import Stack
 from ensemble_core import minicluster, natsio, subjects
 from ensemble_core.messages import Applied, encode
 from ensemble_core.rpc import ensemble_service_pb2 as pb
@@ -57,7 +58,7 @@ from tests.test_kubernetes import (
     running,
     start_lead_pod,
 )
-from tests.test_manifests import deployment, nats_files, render, rendered_rbac
+from tests.test_manifests import SERVICES, deployment, nats_files, render, rendered_rbac
 
 ENSEMBLE_BIN = str(Path(sys.executable).parent / "ensemble")
 SECRET = "operator-secret-for-tests"
@@ -403,7 +404,7 @@ def make_certificate(directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def production_nats(directory: Path, user: str, password: str) -> Iterator[int]:
+def production_nats(directory: Path, passwords: dict[str, str]) -> Iterator[int]:
     """nats-server running the production overlay's rendered configuration, on a free local port."""
     for name, text in nats_files("overlays/production").items():
         text = text.replace("/data/jetstream", str(directory / "jetstream")).replace("/etc/nats-tls", str(directory))
@@ -421,7 +422,11 @@ def production_nats(directory: Path, user: str, password: str) -> Iterator[int]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "POD_NAME": "nats-0", "NATS_USER": user, "NATS_PASSWORD": password},
+        env={
+            **os.environ,
+            "POD_NAME": "nats-0",
+            **{f"NATS_{service.upper()}_PASSWORD": password for service, password in passwords.items()},
+        },
     )
     try:
         deadline = time.monotonic() + 10
@@ -452,41 +457,146 @@ def plaintext_handshake(port: int, user: str, password: str) -> tuple[dict[str, 
     return info, answer, True
 
 
+#: Each service's NATS password, as the Secret ensemble-nats-auth holds them.
+PASSWORDS = {service: f"{index:x}" * 32 for index, service in enumerate(SERVICES, start=10)}
+
+
+def service_url(service: str, port: int) -> str:
+    """``service``'s NATS URL as its production Deployment builds it, pointed at a local server."""
+    (container,) = deployment(render("overlays/production"), service)["spec"]["template"]["spec"]["containers"]
+    url: str = next(e["value"] for e in container["env"] if e["name"] == "ENSEMBLE_NATS_URL")
+    url = url.replace("$(NATS_PASSWORD)", PASSWORDS[service])
+    return f"{url.rsplit('@', 1)[0]}@localhost:{port}"
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("kubectl") is None, reason="needs openssl, kubectl")
 async def test_production_nats_refuses_clients_without_credentials_or_tls_and_the_services_get_in(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    user, password = "ensemble", "0123456789abcdef0123456789abcdef"
     ca = make_certificate(tmp_path)
-    with production_nats(tmp_path, user, password) as port:
-        info, answer, closed = plaintext_handshake(port, user, password)
+    with production_nats(tmp_path, PASSWORDS) as port:
+        info, answer, closed = plaintext_handshake(port, "decider", PASSWORDS["decider"])
         assert info["tls_required"] is True and info["auth_required"] is True
         assert closed and b"PONG" not in answer, answer  # the right password in plain text gets nowhere
 
         trusted = ssl.create_default_context(cafile=str(ca))
-        for wrong in (f"nats://127.0.0.1:{port}", f"nats://{user}:nope@127.0.0.1:{port}"):
+        wrongs = (
+            f"nats://127.0.0.1:{port}",
+            f"nats://decider:nope@127.0.0.1:{port}",
+            f"nats://decider:{PASSWORDS['poller']}@127.0.0.1:{port}",  # another service's password
+        )
+        for wrong in wrongs:
             with pytest.raises(nats.errors.Error, match="Authorization Violation"):
                 await nats.connect(wrong, tls=trusted, allow_reconnect=False, connect_timeout=3)
         # a client that does not trust the certificate does not talk to the server (no credential leaves)
         with pytest.raises(ssl.SSLCertVerificationError):
             await nats.connect(
-                f"nats://{user}:{password}@localhost:{port}",
+                f"nats://decider:{PASSWORDS['decider']}@localhost:{port}",
                 tls=ssl.create_default_context(),
                 allow_reconnect=False,
                 connect_timeout=3,
             )
 
-        # the services, configured as the production Deployment is: its URL with the Secret's credentials,
-        # the CA from SSL_CERT_FILE; they upgrade to TLS because the server requires it
-        objects = render("overlays/production")
-        (container,) = deployment(objects, "decider")["spec"]["template"]["spec"]["containers"]
-        url = next(e["value"] for e in container["env"] if e["name"] == "ENSEMBLE_NATS_URL")
-        url = url.replace("$(NATS_USER)", user).replace("$(NATS_PASSWORD)", password)
-        url = f"{url.rsplit('@', 1)[0]}@localhost:{port}"
+        # the services, configured as the production Deployments are: each its own user and password, the
+        # CA from SSL_CERT_FILE; they upgrade to TLS because the server requires it
         monkeypatch.setenv("SSL_CERT_FILE", str(ca))
-        client = await natsio.connect(Settings(nats_url=url), "decider")
+        for service in SERVICES:
+            client = await natsio.connect(Settings(nats_url=service_url(service, port)), service)
+            try:
+                await natsio.declare(client.jetstream())
+                assert client.connected_url is not None and client.connected_url.hostname == "localhost"
+            finally:
+                await client.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("kubectl") is None, reason="needs openssl, kubectl")
+async def test_production_nats_lets_each_service_write_only_what_it_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(make_certificate(tmp_path)))
+    address = MemberAddress(NS, "acted", 0)
+    with production_nats(tmp_path, PASSWORDS) as port:
+        clients = {}
+        for service in SERVICES:
+            clients[service] = await nats.connect(service_url(service, port), allow_reconnect=False)
         try:
-            await natsio.declare(client.jetstream())
-            assert client.connected_url is not None and client.connected_url.hostname == "localhost"
+            await natsio.declare(clients["creator"].jetstream())
+            allowed = [
+                ("creator", f"$KV.{subjects.MEMBERS_BUCKET}.{address.key}"),
+                ("poller", subjects.metrics(address)),
+                ("decider", subjects.decisions(address)),
+                ("decider", f"$KV.{subjects.DECIDER_BUCKET}.{address.key}"),
+                ("actuator", subjects.applied(address)),
+                ("actuator", f"$KV.{subjects.MEMBERS_BUCKET}.{address.key}"),
+            ]
+            for service, subject in allowed:
+                assert (await clients[service].jetstream().publish(subject, b"{}", timeout=3)).seq > 0
+            forged = [
+                ("decider", f"$KV.{subjects.MEMBERS_BUCKET}.{address.key}"),  # point the poller elsewhere
+                ("poller", subjects.decisions(address)),  # scale or submit to any member
+                ("decider", subjects.metrics(address)),
+                ("creator", subjects.decisions(address)),
+                ("actuator", f"$KV.{subjects.DECIDER_BUCKET}.{address.key}"),
+                ("decider", subjects.deadletter("actuator")),
+            ]
+            for service, subject in forged:
+                with pytest.raises(nats.errors.TimeoutError):  # the server drops it: no acknowledgement
+                    await clients[service].jetstream().publish(subject, b"{}", timeout=1)
+            for service in SERVICES:  # and nobody deletes or purges what the others rely on
+                with pytest.raises(nats.errors.TimeoutError):
+                    await clients[service].jetstream(timeout=1).purge_stream(subjects.METRICS_STREAM)
+            info = await clients["creator"].jetstream().stream_info(subjects.METRICS_STREAM)
+            assert info.state.messages == 1
         finally:
-            await client.close()
+            for client in clients.values():
+                await client.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("kubectl") is None, reason="needs openssl, kubectl")
+async def test_the_four_services_run_an_ensemble_each_as_its_own_restricted_nats_user(tmp_path: Path) -> None:
+    """Everything the services do on NATS (declare, consume, watch and read buckets, acknowledge, dead
+    letters, write) fits the permissions of production's auth.conf: the example runs to its end."""
+    ca = make_certificate(tmp_path)
+    stack = Stack(tmp_path / "stack")
+    (tmp_path / "stack").mkdir()
+    secret = "permissions-test"
+    with production_nats(tmp_path, PASSWORDS) as port:
+        try:
+            sidecar = stack.start(
+                "sidecar",
+                [sys.executable, "-m", "ensemble_cli", "sidecar", "--port", "0", "--max-nodes", "4",
+                 "--provision-delay", "1"],
+                env={"ENSEMBLE_SIDECAR_TOKEN": ensemble_token(secret, "default", "hello-world")},
+            )  # fmt: skip
+            await wait_for(lambda: "\n" in sidecar.log.read_text(), timeout=20)
+            endpoint = f"127.0.0.1:{sidecar.log.read_text().splitlines()[0]}"
+            for service in SERVICES:
+                env = {
+                    "ENSEMBLE_NATS_URL": service_url(service, port),
+                    "SSL_CERT_FILE": str(ca),
+                    "ENSEMBLE_SIDECAR_TOKEN": secret,
+                    "ENSEMBLE_FILE": str(REPO / "examples/hello-world.yaml"),
+                    "ENSEMBLE_ENDPOINTS": f"0={endpoint}",
+                }
+                stack.start(service, [sys.executable, "-m", "ensemble_cli", service], env=env)
+            reader = await nats.connect(
+                service_url("creator", port), tls=ssl.create_default_context(cafile=str(ca)), allow_reconnect=False
+            )
+            try:
+
+                async def terminated() -> bool:
+                    assert stack.died() is None, f"{stack.died()} died"
+                    try:  # the bucket too may not be declared yet
+                        members = await reader.jetstream().key_value(subjects.MEMBERS_BUCKET)
+                        entry = await members.get(MemberAddress("default", "hello-world", 0).key)
+                    except Exception:
+                        return False
+                    return b'"phase":"terminated"' in (entry.value or b"")
+
+                await wait_for(terminated, timeout=90, interval=0.5)
+            finally:
+                await reader.close()
+        finally:
+            await stack.stop()
+    logs = "\n".join(path.read_text() for pattern in ("*.log", "*.err") for path in (tmp_path / "stack").glob(pattern))
+    assert "nats error" not in logs and "ermissions violation" not in logs.lower()
