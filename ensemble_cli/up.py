@@ -447,7 +447,9 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
             "ENSEMBLE_NAMESPACE": ensemble.namespace,
         }
         for name in SERVICES:
-            stack.start(name, [*cli, name], env=env)
+            # least privilege: the decider calls no sidecar, the poller reads with the records' status tokens
+            secret = name in ("creator", "actuator")
+            stack.start(name, [*cli, name], env=env if secret else {k: v for k, v in env.items() if "TOKEN" not in k})
         deadline = time.monotonic() + args.timeout if args.timeout else None
         view = (
             Live(monitor.render(), console=console, refresh_per_second=4, redirect_stdout=False)

@@ -77,6 +77,9 @@ class MemberSpec(Addressed, tag="member", kw_only=True):
     #: ``active`` until the actuator terminates or completes the member; the record is kept (not
     #: deleted) so that a restarted creator cannot register a finished member again.
     phase: Literal["active", "completed", "terminated"] = "active"
+    #: The read-only token of the member's sidecar (``tokens.status_token``): what the poller presents.
+    #: Empty: the poller derives the full token from its operator secret, if it has one (older records).
+    status_token: str = ""
 
 
 class NodeCounts(msgspec.Struct, kw_only=True):

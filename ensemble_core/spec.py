@@ -83,7 +83,7 @@ class Ensemble:
     check_seconds: float
     members: tuple[Member, ...]
 
-    def member_spec(self, member: Member, endpoint: str, created: float = 0.0) -> MemberSpec:
+    def member_spec(self, member: Member, endpoint: str, created: float = 0.0, status_token: str = "") -> MemberSpec:
         """The ``MemberSpec`` the services share for one member served at ``endpoint``."""
         return MemberSpec(
             namespace=self.namespace,
@@ -98,6 +98,7 @@ class Ensemble:
             jobs=list(member.jobs),
             check_seconds=self.check_seconds,
             created=created,
+            status_token=status_token,
         )
 
 

@@ -46,6 +46,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ensemble_core.rpc import ensemble_service_pb2 as pb
 from ensemble_core.rpc import ensemble_service_pb2_grpc as pb_grpc
+from ensemble_core.tokens import status_token
 from ensemble_core.wire import ResizePayload, SubmitPayload
 from sidecar.backend import Backend
 from sidecar.local import LocalBackend
@@ -227,8 +228,10 @@ class TokenInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]  # one 
     """
 
     def __init__(self, token: str) -> None:
-        """Accept only ``Bearer <token>`` (compared in constant time)."""
+        """Accept ``Bearer <token>`` for every call and ``Bearer <status token>`` for the status calls only
+        (compared in constant time)."""
         self._expected = f"Bearer {token}".encode()
+        self._status = f"Bearer {status_token(token)}".encode()
 
     async def intercept_service(
         self,
@@ -237,24 +240,35 @@ class TokenInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]  # one 
     ) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
         """Pass authorized and open calls on; answer the others with an aborting handler."""
         method = handler_call_details.method
-        if method.startswith(_OPEN_SERVICES) or self._authorized(handler_call_details):
+        granted = self._granted(handler_call_details)
+        if method.startswith(_OPEN_SERVICES) or granted == "all" or (granted == "status" and method in _STATUS_METHODS):
             return await continuation(handler_call_details)
-        log.warning("unauthenticated call refused method=%s", method)
+        log.warning("call refused method=%s token=%s", method, granted or "missing or wrong")
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        deny, deny_stream = (_deny_readonly, _deny_readonly_stream) if granted == "status" else (_deny, _deny_stream)
         if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(_deny_stream)
-        return grpc.unary_unary_rpc_method_handler(_deny)
+            return grpc.unary_stream_rpc_method_handler(deny_stream)
+        return grpc.unary_unary_rpc_method_handler(deny)
 
-    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+    def _granted(self, details: grpc.HandlerCallDetails) -> str:
+        """``all`` for the token, ``status`` for the status token, ``""`` otherwise."""
         for key, value in details.invocation_metadata or ():
             if key == "authorization" and isinstance(value, str):
-                return hmac.compare_digest(value.encode(), self._expected)
-        return False
+                presented = value.encode()
+                if hmac.compare_digest(presented, self._expected):
+                    return "all"
+                if hmac.compare_digest(presented, self._status):
+                    return "status"
+                return ""
+        return ""
 
 
 _DENIED = "missing or wrong token: send metadata 'authorization: Bearer <token>'"
+_READONLY = "the status token reads the status only (RequestStatus, WatchStatus); actions need the ensemble's token"
+#: The methods the status token opens.
+_STATUS_METHODS = (f"/{SERVICE_NAME}/RequestStatus", f"/{SERVICE_NAME}/WatchStatus")
 
 
 async def _deny(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
@@ -264,6 +278,15 @@ async def _deny(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
 async def _deny_stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
     yield None  # unreachable: makes this an async generator, the shape of a streaming handler
+
+
+async def _deny_readonly(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, _READONLY)
+
+
+async def _deny_readonly_stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, _READONLY)
+    yield None  # unreachable, as above
 
 
 @dataclass

@@ -21,7 +21,7 @@ from ensemble_core.messages import Applied, Decision, MemberEvent, MemberSpec, e
 from ensemble_core.settings import Settings, SettingsError
 from ensemble_core.spec import validate
 from ensemble_core.subjects import MemberAddress
-from ensemble_core.tokens import ensemble_token
+from ensemble_core.tokens import ensemble_token, status_token
 from services.actuator.service import run as run_actuator
 from services.creator.service import run as run_creator
 from tests.conftest import wait_for
@@ -186,6 +186,7 @@ async def test_an_ensemble_becomes_a_minicluster_with_the_sidecar_and_its_member
         record = await member_record(nc)
         assert record is not None
         assert (record.endpoint, record.name, record.size, record.max_size) == ("10.1.2.3:7000", "demo-0", 2, 4)
+        assert record.status_token == status_token(ensemble_token(settings.sidecar_token, NS, "demo"))
         await wait_for(lambda: condition(emulator, "Ready").get("status") == "True", timeout=5)
         status = ensemble_status(emulator)
         assert status["members"] == [{"index": 0, "phase": "Running", "minicluster": "demo-0", "requestedSize": 2}]

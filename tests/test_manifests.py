@@ -498,12 +498,13 @@ def test_settings_config_map_is_accepted_by_the_services() -> None:
         settings_module.load(data)
 
 
-def test_operator_secret_reaches_only_the_services_that_call_sidecars() -> None:
-    objects = render("base")
+@pytest.mark.parametrize("name", RENDERS)
+def test_operator_secret_reaches_only_the_creator_and_the_actuator(name: str) -> None:
+    objects = render(name)
     for service in SERVICES:
         (container,) = deployment(objects, service)["spec"]["template"]["spec"]["containers"]
         names = {e["name"] for e in container.get("env", [])}
-        assert ("ENSEMBLE_SIDECAR_TOKEN" in names) is (service != "decider"), service
+        assert ("ENSEMBLE_SIDECAR_TOKEN" in names) is (service in ("creator", "actuator")), service
 
 
 def test_every_service_runs_the_one_image_with_its_command() -> None:

@@ -25,7 +25,7 @@ from ensemble_core.rpc import ensemble_service_pb2 as pb
 from ensemble_core.settings import Settings
 from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.subjects import MemberAddress
-from ensemble_core.tokens import ensemble_token
+from ensemble_core.tokens import ensemble_token, status_token
 from ensemble_core.wire import JobInfo, StatusPayload, SubmitPayload, SubmitResult
 from services.poller import service as poller_service
 from services.poller.service import MemberLoop
@@ -397,3 +397,24 @@ async def test_a_hung_sidecar_s_last_pushed_view_is_not_published_as_fresh(
         process.terminate()
         process.wait(timeout=10)
         log.close()
+
+
+async def test_the_poller_reads_with_the_records_status_token_and_needs_no_secret(
+    nc: Client, settings: Settings
+) -> None:
+    sidecar = await serve_local(token=token(settings))
+    no_secret = msgspec.structs.replace(settings, sidecar_token="")
+    try:
+        async with stored(nc) as found, poller(no_secret):
+            # a record without a status token, and a poller without the operator secret: refused
+            await register(nc, member_spec(0, f"127.0.0.1:{sidecar.port}"))
+            await wait_for(lambda: "unreachable" in found.kinds(0), timeout=10)
+            assert found.of(0) == []
+            # the record as the creator writes it: the read-only token is enough to poll
+            readonly = msgspec.structs.replace(
+                member_spec(0, f"127.0.0.1:{sidecar.port}"), status_token=status_token(token(settings))
+            )
+            await register(nc, readonly)
+            await wait_for(lambda: len(found.of(0)) >= 2, timeout=10)
+    finally:
+        await sidecar.stop()

@@ -40,7 +40,7 @@ from ensemble_core.rpc import ensemble_service_pb2_grpc as pb_grpc
 from ensemble_core.settings import Settings
 from ensemble_core.spec import validate
 from ensemble_core.subjects import MemberAddress
-from ensemble_core.tokens import ensemble_token
+from ensemble_core.tokens import ensemble_token, status_token
 from services.actuator.service import run as run_actuator
 from services.creator.service import run as run_creator
 from sidecar.server import serve_local
@@ -133,6 +133,7 @@ async def test_a_sidecar_answers_only_its_own_ensembles_token_and_nothing_gets_q
         (("authorization", f"Bearer {ensemble_token(SECRET, 'other', 'mine')}"),),  # same name, other namespace
         (("authorization", f"Bearer {ensemble_token('another-operator', 'science', 'mine')}"),),
         (("authorization", f"Bearer {SECRET}"),),  # the operator secret is not a sidecar token
+        (("authorization", f"Bearer {status_token(ensemble_token(SECRET, 'science', 'theirs'))}"),),
     ]
     with sidecar_process(token) as (process, port):
         assert listening_addresses(process.pid) == {"127.0.0.1"}
@@ -140,6 +141,11 @@ async def test_a_sidecar_answers_only_its_own_ensembles_token_and_nothing_gets_q
             stub = pb_grpc.EnsembleOperatorStub(channel)
             for metadata in wrong:
                 assert await call_every_rpc(stub, metadata) == [grpc.StatusCode.UNAUTHENTICATED] * 6, metadata
+            # the status token (what the poller holds) reads the status and nothing else
+            readonly = (("authorization", f"Bearer {status_token(token)}"),)
+            denied = grpc.StatusCode.PERMISSION_DENIED
+            assert await call_every_rpc(stub, readonly) == [grpc.StatusCode.OK, denied, denied, denied, denied,
+                                                             grpc.StatusCode.OK]  # fmt: skip
             right = (("authorization", f"Bearer {token}"),)
             status = json.loads((await stub.RequestStatus(pb.StatusRequest(), metadata=right, timeout=5)).payload)
             jobs = await stub.RequestAction(pb.ActionRequest(action="jobinfo"), metadata=right, timeout=5)

@@ -51,7 +51,7 @@ from ensemble_core.messages import EventKind, MemberEvent, MemberSpec, encode
 from ensemble_core.settings import Settings, SettingsError, env_name
 from ensemble_core.spec import Ensemble, Member, validate
 from ensemble_core.subjects import MemberAddress
-from ensemble_core.tokens import ensemble_token
+from ensemble_core.tokens import ensemble_token, status_token
 
 log = logging.getLogger("creator")
 
@@ -155,7 +155,9 @@ class Creator:
         if not ip:
             return "Creating"
         endpoint = f"{ip}:{member.sidecar.port}"
-        record = msgspec.structs.replace(ensemble.member_spec(member, endpoint, created=time.time()), name=name)
+        readonly = status_token(ensemble_token(self.settings.sidecar_token, ensemble.namespace, ensemble.name))
+        record = ensemble.member_spec(member, endpoint, created=time.time(), status_token=readonly)
+        record = msgspec.structs.replace(record, name=name)
         try:
             await self.members.create(address.key, encode(record))
             log.info("registered member", extra={"member": str(address), "endpoint": endpoint})

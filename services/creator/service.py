@@ -22,6 +22,7 @@ from ensemble_core.messages import MemberEvent, encode
 from ensemble_core.settings import Settings, SettingsError, env_name, parse_endpoints
 from ensemble_core.spec import load
 from ensemble_core.subjects import MemberAddress
+from ensemble_core.tokens import ensemble_token, status_token
 from services.creator import kubernetes
 
 log = logging.getLogger("creator")
@@ -49,7 +50,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         members = await natsio.bucket(js, subjects.MEMBERS_BUCKET)
         for member in ensemble.members:
             address = MemberAddress(ensemble.namespace, ensemble.name, member.index)
-            record = ensemble.member_spec(member, endpoints[member.index], created=time.time())
+            readonly = status_token(ensemble_token(settings.sidecar_token, ensemble.namespace, ensemble.name))
+            record = ensemble.member_spec(member, endpoints[member.index], created=time.time(), status_token=readonly)
             try:
                 await members.create(address.key, encode(record))
                 log.info("registered member", extra={"member": str(address), "endpoint": record.endpoint})

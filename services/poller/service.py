@@ -125,7 +125,9 @@ class MemberLoop:
         self.tls = tls
         self.spec = spec
         self.address = MemberAddress(spec.namespace, spec.ensemble, spec.member)
-        self.token = ensemble_token(settings.sidecar_token, spec.namespace, spec.ensemble)
+        # the read-only token the creator put in the record; an older record has none: the full token, if
+        # this poller has the operator secret
+        self.token = spec.status_token or ensemble_token(settings.sidecar_token, spec.namespace, spec.ensemble)
         self.max_backoff = max_backoff
         self.watch_silence = watch_silence
         self.backoff = spec.check_seconds
