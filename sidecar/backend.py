@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
@@ -14,6 +16,36 @@ from ensemble_core.wire import (
 )
 
 Listener = Callable[[], None]
+
+log = logging.getLogger(__name__)
+
+
+class Listeners:
+    """The listeners of a backend: added, removed, and called after every change of its status.
+
+    The ``local``, ``sim`` and ``flux`` backends inherit it, so ``add_listener``, ``remove_listener``
+    and ``_notify`` behave the same in all three.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener`` (no arguments) after every change of the status."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener``; no error if it was not added."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:
+                # A broken watcher must not break the queue.
+                log.exception("status listener failed")
 
 
 class Backend(Protocol):

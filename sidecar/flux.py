@@ -35,7 +35,7 @@ import time
 from typing import Any
 
 from ensemble_core.wire import JobInfo, ResizeResult, StatusPayload, SubmitPayload, SubmitResult
-from sidecar.backend import Listener
+from sidecar.backend import Listeners
 from sidecar.flux_records import (
     GROUP_ATTRIBUTE,
     INDEX_ATTRIBUTE,
@@ -79,7 +79,7 @@ def import_flux() -> Any:
     return flux
 
 
-class FluxBackend:
+class FluxBackend(Listeners):
     """The sidecar's view of one Flux instance (see the module docstring)."""
 
     def __init__(self, flux: Any, uri: str | None, *, max_nodes: int | None = None) -> None:
@@ -94,7 +94,7 @@ class FluxBackend:
         self._max_nodes = max_nodes
         self._state = JournalState()
         self._lock = threading.Lock()
-        self._listeners: list[Listener] = []
+        super().__init__()
         self._terminated = False
         self._stopping = threading.Event()
         self._loop = asyncio.get_running_loop()
@@ -205,15 +205,6 @@ class FluxBackend:
         self._notify()
         return ResizeResult(size=0, nodes_up=node_counts(self._resources()).node_up_count)
 
-    def add_listener(self, listener: Listener) -> None:
-        """Call ``listener`` (no arguments) after every journal event."""
-        self._listeners.append(listener)
-
-    def remove_listener(self, listener: Listener) -> None:
-        """Stop calling ``listener``; no error if it was not added."""
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(listener)
-
     async def aclose(self) -> None:
         """Stop reading the journal (Flux and its jobs are left alone)."""
         self._stopping.set()
@@ -262,14 +253,6 @@ class FluxBackend:
                 log.exception("unreadable journal event for job %s", event.jobid)
             self._loop.call_soon_threadsafe(self._notify)
         consumer.stop()
-
-    def _notify(self) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener()
-            except Exception:
-                # A broken watcher must not break the queue.
-                log.exception("status listener failed")
 
 
 _NO_RESIZE = (

@@ -38,7 +38,7 @@ from ensemble_core.wire import (
     SubmitPayload,
     SubmitResult,
 )
-from sidecar.backend import Listener
+from sidecar.backend import Listeners
 from sidecar.queue import Job, Queue, QueueError
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class Journal:
             self._fd = None
 
 
-class LocalBackend:
+class LocalBackend(Listeners):
     """A queue of ``nodes`` virtual nodes (``cores`` each) running jobs as local subprocesses.
 
     Create and use it inside a running event loop. All methods but :meth:`aclose` are synchronous
@@ -256,7 +256,7 @@ class LocalBackend:
         self.provision_delay = provision_delay
         self.output_limit = output_limit
         self._clock = clock
-        self._listeners: list[Listener] = []
+        super().__init__()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._timers: set[asyncio.TimerHandle] = set()
@@ -350,15 +350,6 @@ class LocalBackend:
         log.info("terminate running=%d", self.queue.running)
         self._notify()
         return ResizeResult(size=self.queue.size, nodes_up=self.queue.nodes_up)
-
-    def add_listener(self, listener: Listener) -> None:
-        """Call ``listener`` (no arguments) after every change of the status."""
-        self._listeners.append(listener)
-
-    def remove_listener(self, listener: Listener) -> None:
-        """Stop calling ``listener``; no error if it was not added."""
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(listener)
 
     async def aclose(self, grace: float = 2.0) -> None:
         """Stop placing work, SIGTERM every job's process group, SIGKILL it after ``grace`` seconds.
@@ -512,14 +503,6 @@ class LocalBackend:
                 task = asyncio.get_running_loop().create_task(self._run(job), name=f"job-{job.id}")
                 self._tasks[job.id] = task
         self._notify()
-
-    def _notify(self) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener()
-            except Exception:
-                # A broken watcher must not break the queue.
-                log.exception("status listener failed")
 
     async def _run(self, job: Job) -> None:
         try:

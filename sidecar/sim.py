@@ -37,7 +37,6 @@ Terminating drops the nodes still being provisioned. Everything is deterministic
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import json
@@ -52,7 +51,7 @@ from typing import Any, TypeVar
 
 from ensemble_core.messages import JobSpec
 from ensemble_core.wire import JobInfo, ResizeResult, StatusPayload, SubmitPayload, SubmitResult
-from sidecar.backend import Listener
+from sidecar.backend import Listeners
 from sidecar.queue import Queue, QueueError
 
 log = logging.getLogger(__name__)
@@ -364,7 +363,7 @@ class SimQueue:
         return ResizeResult(size=self.queue.size, nodes_up=self.queue.nodes_up)
 
 
-class SimBackend:
+class SimBackend(Listeners):
     """A :class:`SimQueue` behind the gRPC server: virtual time = ``start`` + wall seconds elapsed * ``speed``.
 
     Create it inside a running event loop. Every call first catches the queue up with the clock;
@@ -379,7 +378,7 @@ class SimBackend:
         self.speed = speed
         self._clock = clock
         self._origin = (clock(), sim.now)
-        self._listeners: list[Listener] = []
+        super().__init__()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -423,15 +422,6 @@ class SimBackend:
         """:meth:`SimQueue.terminate` at the current virtual time."""
         return self._change(self.sim.terminate)
 
-    def add_listener(self, listener: Listener) -> None:
-        """Call ``listener`` (no arguments) after every change of the status."""
-        self._listeners.append(listener)
-
-    def remove_listener(self, listener: Listener) -> None:
-        """Stop calling ``listener``; no error if it was not added."""
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(listener)
-
     async def aclose(self) -> None:
         """Stop the timer; the virtual clock stops with it."""
         self._closed = True
@@ -466,11 +456,3 @@ class SimBackend:
         self._catch_up()
         if self._timer is None:
             self._arm()
-
-    def _notify(self) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener()
-            except Exception:
-                # A broken watcher must not break the queue.
-                log.exception("status listener failed")

@@ -19,6 +19,7 @@ from ensemble_core.rpc import ensemble_service_pb2 as pb
 from ensemble_core.rpc import ensemble_service_pb2_grpc as pb_grpc
 from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.wire import SubmitPayload
+from sidecar.backend import Listeners
 from sidecar.queue import QueueError, QueueTerminated
 from sidecar.server import serve
 from sidecar.sim import SimBackend, SimQueue, Trace, TraceError, load_trace, parse_trace
@@ -280,3 +281,21 @@ async def test_command_line_runs_a_trace_fast_and_refuses_a_bad_trace_or_missing
         assert proc.returncode == code, stderr
         assert message in stderr
     assert "source /mnt/flux/flux-view.sh" in stderr and "FLUX_URI" in stderr
+
+
+def test_a_listener_that_fails_does_not_stop_the_others_nor_the_queue(caplog: pytest.LogCaptureFixture) -> None:
+    called: list[str] = []
+
+    def broken() -> None:
+        called.append("broken")
+        raise RuntimeError("a watcher bug")
+
+    listeners = Listeners()
+    listeners.add_listener(broken)
+    listeners.add_listener(lambda: called.append("next"))
+    listeners._notify()
+    assert called == ["broken", "next"] and "status listener failed" in caplog.text
+    listeners.remove_listener(broken)
+    listeners.remove_listener(broken)  # not there any more: no error
+    listeners._notify()
+    assert called == ["broken", "next", "next"]
