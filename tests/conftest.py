@@ -11,8 +11,9 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -73,6 +74,20 @@ async def publisher(nc: Client) -> AsyncIterator[natsio.Publisher]:
     await started.start()
     yield started
     await started.stop()
+
+
+@contextlib.asynccontextmanager
+async def service_running(
+    run: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]], settings: Settings
+) -> AsyncIterator[asyncio.Task[None]]:
+    """A service's ``run(settings, stop)`` in-process until the block ends; then stopped, drained and awaited."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(settings, stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
 
 
 async def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.05) -> None:

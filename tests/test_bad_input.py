@@ -17,7 +17,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -58,7 +58,7 @@ from services.decider.service import DeciderRecord
 from services.decider.service import run as run_decider
 from services.poller.service import run as run_poller
 from sidecar.server import RunningServer, serve_local
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, service_running, wait_for
 from tests.test_kubernetes import (
     ENSEMBLE,
     EVENTS,
@@ -67,7 +67,6 @@ from tests.test_kubernetes import (
     create_ensemble,
     k8s_settings,
     live,
-    running,
 )
 from tests.test_minicluster import crd_validator
 from tests.test_security import kube_emulator
@@ -295,7 +294,7 @@ async def test_an_unknown_minicluster_field_fails_the_ensemble_naming_it(nc: Cli
         }
         (emulator**1)["post", MINICLUSTERS, kmock.params(fieldValidation="Strict")] << 400 << refusal
         await create_ensemble(url, document)
-        async with running(run_creator, k8s_settings(settings, url)) as task:
+        async with service_running(run_creator, k8s_settings(settings, url)) as task:
             await wait_for(lambda: condition(emulator, "Failed").get("status") == "True", timeout=10)
             assert not task.done()
         failed = condition(emulator, "Failed")
@@ -399,20 +398,6 @@ def deadletter_count(service: str) -> float:
     return REGISTRY.get_sample_value("ensemble_deadletters_total", {"service": service}) or 0.0
 
 
-@contextlib.asynccontextmanager
-async def service(
-    run: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]], settings: Settings
-) -> AsyncIterator[asyncio.Task[None]]:
-    """A service running in-process until the block ends (then stopped and drained)."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(run(settings, stop))
-    try:
-        yield task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-
-
 async def _at_least(source: Callable[[], Coroutine[Any, Any, list[Any]]], count: int) -> bool:
     return len(await source()) >= count
 
@@ -441,7 +426,7 @@ async def test_the_decider_dead_letters_every_bad_metrics_message_and_goes_on_de
     # any subject under ensemble.metrics.> is consumed, a member address or not
     subjects_used = [subjects.metrics(ADDRESS), "ensemble.metrics.x", "ensemble.metrics.a.b.c.d.e"]
     before = deadletter_count("decider")
-    async with service(run_decider, settings) as task:
+    async with service_running(run_decider, settings) as task:
         for i, body in enumerate(bad):
             await js.publish(subjects_used[i % len(subjects_used)], body)
         for seq in (0, 1):  # the second mean times two finished jobs overflows a float
@@ -505,7 +490,7 @@ async def test_the_actuator_dead_letters_every_bad_decision_and_still_applies_a_
         # an action this actuator does not know (a newer algorithm's) is reported on the member, not lost
         unknown = msgspec.structs.replace(good, id="unknown-action", action="explode")
         before = deadletter_count("actuator")
-        async with service(run_actuator, settings) as task:
+        async with service_running(run_actuator, settings) as task:
             for body in [*bad, encode(unknown)]:
                 await js.publish(subjects.decisions(ADDRESS), body)
             await js.publish(subjects.decisions(ADDRESS), encode(good), headers={"Nats-Msg-Id": good.id})
@@ -548,7 +533,7 @@ async def test_the_poller_skips_unreadable_member_records_and_keeps_polling_the_
         for key, value in [*garbage.items(), *unreachable.items()]:
             await members.put(key, value)
         caplog.set_level(logging.ERROR, logger="poller")
-        async with service(run_poller, settings) as task:
+        async with service_running(run_poller, settings) as task:
             await members.put(ADDRESS.key, encode(good))
             polled = functools.partial(stream_bodies, nc, subjects.METRICS_STREAM, subjects.metrics(ADDRESS))
             await wait_for(lambda: _at_least(polled, 3), timeout=15)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import msgspec
 from nats.aio.client import Client
@@ -26,7 +25,7 @@ from ensemble_core.settings import Settings
 from ensemble_core.subjects import MemberAddress
 from services.decider.service import STALE_MIN_SECONDS, Decider, DeciderRecord, stale_after
 from services.decider.service import run as run_decider
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import service_running, stream_messages, wait_for
 
 
 def member(index: int = 0, *, max_size: int = 8, algorithm: str = "workload-demand") -> MemberSpec:
@@ -101,17 +100,6 @@ async def drained(nc: Client) -> bool:
     return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
-@contextlib.asynccontextmanager
-async def decider_running(settings: Settings) -> AsyncIterator[asyncio.Task[None]]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_decider(settings, stop))
-    try:
-        yield task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-
-
 def test_metrics_are_stale_after_three_checks_and_never_sooner_than_a_few_seconds() -> None:
     assert stale_after(msgspec.structs.replace(member(), check_seconds=10)) == 30
     assert stale_after(member()) == STALE_MIN_SECONDS
@@ -122,7 +110,7 @@ async def test_a_backlog_left_while_the_decider_was_down_never_shrinks_the_membe
 ) -> None:
     spec = member()
     await register(nc, spec)
-    async with decider_running(settings):
+    async with service_running(run_decider, settings):
         # submitted, then grown to 8 for the waiting jobs: the member is busy
         await publish(nc, snapshot(spec, 0, size=1, free=1, waiting=4), snapshot(spec, 1, size=1, free=1, waiting=4))
         await wait_for(lambda: _seq_is(nc, spec, 1), timeout=10)
@@ -133,7 +121,7 @@ async def test_a_backlog_left_while_the_decider_was_down_never_shrinks_the_membe
     await publish(nc, *backlog)
     await asyncio.sleep(stale_after(spec) + 0.5)
     # ... but by the time it is back those snapshots are stale: they are consumed, and nothing is decided.
-    async with decider_running(settings):
+    async with service_running(run_decider, settings):
         await wait_for(lambda: _seq_is(nc, spec, 11), timeout=15)
         await wait_for(lambda: drained(nc), timeout=10)
         assert [(d.action, d.size) for d in await decisions(nc)] == [("submit", None), ("scale", 8)]
@@ -173,7 +161,7 @@ async def test_redelivery_after_a_crash_between_publish_and_ack_publishes_no_sec
     await subscription.unsubscribe()  # the process dies here: state saved, decision published, no ack
     assert [d.action for d in await decisions(nc)] == ["submit"]
 
-    async with decider_running(settings):  # a new process gets the message again after ack_wait
+    async with service_running(run_decider, settings):  # a new process gets the message again after ack_wait
         await wait_for(lambda: _redelivered_and_acked(nc), timeout=15)
     found = await decisions(nc)
     assert [d.action for d in found] == ["submit"]
@@ -188,7 +176,7 @@ async def test_two_replicas_decide_each_member_once_per_snapshot(nc: Client, set
     specs = [member(index) for index in range(6)]
     await register(nc, *specs)
     checks = 12
-    async with decider_running(settings), decider_running(settings):
+    async with service_running(run_decider, settings), service_running(run_decider, settings):
         for seq in range(checks):
             # waiting at first, then everything done: submit, grow, then terminate after three idle checks
             await publish(
@@ -219,7 +207,7 @@ async def test_a_member_record_the_decider_cannot_use_dead_letters_its_metrics_a
     await register(nc, good, unknown)
     members = await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)
     await members.put(address(unreadable).key, b'{"kind": "member", "size": "big"}')
-    async with decider_running(settings) as task:
+    async with service_running(run_decider, settings) as task:
         await publish(nc, *(snapshot(spec, 0, size=1, free=1, waiting=4) for spec in (unknown, unreadable, good)))
 
         async def letters() -> list[DeadLetter]:
@@ -244,7 +232,7 @@ async def test_a_changed_member_record_takes_effect_without_restarting_the_decid
 ) -> None:
     small = member(max_size=2)
     await register(nc, small)
-    async with decider_running(settings):
+    async with service_running(run_decider, settings):
         await publish(nc, snapshot(small, 0, size=1, free=1, waiting=4), snapshot(small, 1, size=1, free=1, waiting=4))
         await wait_for(lambda: _count(nc, 2), timeout=10)
         await register(nc, msgspec.structs.replace(small, max_size=16))
@@ -258,7 +246,7 @@ async def test_metrics_of_a_member_registered_after_the_decider_started_are_deci
     nc: Client, settings: Settings
 ) -> None:
     late = member(3)
-    async with decider_running(settings):
+    async with service_running(run_decider, settings):
         await asyncio.sleep(0.2)
         await register(nc, late)
         await publish(nc, snapshot(late, 0, size=1, free=1, waiting=4))
@@ -308,7 +296,7 @@ async def test_a_backlog_of_a_member_is_decided_with_few_writes_and_the_same_dec
     expected = decided_one_by_one(spec, backlog)
     assert {d.action for d in expected} >= {"submit", "scale", "terminate"}
     await publish(nc, *backlog)  # all in the stream before the decider starts: one fetch takes them
-    async with decider_running(settings):
+    async with service_running(run_decider, settings):
         await wait_for(lambda: _seq_is(nc, spec, 29), timeout=15)
         await wait_for(lambda: drained(nc), timeout=10)
     found = await decisions(nc)

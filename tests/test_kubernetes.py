@@ -6,7 +6,7 @@ import asyncio
 import base64
 import contextlib
 import copy
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import kmock
@@ -24,7 +24,7 @@ from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token, status_token
 from services.actuator.service import run as run_actuator
 from services.creator.service import run as run_creator
-from tests.conftest import wait_for
+from tests.conftest import service_running, wait_for
 from tests.test_minicluster import assert_valid_minicluster
 
 NS = "science"
@@ -84,19 +84,6 @@ async def api() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]:
 
 def k8s_settings(settings: Settings, url: str) -> Settings:
     return msgspec.structs.replace(settings, mode="kubernetes", kube_api=url, resync_seconds=0.2)
-
-
-@contextlib.asynccontextmanager
-async def running(
-    run: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]], settings: Settings
-) -> AsyncIterator[asyncio.Task[None]]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run(settings, stop))
-    try:
-        yield task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
 
 
 async def create_ensemble(url: str, document: dict[str, Any]) -> None:
@@ -159,7 +146,7 @@ async def test_an_ensemble_becomes_a_minicluster_with_the_sidecar_and_its_member
 ) -> None:
     emulator, url = api
     await create_ensemble(url, ENSEMBLE)
-    async with running(run_creator, k8s_settings(settings, url)):
+    async with service_running(run_creator, k8s_settings(settings, url)):
         await wait_for(lambda: live(emulator, MINICLUSTERS), timeout=10)
         [created] = live(emulator, MINICLUSTERS)
         assert_valid_minicluster(created)
@@ -214,7 +201,7 @@ async def test_a_member_follows_its_lead_broker_pod_to_a_new_ip(
 ) -> None:
     emulator, url = api
     await create_ensemble(url, ENSEMBLE)
-    async with running(run_creator, k8s_settings(settings, url)):
+    async with service_running(run_creator, k8s_settings(settings, url)):
         await wait_for(lambda: live(emulator, MINICLUSTERS), timeout=10)
         start_lead_pod(emulator, "demo-0", "10.1.2.3")
         await wait_for(lambda: member_record(nc), timeout=10)
@@ -247,7 +234,7 @@ async def test_with_sidecar_tls_the_creator_waits_for_the_secret_then_mounts_a_c
         k8s_settings(settings, url), sidecar_tls_secret="ensemble-system/ensemble-sidecar-tls"
     )
     chain, key = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n", b"-----BEGIN PRIVATE KEY-----\nx\n"
-    async with running(run_creator, tls_settings):
+    async with service_running(run_creator, tls_settings):
         # no Secret yet: a Warning, and no MiniCluster whose sidecar nobody could reach
         await wait_for(lambda: [e for e in live(emulator, EVENTS) if e["reason"] == "SidecarTLSMissing"], timeout=10)
         assert live(emulator, MINICLUSTERS) == []
@@ -282,7 +269,7 @@ async def test_an_invalid_ensemble_gets_a_failed_condition_and_one_warning_event
     document["spec"]["members"][0]["jobs"][0]["nodes"] = 12
     document["spec"]["members"][0]["algorithm"] = {"name": "workload-demand", "options": {"scaleUpChecks": 4}}
     await create_ensemble(url, document)
-    async with running(run_creator, k8s_settings(settings, url)) as task:
+    async with service_running(run_creator, k8s_settings(settings, url)) as task:
         await wait_for(lambda: condition(emulator, "Failed").get("status") == "True", timeout=10)
         failed = condition(emulator, "Failed")
         assert failed["reason"] == "InvalidSpec"
@@ -306,12 +293,13 @@ async def test_a_creator_restarted_mid_creation_creates_nothing_twice(
     # the first create is stored but its answer is lost (409 when the creator retries): already there
     (emulator**1)["post", MINICLUSTERS][:1] << 409 << {"kind": "Status", "code": 409, "reason": "AlreadyExists"}
     await create_ensemble(url, ENSEMBLE)
-    async with running(run_creator, k8s_settings(settings, url)):
+    async with service_running(run_creator, k8s_settings(settings, url)):
         await wait_for(lambda: ensemble_status(emulator).get("phase") == "Pending", timeout=10)
-    async with running(run_creator, k8s_settings(settings, url)), running(run_creator, k8s_settings(settings, url)):
+    both = k8s_settings(settings, url)
+    async with service_running(run_creator, both), service_running(run_creator, both):
         start_lead_pod(emulator, "demo-0", "10.1.2.3")
         await wait_for(lambda: condition(emulator, "Ready").get("status") == "True", timeout=10)
-    async with running(run_creator, k8s_settings(settings, url)):
+    async with service_running(run_creator, k8s_settings(settings, url)):
         await asyncio.sleep(0.5)
     assert len(live(emulator, MINICLUSTERS)) == 1
     assert len(list(emulator["post", MINICLUSTERS])) == 1  # get-before-create: one attempt in all
@@ -360,7 +348,7 @@ async def test_scale_decisions_patch_the_scale_subresource_within_bounds_and_ter
 ) -> None:
     emulator, url = api
     await put_member(emulator, nc)
-    async with running(run_actuator, k8s_settings(settings, url)):
+    async with service_running(run_actuator, k8s_settings(settings, url)):
         await decide(nc, 1, "scale", 9, reason="11 jobs waiting")
         await wait_for(lambda: _count(applied(nc), 1), timeout=10)
         [grow] = await applied(nc)
@@ -406,7 +394,7 @@ async def test_bursts_of_409_and_500_from_the_api_are_retried_and_the_decision_i
         << {"kind": "Status", "code": 409, "reason": "Conflict"}
     )
     (emulator**1)["post", EVENTS][:2] << 500 << {"kind": "Status", "code": 500, "message": "boom"}
-    async with running(run_actuator, k8s_settings(settings, url)):
+    async with service_running(run_actuator, k8s_settings(settings, url)):
         decision = await decide(nc, 1, "scale", 3, reason="grow")
         await wait_for(lambda: _count(applied(nc), 1), timeout=20)
         await asyncio.sleep(0.5)

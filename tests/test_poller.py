@@ -32,7 +32,7 @@ from services.poller.service import MemberLoop
 from services.poller.service import run as run_poller
 from sidecar.local import LocalBackend
 from sidecar.server import RunningServer, serve, serve_local
-from tests.conftest import wait_for
+from tests.conftest import service_running, wait_for
 
 NAMESPACE = "default"
 ENSEMBLE = "poll.test"
@@ -101,17 +101,6 @@ async def stored(nc: Client) -> AsyncIterator[Stored]:
         await events.unsubscribe()
 
 
-@contextlib.asynccontextmanager
-async def poller(settings: Settings) -> AsyncIterator[asyncio.Task[None]]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_poller(settings, stop))
-    try:
-        yield task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-
-
 class CountingBackend(LocalBackend):
     """The local queue, counting how often a status snapshot is built (once per RequestStatus)."""
 
@@ -136,7 +125,7 @@ async def test_a_watched_member_publishes_one_check_per_period_with_pushed_chang
     # a heartbeat far beyond the test: the only snapshots the sidecar sends are the first and the changes
     sidecar = await serve(backend, token=token(settings), heartbeat=60)
     try:
-        async with stored(nc) as found, poller(settings):
+        async with stored(nc) as found, service_running(run_poller, settings):
             await register(nc, member_spec(0, f"127.0.0.1:{sidecar.port}"))
             await wait_for(lambda: len(found.of(0)) >= 2)
             async with SidecarClient(f"127.0.0.1:{sidecar.port}", token(settings)) as client:
@@ -202,7 +191,7 @@ async def test_an_original_sidecar_is_polled_once_per_check(nc: Client, settings
     original = OriginalSidecar()
     await original.server.start()
     try:
-        async with stored(nc) as found, poller(settings):
+        async with stored(nc) as found, service_running(run_poller, settings):
             await register(nc, member_spec(0, f"127.0.0.1:{original.port}"))
             await wait_for(lambda: len(found.of(0)) >= 6)
         checks = found.of(0)
@@ -232,7 +221,7 @@ async def test_an_unreachable_sidecar_is_retried_with_backoff_and_announced_once
     port = listener.sockets[0].getsockname()[1]
     sidecar: RunningServer | None = None
     try:
-        async with stored(nc) as found, poller(settings) as task:
+        async with stored(nc) as found, service_running(run_poller, settings) as task:
             await register(nc, member_spec(0, f"127.0.0.1:{port}", check_seconds=0.1))
             await asyncio.sleep(3.2)
             listener.close()
@@ -257,7 +246,7 @@ async def test_members_added_changed_and_removed_while_it_runs(nc: Client, setti
     large = await serve_local(token=token(settings), nodes=3, max_nodes=3)
     members = await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)
     try:
-        async with stored(nc) as found, poller(settings):
+        async with stored(nc) as found, service_running(run_poller, settings):
             await register(nc, member_spec(0, f"127.0.0.1:{small.port}"))
             await wait_for(lambda: len(found.of(0)) >= 2)
             await register(nc, member_spec(1, f"127.0.0.1:{small.port}"))
@@ -288,13 +277,13 @@ async def test_a_restarted_poller_resumes_the_sequence_without_duplicates(nc: Cl
     try:
         async with stored(nc) as found:
             await register(nc, member_spec(0, f"127.0.0.1:{sidecar.port}"))
-            async with poller(settings):
+            async with service_running(run_poller, settings):
                 await wait_for(lambda: len(found.of(0)) >= 3)
             first_run = len(found.of(0))
-            async with poller(settings):
+            async with service_running(run_poller, settings):
                 await wait_for(lambda: len(found.of(0)) >= first_run + 3)
             # two at once, as when a new poller starts before the old one has stopped
-            async with poller(settings), poller(settings):
+            async with service_running(run_poller, settings), service_running(run_poller, settings):
                 await asyncio.sleep(5 * CHECK)
             await asyncio.sleep(0.2)
         checks = found.of(0)
@@ -308,7 +297,7 @@ async def test_a_wrong_token_is_reported_and_other_members_keep_being_polled(nc:
     stranger = await serve_local(token="another ensemble's token")
     ours = await serve_local(token=token(settings))
     try:
-        async with stored(nc) as found, poller(settings) as task:
+        async with stored(nc) as found, service_running(run_poller, settings) as task:
             await register(nc, member_spec(0, f"127.0.0.1:{stranger.port}"))
             await register(nc, member_spec(1, f"127.0.0.1:{ours.port}"))
             await wait_for(lambda: "unreachable" in found.kinds(0) and len(found.of(1)) >= 4)
@@ -328,7 +317,7 @@ async def test_a_watched_sidecar_that_stops_and_comes_back_is_announced_both_way
     sidecar = await serve_local(token=token(settings))
     port = sidecar.port
     try:
-        async with stored(nc) as found, poller(settings):
+        async with stored(nc) as found, service_running(run_poller, settings):
             await register(nc, member_spec(0, f"127.0.0.1:{port}"))
             await wait_for(lambda: len(found.of(0)) >= 2)
             await sidecar.stop(grace=0)
@@ -381,7 +370,7 @@ async def test_a_hung_sidecar_s_last_pushed_view_is_not_published_as_fresh(
         await wait_for(lambda: (tmp_path / "sidecar.out").read_text().strip() != "", timeout=20)
         port = int((tmp_path / "sidecar.out").read_text().split()[0])
         await register(nc, member_spec(0, f"127.0.0.1:{port}"))
-        async with stored(nc) as found, poller(settings):
+        async with stored(nc) as found, service_running(run_poller, settings):
             await wait_for(lambda: len(found.of(0)) >= 3, timeout=15)
             process.send_signal(signal.SIGSTOP)
             frozen = time.time()
@@ -405,7 +394,7 @@ async def test_the_poller_reads_with_the_records_status_token_and_needs_no_secre
     sidecar = await serve_local(token=token(settings))
     no_secret = msgspec.structs.replace(settings, sidecar_token="")
     try:
-        async with stored(nc) as found, poller(no_secret):
+        async with stored(nc) as found, service_running(run_poller, no_secret):
             # a record without a status token, and a poller without the operator secret: refused
             await register(nc, member_spec(0, f"127.0.0.1:{sidecar.port}"))
             await wait_for(lambda: "unreachable" in found.kinds(0), timeout=10)

@@ -44,7 +44,7 @@ from ensemble_core.tokens import ensemble_token, status_token
 from services.actuator.service import run as run_actuator
 from services.creator.service import run as run_creator
 from sidecar.server import serve_local
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, service_running, wait_for
 from tests.test_kubernetes import (
     ENSEMBLE,
     ENSEMBLES,
@@ -55,7 +55,6 @@ from tests.test_kubernetes import (
     create_ensemble,
     k8s_settings,
     live,
-    running,
     start_lead_pod,
 )
 from tests.test_manifests import SERVICES, deployment, nats_files, render, rendered_rbac
@@ -315,7 +314,7 @@ async def exercise_the_creator(emulator: kmock.KubernetesEmulator, url: str, set
     await create_ensemble(url, ENSEMBLE)
     await create_ensemble(url, broken)
     first = len(list(emulator))
-    async with running(run_creator, k8s_settings(settings, url)):
+    async with service_running(run_creator, k8s_settings(settings, url)):
         await wait_for(lambda: live(emulator, MINICLUSTERS), timeout=10)
         start_lead_pod(emulator, "demo-0", "10.1.2.3")
         await wait_for(lambda: condition(emulator, "Ready").get("status") == "True", timeout=10)
@@ -348,7 +347,7 @@ async def exercise_the_actuator(
         {"action": "scale", "size": 2},  # after termination: refused, reported as a Warning
     ]
     first = len(list(emulator))
-    async with running(run_actuator, k8s_settings(settings, url)):
+    async with service_running(run_actuator, k8s_settings(settings, url)):
         for seq, fields in enumerate(plan):
             decision = {
                 "kind": "decision",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import msgspec
 import pytest
@@ -26,7 +24,7 @@ from ensemble_core.settings import Settings
 from ensemble_core.subjects import MemberAddress
 from services.decider.service import Decider, DeciderRecord
 from services.decider.service import run as run_decider
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import service_running, stream_messages, wait_for
 
 ADDRESS = MemberAddress("default", "demo.v1", 0)
 
@@ -73,24 +71,13 @@ async def decisions(nc: Client) -> list[Decision]:
     return [msgspec.json.decode(data, type=Decision) for data in raw]
 
 
-@contextlib.asynccontextmanager
-async def decider_running(settings: Settings) -> AsyncIterator[asyncio.Task[None]]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_decider(settings, stop))
-    try:
-        yield task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-
-
 async def test_malformed_messages_are_dead_lettered_and_the_decider_keeps_running(
     nc: Client, settings: Settings
 ) -> None:
     await register(nc)
     js = nc.jetstream()
     subject = subjects.metrics(ADDRESS)
-    async with decider_running(settings) as task:
+    async with service_running(run_decider, settings) as task:
         await js.publish(subject, b"{not json")
         await js.publish(subject, encode(metrics(0))[:25])
         await js.publish(subject, encode(msgspec.structs.replace(metrics(0), version=99)))
@@ -163,7 +150,7 @@ async def test_two_decider_replicas_never_interleave_a_members_state(nc: Client,
     await register(nc)
     js = nc.jetstream()
     count = 40
-    async with decider_running(settings), decider_running(settings):
+    async with service_running(run_decider, settings), service_running(run_decider, settings):
         for seq in range(count):
             await js.publish(
                 subjects.metrics(ADDRESS),

@@ -15,10 +15,11 @@ from nats.aio.client import Client
 from ensemble_core.settings import Settings, SettingsError
 from ensemble_core.sidecar_client import TLS_NAME, ClientTls, SidecarClient, SidecarUnavailable, client_tls
 from services.actuator.drivers import LocalDriver
+from services.poller.service import run as run_poller
 from sidecar.local import LocalBackend
 from sidecar.server import RunningServer, ServerTls, serve
-from tests.conftest import wait_for
-from tests.test_poller import member_spec, poller, register, stored, token
+from tests.conftest import service_running, wait_for
+from tests.test_poller import member_spec, register, stored, token
 
 TOKEN = "tls-test-token"
 
@@ -118,7 +119,7 @@ async def test_the_poller_and_the_actuator_reach_a_tls_sidecar_with_the_ca_setti
     spec = member_spec(0, f"127.0.0.1:{sidecar.port}")
     try:
         await register(nc, spec)
-        async with stored(nc) as found, poller(with_ca):
+        async with stored(nc) as found, service_running(run_poller, with_ca):
             await wait_for(lambda: len(found.of(0)) >= 2, timeout=10)
         assert found.of(0)[0].size == 1
         driver = LocalDriver(settings.sidecar_token, 5.0, client_tls(with_ca))
