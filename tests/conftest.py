@@ -17,6 +17,7 @@ from typing import Any
 
 import nats
 import pytest
+import trustme
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
@@ -88,6 +89,17 @@ async def service_running(
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
+
+
+def tls_files(directory: Path, *names: str) -> Path:
+    """A server certificate for ``names`` from a new test CA, written as ``tls.crt``, ``tls.key`` and
+    ``ca.crt`` in ``directory`` (the layout of a ``kubernetes.io/tls`` Secret); returns ``ca.crt``."""
+    ca = trustme.CA()
+    certificate = ca.issue_cert(*names)
+    for blob, name in ((certificate.cert_chain_pems[0], "tls.crt"), (certificate.private_key_pem, "tls.key")):
+        blob.write_to_path(str(directory / name))
+    ca.cert_pem.write_to_path(str(directory / "ca.crt"))
+    return directory / "ca.crt"
 
 
 async def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.05) -> None:

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from ensemble_core import settings as settings_module
+from tests.conftest import tls_files
 
 ROOT = Path(__file__).resolve().parent.parent
 KUSTOMIZE = ROOT / "deploy" / "kustomize"
@@ -568,30 +569,8 @@ def test_the_nats_server_gets_every_services_password_from_the_secret() -> None:
         assert (reference["name"], reference["key"], reference["optional"]) == ("ensemble-nats-auth", service, False)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate")
 def test_production_nats_configuration_with_tls_and_auth_is_accepted(tmp_path: Path) -> None:
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=nats",
-            "-keyout",
-            str(tmp_path / "tls.key"),
-            "-out",
-            str(tmp_path / "tls.crt"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    tls_files(tmp_path, "nats.ensemble-system.svc")
     files = nats_files("overlays/production")
     assert "tls {" in files["tls.conf"] and "authorization {" in files["auth.conf"]
     result = check_nats_config(files, tmp_path, NATS_PASSWORDS)

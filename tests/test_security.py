@@ -44,7 +44,7 @@ from ensemble_core.tokens import ensemble_token, status_token
 from services.actuator.service import run as run_actuator
 from services.creator.service import run as run_creator
 from sidecar.server import serve_local
-from tests.conftest import REPO, service_running, wait_for
+from tests.conftest import REPO, service_running, tls_files, wait_for
 from tests.test_kubernetes import (
     ENSEMBLE,
     ENSEMBLES,
@@ -378,36 +378,6 @@ async def exercise_the_actuator(
 # --- NATS in production: authentication and TLS required ------------------------------------------------
 
 
-def make_certificate(directory: Path) -> Path:
-    """A self-signed certificate for localhost (the CA and the server certificate at once)."""
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            str(directory / "tls.key"),
-            "-out",
-            str(directory / "tls.crt"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    (directory / "ca.crt").write_bytes((directory / "tls.crt").read_bytes())
-    return directory / "ca.crt"
-
-
 @contextlib.contextmanager
 def production_nats(directory: Path, passwords: dict[str, str]) -> Iterator[int]:
     """nats-server running the production overlay's rendered configuration, on a free local port."""
@@ -474,11 +444,11 @@ def service_url(service: str, port: int) -> str:
     return f"{url.rsplit('@', 1)[0]}@localhost:{port}"
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("kubectl") is None, reason="needs openssl, kubectl")
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the production overlay")
 async def test_production_nats_refuses_clients_without_credentials_or_tls_and_the_services_get_in(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ca = make_certificate(tmp_path)
+    ca = tls_files(tmp_path, "localhost", "127.0.0.1")
     with production_nats(tmp_path, PASSWORDS) as port:
         info, answer, closed = plaintext_handshake(port, "decider", PASSWORDS["decider"])
         assert info["tls_required"] is True and info["auth_required"] is True
@@ -514,11 +484,11 @@ async def test_production_nats_refuses_clients_without_credentials_or_tls_and_th
                 await client.close()
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("kubectl") is None, reason="needs openssl, kubectl")
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the production overlay")
 async def test_production_nats_lets_each_service_write_only_what_it_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SSL_CERT_FILE", str(make_certificate(tmp_path)))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files(tmp_path, "localhost", "127.0.0.1")))
     address = MemberAddress(NS, "acted", 0)
     with production_nats(tmp_path, PASSWORDS) as port:
         clients = {}
@@ -557,11 +527,11 @@ async def test_production_nats_lets_each_service_write_only_what_it_writes(
                 await client.close()
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("kubectl") is None, reason="needs openssl, kubectl")
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the production overlay")
 async def test_the_four_services_run_an_ensemble_each_as_its_own_restricted_nats_user(tmp_path: Path) -> None:
     """Everything the services do on NATS (declare, consume, watch and read buckets, acknowledge, dead
     letters, write) fits the permissions of production's auth.conf: the example runs to its end."""
-    ca = make_certificate(tmp_path)
+    ca = tls_files(tmp_path, "localhost", "127.0.0.1")
     stack = Stack(tmp_path / "stack")
     (tmp_path / "stack").mkdir()
     secret = "permissions-test"
