@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -18,74 +18,17 @@ from hypothesis import strategies as st
 from ensemble_core import algorithms, spec
 from ensemble_core.algorithms.select_runtime import GroupModel, learn
 from ensemble_core.messages import (
-    AlgorithmSpec,
     Decision,
     GroupStats,
     JobSpec,
     MemberSpec,
     Metrics,
-    NodeCounts,
-    QueueCounts,
 )
 from sidecar.queue import Queue
 from tests.conftest import REPO, SHARED
+from tests.factories import make_member, make_metrics
 
 SEED_RUNS = SHARED / "data/seed-gke"
-
-
-def make_member(
-    algorithm: str = "workload-demand",
-    *,
-    jobs: Sequence[JobSpec] = (),
-    rules: Sequence[dict[str, Any]] = (),
-    size: int = 1,
-    min_size: int = 1,
-    max_size: int = 24,
-) -> MemberSpec:
-    return MemberSpec(
-        namespace="default",
-        ensemble="ens",
-        member=0,
-        name="ens-0",
-        size=size,
-        min_size=min_size,
-        max_size=max_size,
-        endpoint="127.0.0.1:50051",
-        algorithm=AlgorithmSpec(name=algorithm, rules=list(rules)),
-        jobs=list(jobs),
-    )
-
-
-def make_metrics(
-    seq: int,
-    *,
-    size: int = 1,
-    up: int | None = None,
-    free: int = 0,
-    waiting: dict[int, int] | None = None,
-    next_jobs: Sequence[int] = (),
-    run: int = 0,
-    finished: int = 0,
-    failed: int = 0,
-    groups: dict[str, GroupStats] | None = None,
-) -> Metrics:
-    waiting = waiting or {}
-    up = size if up is None else up
-    return Metrics(
-        namespace="default",
-        ensemble="ens",
-        member=0,
-        seq=seq,
-        time=1000.0 + 10 * seq,
-        size=size,
-        nodes=NodeCounts(node_up_count=up, node_free_count=free, node_cores_up=up, node_cores_free=free),
-        queue=QueueCounts(sched=sum(waiting.values()), run=run, inactive=finished),
-        waiting=waiting,
-        next_jobs=list(next_jobs),
-        finished=finished,
-        failed=failed,
-        groups=groups or {},
-    )
 
 
 class Run:
