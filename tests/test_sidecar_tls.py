@@ -13,7 +13,14 @@ import trustme
 from nats.aio.client import Client
 
 from ensemble_core.settings import Settings, SettingsError
-from ensemble_core.sidecar_client import TLS_NAME, ClientTls, SidecarClient, SidecarUnavailable, client_tls
+from ensemble_core.sidecar_client import (
+    TLS_NAME,
+    ClientTls,
+    SidecarClient,
+    SidecarError,
+    SidecarUnavailable,
+    client_tls,
+)
 from services.actuator.drivers import LocalDriver
 from services.poller.service import run as run_poller
 from sidecar.local import LocalBackend
@@ -59,7 +66,7 @@ async def test_plaintext_another_ca_or_another_name_is_refused(tls_sidecar: Runn
 
 async def test_tls_does_not_replace_the_token(tls_sidecar: RunningServer, ca: trustme.CA) -> None:
     async with SidecarClient(f"127.0.0.1:{tls_sidecar.port}", "wrong", tls=ClientTls(ca.cert_pem.bytes())) as client:
-        with pytest.raises(Exception, match="token"):
+        with pytest.raises(SidecarError, match="refused our token"):
             await client.status()
 
 
