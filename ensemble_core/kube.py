@@ -356,20 +356,14 @@ class Kube:
     async def ensure_secret(self, body: Obj) -> bool:
         """Create the Secret ``body``, or bring an existing one's ``stringData`` up to date; True if written."""
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        try:
-            found = await self.call(f"get secret {namespace}/{name}", self.core.read_namespaced_secret, name, namespace)
-        except KubeError as exc:
-            if exc.status != 404:
-                raise
-            found = None
+        found = await self.secret_data(namespace, name)
         if found is None:
             try:
                 await self.call(f"create secret {namespace}/{name}", self._secret_once, namespace, body)
             except _AlreadyExists:
                 return False
             return True
-        wanted = {key: base64.b64encode(value.encode()).decode() for key, value in body["stringData"].items()}
-        if (found.data or {}) == wanted:
+        if found == {key: value.encode() for key, value in body["stringData"].items()}:
             return False
         await self.call(
             f"update secret {namespace}/{name}",

@@ -419,3 +419,30 @@ async def test_a_malformed_sidecar_tls_secret_setting_stops_the_creator_naming_i
     bad = msgspec.structs.replace(settings, mode="kubernetes", kube_api="http://127.0.0.1:9", sidecar_tls_secret=value)
     with pytest.raises(SettingsError, match="ENSEMBLE_SIDECAR_TLS_SECRET: expected <namespace>/<name>"):
         await run_creator(bad, asyncio.Event())
+
+
+async def test_a_secret_is_created_left_alone_when_unchanged_and_patched_when_changed(
+    api: tuple[kmock.KubernetesEmulator, str],
+) -> None:
+    emulator, url = api
+    kube = Kube(api_client(url))
+    body = {
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "s", "namespace": NS}, "stringData": {"token": "one"},
+    }  # fmt: skip
+    try:
+        assert await kube.ensure_secret(copy.deepcopy(body)) is True
+        assert len(list(emulator["post", SECRETS])) == 1
+        # as the API server keeps it: data, base64
+        stored = {key: value for key, value in body.items() if key != "stringData"}
+        emulator.objects[SECRETS, NS, "s"] = {**stored, "data": {"token": "b25l"}}
+        assert await kube.secret_data(NS, "s") == {"token": b"one"}
+        assert await kube.ensure_secret(copy.deepcopy(body)) is False
+        assert list(emulator["patch", SECRETS]) == []
+        changed = {**body, "stringData": {"token": "two"}}
+        assert await kube.ensure_secret(changed) is True
+        [patch] = list(emulator["patch", SECRETS])
+        assert patch.data == {"stringData": {"token": "two"}}
+        assert await kube.secret_data(NS, "missing") is None
+    finally:
+        await kube.close()
