@@ -70,17 +70,24 @@ def token_secret_name(ensemble: str) -> str:
 
 def token_secret(ensemble: Ensemble, token: str, owner: Mapping[str, Any]) -> dict[str, Any]:
     """The Secret with the sidecar token of ``ensemble`` (owned by the Ensemble)."""
+    return _secret(ensemble, token_secret_name(ensemble.name), "Opaque", {TOKEN_KEY: token}, owner)
+
+
+def _secret(
+    ensemble: Ensemble, name: str, kind: str, data: Mapping[str, str], owner: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A Secret of ``ensemble``'s namespace, labelled with it and owned by it."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "type": "Opaque",
+        "type": kind,
         "metadata": {
-            "name": token_secret_name(ensemble.name),
+            "name": name,
             "namespace": ensemble.namespace,
             "labels": {ENSEMBLE_LABEL: label_value(ensemble.name)},
             "ownerReferences": [dict(owner)],
         },
-        "stringData": {TOKEN_KEY: token},
+        "stringData": dict(data),
     }
 
 
@@ -97,18 +104,8 @@ def tls_secret_name(ensemble: str) -> str:
 
 def tls_secret(ensemble: Ensemble, chain: bytes, key: bytes, owner: Mapping[str, Any]) -> dict[str, Any]:
     """The ``kubernetes.io/tls`` Secret the sidecars of ``ensemble`` serve TLS with (owned by the Ensemble)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "kubernetes.io/tls",
-        "metadata": {
-            "name": tls_secret_name(ensemble.name),
-            "namespace": ensemble.namespace,
-            "labels": {ENSEMBLE_LABEL: label_value(ensemble.name)},
-            "ownerReferences": [dict(owner)],
-        },
-        "stringData": {"tls.crt": chain.decode(), "tls.key": key.decode()},
-    }
+    data = {"tls.crt": chain.decode(), "tls.key": key.decode()}
+    return _secret(ensemble, tls_secret_name(ensemble.name), "kubernetes.io/tls", data, owner)
 
 
 def check(member: Member) -> list[str]:
