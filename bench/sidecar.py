@@ -13,11 +13,21 @@ measured in the same run, on real sidecar processes (``python -m sidecar``) over
   process before the submit.
 * ``sim_1m_jobs`` — 100 simulated members x 10,000 jobs run to completion in this process; baseline:
   the same jobs through the bare queue model (no clock, no events).
+
+``--backend flux`` measures the flux backend on the real Flux instance it runs in (``flux start
+--test-size=4 .venv/bin/python bench/sidecar.py --backend flux``) and writes
+bench/results/sidecar-flux.json; each figure's baseline is the local backend in the same run:
+
+* ``submit_1000`` — wall time of one submit of 1,000 jobs (RequestAction until its answer).
+* ``heartbeat_gap_during_submit`` — the longest gap between two WatchStatus messages while that submit
+  runs, heartbeat 1 s: the submit must not stall the stream by more than one heartbeat period.
+* ``status_p99_1000_queued`` — RequestStatus p99 with 1,000 jobs queued (4 running, 996 waiting).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -44,6 +54,8 @@ from sidecar.queue import Queue  # noqa: E402
 from sidecar.sim import SimQueue  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "sidecar.json"
+FLUX_RESULTS = ROOT / "bench" / "results" / "sidecar-flux.json"
+HEARTBEAT = 1.0
 QUEUED = 100_000
 
 
@@ -238,7 +250,100 @@ def figure(
     }
 
 
+async def submit_under_watch(sidecar: Sidecar, jobs: int) -> tuple[float, float]:
+    """Submit ``jobs`` long jobs while a WatchStatus stream runs: (the submit's wall time, the stream's
+    longest gap between two messages while the submit ran)."""
+    stream = sidecar.stub.WatchStatus(pb.StatusRequest())
+    await stream.read()
+    arrivals: list[float] = []
+
+    async def follow() -> None:
+        while isinstance(await stream.read(), pb.Response):
+            arrivals.append(time.perf_counter())
+
+    following = asyncio.create_task(follow())
+    await asyncio.sleep(2 * HEARTBEAT)
+    started = time.perf_counter()
+    await sidecar.act("submit", {"jobs": [{"name": "q", "command": "sleep 600", "count": jobs}]})
+    ended = time.perf_counter()
+    await asyncio.sleep(2 * HEARTBEAT)
+    following.cancel()
+    stream.cancel()
+    during = [started, *(t for t in arrivals if started < t < ended), ended]
+    # the gap that spans the submit's end counts too: the next message must come within a heartbeat
+    after = next((t for t in arrivals if t >= ended), ended + 2 * HEARTBEAT)
+    during.append(after)
+    return ended - started, max(b - a for a, b in itertools.pairwise(during))
+
+
+async def queued_status(sidecar: Sidecar, jobs: int) -> list[float]:
+    """RequestStatus latencies with ``jobs`` queued (the submit of :func:`submit_under_watch` done)."""
+    while (await sidecar.status())["counts"]["waiting"] + (await sidecar.status())["counts"]["running"] < jobs:
+        await asyncio.sleep(0.1)
+    await timed(sidecar.status, 100)
+    return await timed(sidecar.status, 2000)
+
+
+async def flux_figures(jobs: int = 1000) -> dict[str, Any]:
+    """The flux backend on the instance at FLUX_URI, beside the local backend (4 nodes) as the baseline."""
+    measured: dict[str, tuple[float, float, list[float]]] = {}
+    for backend in ("local", "flux"):
+        extra = ("--nodes", "4") if backend == "local" else ()
+        sidecar = Sidecar("--backend", backend, "--heartbeat", str(HEARTBEAT), *extra)
+        try:
+            await sidecar.status()
+            took, gap = await submit_under_watch(sidecar, jobs)
+            measured[backend] = (took, gap, await queued_status(sidecar, jobs))
+            await sidecar.act("cancel", {"group": "q"})
+        finally:
+            await sidecar.close()
+    (flux_took, flux_gap, flux_status), (local_took, local_gap, local_status) = measured["flux"], measured["local"]
+    return {
+        "submit_1000": figure(flux_took, "s", 5.0, "<", local_took, "the local backend's submit of the same jobs"),
+        "heartbeat_gap_during_submit": figure(
+            flux_gap, "s", 2 * HEARTBEAT, "<=", local_gap, f"the local backend's, heartbeat {HEARTBEAT:g} s"
+        ),
+        "status_p99_1000_queued": figure(
+            p99(flux_status) * 1000,
+            "ms",
+            5.0,
+            "<=",
+            p99(local_status) * 1000,
+            "the local backend with the same jobs queued",
+            median=statistics.median(flux_status) * 1000,
+            baseline_median=statistics.median(local_status) * 1000,
+        ),
+    }
+
+
+def flux_about() -> dict[str, Any]:
+    """The flux-core version and the number of ranks of the instance at FLUX_URI."""
+    version = subprocess.run(["flux", "version"], capture_output=True, text=True, check=True).stdout
+    size = subprocess.run(["flux", "getattr", "size"], capture_output=True, text=True, check=True).stdout
+    core = next(line.split()[-1] for line in version.splitlines() if line.startswith("libflux-core"))
+    return {"flux_core": core, "flux_ranks": int(size)}
+
+
+def report(results: dict[str, Any], path: Path, **about: Any) -> None:
+    for name, result in results.items():
+        print(
+            f"{name:28} {result['value']:>10.3f} {result['unit']:7} target {result['target']:>8} "
+            f"{'met' if result['met'] else 'MISSED':6}  baseline {result['baseline']:.3f} ({result['baseline_is']})"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(), **about}
+    path.write_text(json.dumps({"machine": machine, "time": time.time(), "figures": results}, indent=2) + "\n")
+    print(f"written {path.relative_to(ROOT)}")
+
+
 async def main() -> None:
+    if "--backend" in sys.argv[1:] and sys.argv[sys.argv.index("--backend") + 1] == "flux":
+        if not os.environ.get("FLUX_URI"):
+            sys.exit(
+                "run it in a Flux instance: flux start --test-size=4 .venv/bin/python bench/sidecar.py --backend flux"
+            )
+        report(await flux_figures(), FLUX_RESULTS, **flux_about())
+        return
     status, memory = await status_and_memory()
     results = {
         "status_p99_100k": status,
@@ -249,15 +354,7 @@ async def main() -> None:
         "watch_p99": await watch_latency(),
         "sim_1m_jobs": simulated_members(),
     }
-    for name, result in results.items():
-        print(
-            f"{name:18} {result['value']:>10.3f} {result['unit']:7} target {result['target']:>8} "
-            f"{'met' if result['met'] else 'MISSED':6}  baseline {result['baseline']:.3f} ({result['baseline_is']})"
-        )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
-    RESULTS.write_text(json.dumps({"machine": machine, "time": time.time(), "figures": results}, indent=2) + "\n")
-    print(f"written {RESULTS.relative_to(ROOT)}")
+    report(results, RESULTS)
 
 
 if __name__ == "__main__":

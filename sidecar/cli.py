@@ -1,7 +1,8 @@
 """``ensemble sidecar``: run the gRPC sidecar in front of a job queue until SIGTERM / SIGINT.
 
 Backends: ``local`` (real subprocess jobs on virtual nodes), ``sim`` (the same queue on a virtual
-clock following wall time times ``--speed``) and ``flux`` (the Flux instance at ``FLUX_URI``).
+clock following wall time times ``--speed``) and ``flux`` (the Flux instance at ``FLUX_URI``, reached
+through a helper run by ``flux python``; see :mod:`sidecar.flux`).
 The token comes from the environment variable ``ENSEMBLE_SIDECAR_TOKEN`` (never from the command
 line, where other users could read it); unset or empty means no authentication. With ``--port 0``
 the bound port is printed as the first line of stdout. ``--state-dir`` (local backend) journals the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -50,7 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("local", "sim", "flux"), default="local", help="queue backend")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, required=True, help="port to listen on; 0 picks a free one")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes up at start (default 1)")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help="nodes up at start (default 1); flux: the ranks the member may use at start (default: keep "
+        "what Flux has — the partition's ranks this member has not drained)",
+    )
     parser.add_argument("--cores", type=int, default=1, help="cores per node (default 1)")
     parser.add_argument("--max-nodes", type=int, default=None, help="largest size allowed (default --nodes)")
     parser.add_argument(
@@ -65,6 +73,27 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="journal the queue in this directory and replay it on start: a restarted sidecar keeps its jobs",
+    )
+    flux = parser.add_argument_group("flux backend")
+    flux.add_argument(
+        "--flux", default="flux", help="the flux command whose Python runs the helper (default: flux from PATH)"
+    )
+    flux.add_argument("--flux-uri", default=None, help="the broker to use (default: FLUX_URI)")
+    flux.add_argument(
+        "--ranks", default=None, help="the member's partition: an idset of ranks it may use (default: every rank)"
+    )
+    flux.add_argument("--member", default="", help="tag of the member's jobs and drains (members sharing an instance)")
+    flux.add_argument(
+        "--job-workdir", default="", help="working directory of jobs that name none (default: the broker's)"
+    )
+    flux.add_argument(
+        "--wait-for-broker",
+        type=float,
+        default=0.0,
+        help="seconds to wait at start for a broker whose socket is not there yet (default 0)",
+    )
+    flux.add_argument(
+        "--release-on-exit", action="store_true", help="undrain the ranks this member drained when the sidecar stops"
     )
     sim = parser.add_argument_group("sim backend")
     sim.add_argument("--speed", type=float, default=1.0, help="virtual seconds per wall second (default 1)")
@@ -102,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--provision-delay: the local backend takes one delay; a list is for --backend sim")
     if args.backend != "local" and args.state_dir is not None:
         parser.error("--state-dir: only the local backend keeps its queue in a state directory")
+    if args.backend == "flux" and args.max_nodes is not None:
+        parser.error("--max-nodes: the flux backend's largest size is its partition (--ranks)")
+    if args.backend != "flux" and (args.ranks is not None or args.member or args.flux_uri or args.release_on_exit):
+        parser.error("--ranks, --member, --flux-uri and --release-on-exit are options of the flux backend")
+    if args.nodes is not None and args.nodes < 0:
+        parser.error(f"--nodes: must be >= 0, got {args.nodes}")
+    if args.wait_for_broker < 0:
+        parser.error(f"--wait-for-broker: must be >= 0, got {args.wait_for_broker}")
     if not (args.speed > 0 and args.speed < float("inf")):
         parser.error(f"--speed: must be a number > 0, got {args.speed}")
     if not 0 <= args.port <= 65535:
@@ -130,18 +167,29 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _backend(args: argparse.Namespace) -> Backend:
+async def _backend(args: argparse.Namespace) -> Backend:
     """The backend the arguments describe (inside the running loop: backends start timers and tasks)."""
     if args.backend == "flux":
-        from sidecar.flux import FluxBackend, FluxUnavailable
+        from sidecar.flux import FluxBackend, FluxOptions, FluxUnavailable
 
+        options = FluxOptions(
+            flux=args.flux,
+            uri=args.flux_uri,
+            ranks=args.ranks,
+            size=args.nodes,
+            member=args.member,
+            workdir=args.job_workdir,
+            wait=args.wait_for_broker,
+            release_on_exit=args.release_on_exit,
+        )
         try:
-            return FluxBackend.connect(max_nodes=args.max_nodes)
+            return await FluxBackend.connect(options)
         except FluxUnavailable as exc:
             raise BackendUnavailable(str(exc)) from None
+    nodes = 1 if args.nodes is None else args.nodes
     if args.backend == "sim":
         sim = SimQueue(
-            nodes=args.nodes,
+            nodes=nodes,
             cores=args.cores,
             max_nodes=args.max_nodes,
             provision_delay=args.provision_delay,
@@ -153,7 +201,7 @@ def _backend(args: argparse.Namespace) -> Backend:
         return SimBackend(sim, speed=args.speed)
     try:
         return LocalBackend(
-            nodes=args.nodes,
+            nodes=nodes,
             cores=args.cores,
             max_nodes=args.max_nodes,
             provision_delay=args.provision_delay[0],
@@ -188,7 +236,16 @@ async def _run(args: argparse.Namespace, token: str | None, tls: ServerTls | Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    backend = _backend(args)
+    connecting = asyncio.create_task(_backend(args))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():  # stopped while waiting for the backend (e.g. for a Flux broker)
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, BackendUnavailable):
+            await connecting
+        return 0
+    stopping.cancel()
+    backend = connecting.result()
     try:
         running = await serve(
             backend,

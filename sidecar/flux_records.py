@@ -1,15 +1,17 @@
-"""Flux's records translated into the sidecar's counts: pure functions, no Flux needed.
+"""Flux's records translated into the sidecar's counts, and jobs into jobspecs: pure functions, no Flux needed.
 
 The ``flux`` backend (:mod:`sidecar.flux`) only moves records between Flux and these functions:
 
-* :class:`JournalState` keeps the queue counts from the job manager's event journal
-  (``job-manager.events-journal``, read with ``flux.job.JournalConsumer``): one record per job and
-  event batch, ``{"id": jobid, "events": [...], "jobspec"?: {...}, "R"?: {...}}``; the record with
-  id -1 is the sentinel ending the replay of past jobs. Each status is then O(groups), whatever the
-  number of jobs, and Flux is never asked to list every job.
-* :func:`node_counts` turns the scheduler's resource sets (``all`` / ``down`` / ``allocated``, Rv1)
-  into node and core counts.
-* :func:`job_info` turns a job-list entry (``flux.job.job_list``) into a ``jobinfo`` answer.
+* :class:`JournalState` keeps the queue counts and every job's record from the job manager's events
+  journal (``job-manager.events-journal``): one record per job and event batch,
+  ``{"id": jobid, "events": [...], "jobspec"?: {...}, "R"?: {...}}``; the record with id -1 is the
+  sentinel ending the replay of past jobs. Each status is then O(groups), whatever the number of
+  jobs, and Flux is never asked to list every job; ``jobinfo`` is answered from the same records.
+* :func:`node_counts` turns the scheduler's resource sets (``resource.sched-status``: ``all`` /
+  ``down`` / ``allocated``, Rv1) and the resource module's status (``resource.status``: ``online``,
+  ``drain``) into the node and core counts of the ranks a member may use (its :class:`Partition`).
+* :func:`build_jobspec` turns a job of a submit into a Flux jobspec (RFC 25, version 1): whole nodes
+  (``exclusive``), the group as the job's name, an explicit environment.
 
 Job states follow RFC 21: ``submit`` → new, ``validate`` → depend, ``depend`` → priority, the first
 ``priority`` → sched, ``alloc`` → run, ``finish`` or a fatal ``exception`` → cleanup, ``clean`` →
@@ -21,25 +23,34 @@ held (urgency 0): Flux counts it in ``sched``, but it is not waiting for nodes, 
 from __future__ import annotations
 
 import itertools
+import math
+import os
+import re
+import shlex
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from ensemble_core.messages import NodeCounts, QueueCounts
+from ensemble_core.messages import JobSpec, NodeCounts, QueueCounts
 from ensemble_core.wire import JobInfo, StatusPayload
-from sidecar.queue import NEXT_JOBS, GroupTally, JobState
+from sidecar.queue import NEXT_JOBS, GroupTally, JobState, QueueError
 
 #: The journal's sentinel record id: the replay of past jobs ends here.
 SENTINEL_ID = -1
 
-#: Flux's numeric job states (``flux_job_state_t``), as job-list entries carry them.
-STATE_NAMES = {1: "new", 2: "depend", 4: "priority", 8: "sched", 16: "run", 32: "cleanup", 64: "inactive"}
-
 #: Jobspec user attributes the sidecar sets on every job it submits.
 GROUP_ATTRIBUTE = "group"
+MEMBER_ATTRIBUTE = "ensemble_member"
 KEY_ATTRIBUTE = "ensemble_key"
 INDEX_ATTRIBUTE = "ensemble_index"
+
+#: Every drain reason the sidecar writes starts with this, then the member's tag.
+DRAIN_PREFIX = "ensemble-sidecar"
+
+#: The oldest flux-core the backend works with: its events journal has the sentinel and
+#: ``flux.job.JournalConsumer`` (NEWS.md, 0.68.0).
+MINIMUM_FLUX = (0, 68, 0)
 
 _NEXT_STATE = {
     "validate": JobState.DEPEND,
@@ -50,6 +61,7 @@ _NEXT_STATE = {
     "invalidate": JobState.INACTIVE,
 }
 _ORDER = list(JobState)
+_BEFORE_RUN = (JobState.NEW, JobState.DEPEND, JobState.PRIORITY, JobState.SCHED)
 
 
 class RecordError(ValueError):
@@ -58,21 +70,42 @@ class RecordError(ValueError):
 
 @dataclass(slots=True)
 class _Job:
-    """What the journal tells about one job that is not inactive yet."""
+    """What the journal tells about one job of the member."""
 
+    id: int
     nodes: int
     group: str
     t_submit: float
+    command: str
     state: JobState = JobState.NEW
     held: bool = False
     t_run: float | None = None
+    t_inactive: float | None = None
     success: bool = True
+    returncode: int | None = None
+    cancelled: bool = False
+
+    def info(self) -> JobInfo:
+        """This job as ``jobinfo`` reports it (``success`` and ``returncode`` once it is inactive)."""
+        inactive = self.state is JobState.INACTIVE
+        return JobInfo(
+            id=self.id,
+            group=self.group,
+            command=self.command,
+            nodes=self.nodes,
+            state=self.state.value,
+            t_submit=self.t_submit,
+            t_run=self.t_run,
+            t_inactive=self.t_inactive,
+            returncode=self.returncode if inactive else None,
+            success=self.success if inactive else None,
+        )
 
 
 def expand_idset(text: str) -> list[int]:
     """The ids of an RFC 22 idset string (``"0-3,7"`` → ``[0, 1, 2, 3, 7]``); :class:`RecordError` if malformed."""
     ids: list[int] = []
-    for part in text.split(","):
+    for part in text.strip().strip("[]").split(","):
         if not part.strip():
             continue
         low, _, high = part.partition("-")
@@ -84,6 +117,25 @@ def expand_idset(text: str) -> list[int]:
             raise RecordError(f"idset: range {part!r} ends before it starts")
         ids.extend(range(first, last + 1))
     return ids
+
+
+def encode_idset(ids: Iterable[int]) -> str:
+    """The RFC 22 string of ``ids`` with ranges (``[0, 1, 2, 5]`` → ``"0-2,5"``)."""
+    ordered = sorted(set(ids))
+    parts: list[str] = []
+    for _, run in itertools.groupby(enumerate(ordered), key=lambda pair: pair[1] - pair[0]):
+        values = [value for _, value in run]
+        parts.append(str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}")
+    return ",".join(parts)
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """``"0.88.0"``, ``"0.88.0-59-g4a5e79f56"`` → ``(0, 88, 0)``; :class:`RecordError` when it is not one."""
+    found = re.match(r"v?(\d+)\.(\d+)(?:\.(\d+))?", text.strip())
+    if found is None:
+        raise RecordError(f"version: {text!r} is not a flux-core version")
+    major, minor, patch = found.groups()
+    return int(major), int(minor), int(patch or 0)
 
 
 def _cores_by_rank(rset: Mapping[str, Any] | None, where: str) -> dict[int, set[int]]:
@@ -105,20 +157,99 @@ def _cores_by_rank(rset: Mapping[str, Any] | None, where: str) -> dict[int, set[
     return cores
 
 
-def node_counts(resources: Mapping[str, Any]) -> NodeCounts:
-    """Node and core counts from the scheduler's ``{"all", "down", "allocated"}`` Rv1 resource sets.
+@dataclass(frozen=True, slots=True)
+class Drains:
+    """The drained ranks of an instance (``resource.status``'s ``drain``), and which of them a member drained."""
 
-    Up = all minus down. A node is free when none of its up cores is allocated: jobs take whole
-    nodes, so a node with one busy core cannot take a job (``flux resource list`` counts such a node
-    as free; the sidecar does not).
+    ranks: frozenset[int] = frozenset()
+    mine: frozenset[int] = frozenset()
+
+
+def drains(status: Mapping[str, Any] | None, tag: str) -> Drains:
+    """The drained ranks in ``resource.status`` and those whose reason is this member's (``drain_reason(tag)``)."""
+    table = (status or {}).get("drain") or {}
+    if not isinstance(table, Mapping):
+        raise RecordError("drain: resource.status must map idsets to drain records")
+    every: set[int] = set()
+    mine: set[int] = set()
+    prefix = drain_reason(tag, "")
+    for idset, record in table.items():
+        ranks = expand_idset(str(idset))
+        every.update(ranks)
+        reason = record.get("reason") if isinstance(record, Mapping) else None
+        if isinstance(reason, str) and reason.startswith(prefix):
+            mine.update(ranks)
+    return Drains(frozenset(every), frozenset(mine))
+
+
+def drain_reason(tag: str, why: str) -> str:
+    """The reason the sidecar of member ``tag`` writes on the ranks it drains (found again by its prefix)."""
+    return f"{DRAIN_PREFIX}[{tag}]: {why}"
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """The ranks a member may use, in the order they are given up: the highest go first (as the Flux
+    Operator removes the highest indices when a MiniCluster shrinks)."""
+
+    ranks: tuple[int, ...]
+
+    @classmethod
+    def of(cls, ranks: Iterable[int]) -> Partition:
+        """The partition of ``ranks`` (sorted, without repeats)."""
+        return cls(tuple(sorted(set(ranks))))
+
+    def kept(self, size: int) -> frozenset[int]:
+        """The ranks a member of ``size`` keeps: the lowest ``size``."""
+        return frozenset(self.ranks[:size])
+
+    def given_up(self, size: int) -> frozenset[int]:
+        """The ranks a member of ``size`` drains: all but the lowest ``size``."""
+        return frozenset(self.ranks[size:])
+
+    def idset(self) -> str:
+        """The partition as an RFC 22 idset string."""
+        return encode_idset(self.ranks)
+
+
+def node_counts(
+    sched: Mapping[str, Any],
+    status: Mapping[str, Any] | None = None,
+    partition: Partition | None = None,
+    allocated: Mapping[int, set[int]] | None = None,
+) -> NodeCounts:
+    """Node and core counts of the ``partition`` (default: every rank) from ``resource.sched-status``
+    (``{"all", "down", "allocated"}``) and, when given, ``resource.status`` (``online``, ``drain``);
+    ``allocated`` (rank → cores, e.g. :meth:`JournalState.allocated`) replaces the scheduler's.
+
+    A rank is *up* when it is online and either not drained or still running work (a drained rank
+    with a job is draining: it leaves when the job ends). It is *free* when it is up, not drained and
+    none of its cores is allocated: jobs take whole nodes, so a node with one busy core cannot take a
+    job (``flux resource list`` counts such a node as free; the sidecar does not). Without ``status``,
+    up is every rank of ``all`` that is not ``down``.
     """
-    every = _cores_by_rank(resources.get("all"), "all")
-    down = _cores_by_rank(resources.get("down"), "down")
-    allocated = _cores_by_rank(resources.get("allocated"), "allocated")
-    up = {rank: cores - down.get(rank, set()) for rank, cores in every.items()}
-    up = {rank: cores for rank, cores in up.items() if cores}
-    free_cores = sum(len(cores - allocated.get(rank, set())) for rank, cores in up.items())
-    free_nodes = sum(1 for rank, cores in up.items() if not cores & allocated.get(rank, set()))
+    every = _cores_by_rank(sched.get("all"), "all")
+    down = _cores_by_rank(sched.get("down"), "down")
+    if allocated is None:
+        allocated = _cores_by_rank(sched.get("allocated"), "allocated")
+    wanted = set(partition.ranks) if partition is not None else set(every)
+    online = set(expand_idset(str(status.get("online") or ""))) if status is not None else set(every)
+    drained = drains(status, "").ranks if status is not None else frozenset()
+    up: dict[int, set[int]] = {}
+    free_nodes = free_cores = 0
+    for rank in sorted(wanted & set(every)):
+        busy = allocated.get(rank, set())
+        is_drained = rank in drained
+        whole_rank_down = every[rank] <= down.get(rank, set())
+        if rank not in online or (whole_rank_down and not is_drained) or (is_drained and not busy):
+            continue  # offline, excluded or unresponsive; or drained and idle: gone
+        usable = every[rank] if is_drained else every[rank] - down.get(rank, set())
+        up[rank] = usable
+        if is_drained:
+            continue  # draining: its job goes on, nothing new starts there
+        free_cores += len(usable - busy)
+        if not usable & busy:
+            free_nodes += 1
     return NodeCounts(
         node_cores_free=free_cores,
         node_cores_up=sum(len(cores) for cores in up.values()),
@@ -127,9 +258,9 @@ def node_counts(resources: Mapping[str, Any]) -> NodeCounts:
     )
 
 
-def known_nodes(resources: Mapping[str, Any]) -> int:
-    """Nodes the scheduler knows (the ``all`` set, down nodes included): the widest job that can ever run."""
-    return len(_cores_by_rank(resources.get("all"), "all"))
+def known_ranks(sched: Mapping[str, Any]) -> list[int]:
+    """Every rank the scheduler knows (the ``all`` set, down ranks included), in order."""
+    return sorted(_cores_by_rank(sched.get("all"), "all"))
 
 
 def jobspec_nodes(jobspec: Mapping[str, Any] | None) -> int:
@@ -152,38 +283,61 @@ def jobspec_user(jobspec: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return user if isinstance(user, Mapping) else {}
 
 
+def jobspec_command(jobspec: Mapping[str, Any] | None) -> list[str]:
+    """The first task's command (empty when absent)."""
+    for task in (jobspec or {}).get("tasks") or ():
+        command = task.get("command") if isinstance(task, Mapping) else None
+        if isinstance(command, list) and command:
+            return [str(word) for word in command]
+    return []
+
+
 def jobspec_group(jobspec: Mapping[str, Any] | None) -> str:
     """The job group: ``attributes.user.group`` (set by the sidecar), else the command's first word."""
     group = jobspec_user(jobspec).get(GROUP_ATTRIBUTE)
     if isinstance(group, str) and group:
         return group
-    for task in (jobspec or {}).get("tasks") or ():
-        command = task.get("command") if isinstance(task, Mapping) else None
-        if isinstance(command, list) and command:
-            return str(command[0]).rsplit("/", 1)[-1]
-    return ""
+    command = jobspec_command(jobspec)
+    return command[0].rsplit("/", 1)[-1] if command else ""
+
+
+def returncode(waitstatus: int) -> int:
+    """A job's return code from its ``finish`` status (a wait status), as ``flux jobs`` computes it:
+    the exit code, or the negative signal number when the job shell was killed by a signal."""
+    if os.WIFSIGNALED(waitstatus):
+        return -os.WTERMSIG(waitstatus)
+    if os.WIFEXITED(waitstatus):
+        return os.WEXITSTATUS(waitstatus)
+    return waitstatus
 
 
 class JournalState:
-    """The queue counts of one Flux instance, kept up to date from its job event journal.
+    """The queue counts and job records of one member, kept up to date from its instance's events journal.
 
-    Feed it every journal record (:meth:`apply_record`) or event (:meth:`apply_event`) in order.
-    Memory: one small entry per job not yet inactive, plus one set of indices per submit key.
+    Feed it every journal record (:meth:`apply_record`) or event (:meth:`apply_event`) in order. With
+    a ``member`` tag only the jobs submitted for that member count (``attributes.user.ensemble_member``);
+    without one, every job of the instance. Memory: one small record per job of the member, plus one
+    set of indices per submit key.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, member: str = "") -> None:
         """Empty: no job seen, the replay of past jobs not finished."""
+        self.member = member
         self.replayed = False
         self.finished = 0
         self.failed = 0
         self.last_timestamp = 0.0
         self._jobs: dict[int, _Job] = {}
+        self._active: dict[int, _Job] = {}
         self._states: Counter[JobState] = Counter()
         # Jobs waiting for nodes (sched, not held), in the order they became schedulable.
         self._waiting: dict[int, _Job] = {}
         self._waiting_by_nodes: Counter[int] = Counter()
         self._groups: dict[str, GroupTally] = {}
         self._keys: dict[str, set[int]] = {}
+        # Cores held by every job of the instance (any member's), from alloc until free: rank → core → jobs.
+        self._holding: dict[int, dict[int, set[int]]] = {}
+        self._held: dict[int, dict[int, Counter[int]]] = {}
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -201,14 +355,33 @@ class JournalState:
 
     def pending_ids(self, group: str | None = None) -> list[int]:
         """Ids of the jobs not yet running (held ones included), of ``group`` or of every group; O(active jobs)."""
-        before_run = (JobState.NEW, JobState.DEPEND, JobState.PRIORITY, JobState.SCHED)
         return [
             job_id
-            for job_id, job in self._jobs.items()
-            if job.state in before_run and (group is None or job.group == group)
+            for job_id, job in self._active.items()
+            if job.state in _BEFORE_RUN and (group is None or job.group == group)
         ]
 
-    def status(self, nodes: NodeCounts, now: float, *, terminated: bool = False) -> StatusPayload:
+    def active_ids(self, group: str) -> list[int]:
+        """Ids of the jobs of ``group`` not yet finished (waiting or running); O(active jobs)."""
+        return [
+            job_id
+            for job_id, job in self._active.items()
+            if job.group == group and job.state not in (JobState.CLEANUP, JobState.INACTIVE)
+        ]
+
+    def job(self, job_id: int) -> JobInfo | None:
+        """The record of one job of the member, or None."""
+        job = self._jobs.get(job_id)
+        return job.info() if job is not None else None
+
+    def recent(self, limit: int) -> list[JobInfo]:
+        """The ``limit`` most recently submitted jobs of the member, oldest first."""
+        ordered = sorted(self._jobs.values(), key=lambda job: (job.t_submit, job.id))
+        return [job.info() for job in ordered[-limit:]] if limit > 0 else []
+
+    def status(
+        self, nodes: NodeCounts, now: float, *, size: int | None = None, terminated: bool = False
+    ) -> StatusPayload:
         """The status payload: these counts with the instance's ``nodes`` at ``now`` (O(groups))."""
         return StatusPayload(
             nodes=nodes,
@@ -217,12 +390,18 @@ class JournalState:
             next_jobs=self.next_jobs(),
             counts={"waiting": len(self._waiting), "running": self._states[JobState.RUN]},
             metrics={},
+            size=size,
             finished=self.finished,
             failed=self.failed,
             groups={name: group.stats() for name, group in self._groups.items()},
             time=now,
             terminated=terminated,
         )
+
+    def allocated(self) -> dict[int, set[int]]:
+        """The cores each rank has allocated to a job now (any job of the instance), from the journal:
+        consistent with the job states at every instant, unlike a separate resource query."""
+        return {rank: {core for core, jobs in cores.items() if jobs} for rank, cores in self._held.items()}
 
     def key_indices(self, key: str) -> set[int]:
         """Indices (``attributes.user.ensemble_index``) of the jobs submitted with ``key`` seen so far."""
@@ -254,6 +433,7 @@ class JournalState:
                 float(event.get("timestamp") or 0.0),
                 event.get("context") or {},
                 jobspec=record.get("jobspec"),
+                resources=record.get("R"),
             )
 
     def apply_records(self, records: Iterable[Mapping[str, Any]]) -> None:
@@ -269,66 +449,89 @@ class JournalState:
         context: Mapping[str, Any],
         *,
         jobspec: Mapping[str, Any] | None = None,
+        resources: Mapping[str, Any] | None = None,
     ) -> None:
-        """Apply one job event (as ``flux.job.JournalEvent`` carries it); events of unknown jobs are ignored.
+        """Apply one job event; events of jobs not seen submitted (or of other members) change no count.
 
-        ``jobspec`` (given with ``submit``) provides the job's width, group and submit key.
+        ``jobspec`` (given with ``submit``) provides the job's width, group, member and submit key;
+        ``resources`` (the R given with ``alloc``) the cores it holds until ``free``, whoever's job it is.
         """
         if job_id == SENTINEL_ID:
             self.replayed = True
             return
         self.last_timestamp = max(self.last_timestamp, timestamp)
+        if name == "alloc" and resources is not None:
+            self._hold(job_id, resources)
+        elif name in ("free", "clean"):
+            self._release(job_id)
         if name == "submit":
             self._submit(job_id, timestamp, jobspec)
             return
-        job = self._jobs.get(job_id)
+        job = self._active.get(job_id)
         if job is None:
             return
         if name == "priority":
             job.held = context.get("priority") == 0
             target = JobState.SCHED if job.state is JobState.PRIORITY else job.state
-            self._move(job_id, job, target)
+            self._move(job, target)
         elif name == "exception" and context.get("severity") == 0:
             job.success = False
-            if job.state is not JobState.INACTIVE and _ORDER.index(job.state) < _ORDER.index(JobState.CLEANUP):
-                self._move(job_id, job, JobState.CLEANUP)
+            job.cancelled = job.cancelled or context.get("type") == "cancel"
+            if _ORDER.index(job.state) < _ORDER.index(JobState.CLEANUP):
+                self._move(job, JobState.CLEANUP)
         elif name in _NEXT_STATE:
-            if name == "finish" and context.get("status", 0) != 0:
-                job.success = False
+            if name == "finish":
+                status = context.get("status", 0)
+                code = returncode(status) if isinstance(status, int) else 1
+                job.returncode = code
+                if code != 0:
+                    job.success = False
             if name == "invalidate":
                 job.success = False
             if name == "alloc":
                 job.t_run = timestamp
-            self._move(job_id, job, _NEXT_STATE[name], timestamp)
+            self._move(job, _NEXT_STATE[name], timestamp)
 
     # -- internals -------------------------------------------------------------------------------
 
     def _submit(self, job_id: int, timestamp: float, jobspec: Mapping[str, Any] | None) -> None:
         if job_id in self._jobs:
             return
-        job = _Job(nodes=jobspec_nodes(jobspec), group=jobspec_group(jobspec), t_submit=timestamp)
-        self._jobs[job_id] = job
+        user = jobspec_user(jobspec)
+        if self.member and user.get(MEMBER_ATTRIBUTE) != self.member:
+            return
+        job = _Job(
+            id=job_id,
+            nodes=jobspec_nodes(jobspec),
+            group=jobspec_group(jobspec),
+            t_submit=timestamp,
+            command=shlex.join(jobspec_command(jobspec)),
+        )
+        self._jobs[job_id] = self._active[job_id] = job
         self._states[JobState.NEW] += 1
         self._group(job.group).submitted += 1
-        user = jobspec_user(jobspec)
         key, index = user.get(KEY_ATTRIBUTE), user.get(INDEX_ATTRIBUTE)
         if isinstance(key, str) and key and isinstance(index, int):
             self.note_submitted(key, index)
 
-    def _move(self, job_id: int, job: _Job, state: JobState, timestamp: float = 0.0) -> None:
-        was_waiting = job_id in self._waiting
+    def _move(self, job: _Job, state: JobState, timestamp: float = 0.0) -> None:
+        was_waiting = job.id in self._waiting
         self._states[job.state] -= 1
         self._states[state] += 1
         job.state = state
         waits = state is JobState.SCHED and not job.held
         if was_waiting and not waits:
-            del self._waiting[job_id]
+            del self._waiting[job.id]
             self._waiting_by_nodes[job.nodes] -= 1
         elif waits and not was_waiting:
-            self._waiting[job_id] = job
+            self._waiting[job.id] = job
             self._waiting_by_nodes[job.nodes] += 1
         if state is JobState.INACTIVE:
-            del self._jobs[job_id]
+            del self._active[job.id]
+            job.t_inactive = timestamp
+            if job.returncode is None and not job.success:
+                # ended before it ran (or without a finish): Flux's convention, -128 for a cancel
+                job.returncode = -128 if job.cancelled else 1
             self.finished += 1
             if not job.success:
                 self.failed += 1
@@ -338,6 +541,28 @@ class JournalState:
                 wait=job.t_run - job.t_submit if job.t_run is not None else None,
             )
 
+    def _hold(self, job_id: int, resources: Mapping[str, Any]) -> None:
+        if job_id in self._holding:
+            return
+        cores = _cores_by_rank(resources, "R")
+        self._holding[job_id] = cores
+        for rank, ids in cores.items():
+            held = self._held.setdefault(rank, {})
+            for core in ids:
+                held.setdefault(core, Counter())[job_id] += 1
+
+    def _release(self, job_id: int) -> None:
+        for rank, ids in self._holding.pop(job_id, {}).items():
+            held = self._held.get(rank, {})
+            for core in ids:
+                jobs = held.get(core)
+                if jobs is not None:
+                    del jobs[job_id]
+                    if not jobs:
+                        del held[core]
+            if not held:
+                self._held.pop(rank, None)
+
     def _group(self, name: str) -> GroupTally:
         group = self._groups.get(name)
         if group is None:
@@ -345,35 +570,89 @@ class JournalState:
         return group
 
 
-def job_info(entry: Mapping[str, Any]) -> JobInfo:
-    """A job-list entry (``flux.job.job_list`` attributes) as ``jobinfo`` reports a job.
+@dataclass(frozen=True, slots=True)
+class JobTemplate:
+    """What every jobspec of one sidecar shares: its environment, default working directory, member tag
+    and the ranks its jobs may run on (None: any rank of the instance)."""
 
-    ``state`` may be Flux's number or name; ``success`` is kept as Flux reports it (absent until
-    the job is inactive). Raises :class:`RecordError` when ``id`` is missing.
+    environment: Mapping[str, str]
+    workdir: str = ""
+    member: str = ""
+    ranks: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def build_jobspec(spec: JobSpec, template: JobTemplate, *, key: str = "", index: int = 0) -> dict[str, Any]:
+    """The RFC 25 (version 1) jobspec of one job of ``spec``: ``spec.nodes`` whole nodes (``exclusive``),
+    ``spec.tasks`` tasks spread over them (one per node when 0), the group as the job's name, the
+    template's environment, and the user attributes the journal reads back (group, member, key, index).
+
+    Raises :class:`QueueError` naming the field when the command cannot be split into arguments.
     """
-    job_id = entry.get("id")
-    if not isinstance(job_id, int):
-        raise RecordError(f"id: a job-list entry needs a job id, got {job_id!r}")
-    state = entry.get("state")
-    state_name = STATE_NAMES.get(state, "") if isinstance(state, int) else str(state or "").lower()
-    if not state_name:
-        state_name = "inactive" if entry.get("t_inactive") else ""
-    returncode = entry.get("returncode")
-    success = entry.get("success")
+    try:
+        command = shlex.split(spec.command)
+    except ValueError as exc:
+        raise QueueError(f"command: cannot be split into arguments: {exc}") from None
+    if not command:
+        raise QueueError("command: must not be empty")
+    nodes = spec.nodes
+    tasks = max(spec.tasks, nodes)
+    per_node = math.ceil(tasks / nodes)
+    count: dict[str, int] = {"per_slot": 1} if per_node * nodes == tasks else {"total": tasks}
+    system: dict[str, Any] = {
+        "duration": spec.duration,
+        "environment": dict(template.environment),
+        "job": {"name": spec.name},
+    }
+    workdir = spec.workdir or template.workdir
+    if workdir:
+        system["cwd"] = workdir
+    if template.ranks is not None:
+        system["constraints"] = {"ranks": [template.ranks]}
+    user: dict[str, Any] = {GROUP_ATTRIBUTE: spec.name, **template.extra}
+    if template.member:
+        user[MEMBER_ATTRIBUTE] = template.member
+    if key:
+        user[KEY_ATTRIBUTE] = key
+        user[INDEX_ATTRIBUTE] = index
+    return {
+        "version": 1,
+        "resources": [
+            {
+                "type": "node",
+                "count": nodes,
+                "exclusive": True,
+                "with": [{"type": "slot", "count": per_node, "label": "task", "with": [{"type": "core", "count": 1}]}],
+            }
+        ],
+        "tasks": [{"command": command, "slot": "task", "count": count}],
+        "attributes": {"system": system, "user": user},
+    }
 
-    def timestamp(field: str) -> float | None:
-        value = entry.get(field)
-        return float(value) if isinstance(value, int | float) and value > 0 else None
 
-    return JobInfo(
-        id=job_id,
-        group=str(entry.get("name") or ""),
-        command="",
-        nodes=int(entry.get("nnodes") or 0),
-        state=state_name,
-        t_submit=timestamp("t_submit") or 0.0,
-        t_run=timestamp("t_run"),
-        t_inactive=timestamp("t_inactive"),
-        returncode=returncode if isinstance(returncode, int) else None,
-        success=success if isinstance(success, bool) else None,
-    )
+def version_problem(version: str) -> str | None:
+    """Why this flux-core is too old for the sidecar, or None when it will do."""
+    found = parse_version(version)
+    if found < MINIMUM_FLUX:
+        wanted = ".".join(map(str, MINIMUM_FLUX))
+        return (
+            f"flux-core {version} is too old: the sidecar needs {wanted} or newer (its job-manager events "
+            "journal with the end-of-replay sentinel, as flux.job.JournalConsumer uses it, came in 0.68.0)"
+        )
+    return None
+
+
+def ranks_of(text: str, known: Sequence[int]) -> Partition:
+    """The partition an idset names, checked against the instance's ranks; :class:`QueueError` naming ``ranks``."""
+    try:
+        ranks = expand_idset(text)
+    except RecordError as exc:
+        raise QueueError(f"ranks: {exc}") from None
+    if not ranks:
+        raise QueueError(f"ranks: {text!r} names no rank")
+    unknown = sorted(set(ranks) - set(known))
+    if unknown:
+        raise QueueError(
+            f"ranks: {encode_idset(unknown)} not in this Flux instance (its ranks are {encode_idset(known)})"
+        )
+    return Partition.of(ranks)

@@ -39,7 +39,7 @@ from ensemble_core.wire import (
     SubmitResult,
 )
 from sidecar.backend import Listeners
-from sidecar.queue import Job, Queue, QueueError
+from sidecar.queue import Job, Queue, QueueError, job_environment
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 NOT_FOUND = 127
 NOT_EXECUTABLE = 126
 
-#: Environment variables a job must not inherit from the sidecar.
-_PRIVATE_ENV = ("ENSEMBLE_SIDECAR_TOKEN",)
+#: Seconds a cancelled job's processes get after SIGTERM before SIGKILL.
+CANCEL_GRACE = 5.0
 
 #: How long to keep reading a job's output after its process group was killed: a process that
 #: escaped the group may hold the pipe open forever.
@@ -259,6 +259,8 @@ class LocalBackend(Listeners):
         super().__init__()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._cancelled: set[int] = set()
+        self._kill_timers: list[asyncio.TimerHandle] = []
         self._timers: set[asyncio.TimerHandle] = set()
         self._closed = False
         self._journal: Journal | None = None
@@ -276,7 +278,7 @@ class LocalBackend(Listeners):
         """A snapshot of the queue and nodes now."""
         return self.queue.status(self._clock())
 
-    def submit(self, payload: SubmitPayload) -> SubmitResult:
+    async def submit(self, payload: SubmitPayload) -> SubmitResult:
         """Queue the jobs and start what fits; idempotent on ``payload.key``.
 
         Raises :class:`QueueError` naming the field (e.g. a command ``shlex`` cannot split).
@@ -307,42 +309,54 @@ class LocalBackend(Listeners):
             self._pump()
         return result
 
-    def job_info(self, job_id: int) -> JobInfo:
+    async def job_info(self, job_id: int) -> JobInfo:
         """One job by id; :class:`QueueError` naming ``id`` if there is none."""
         job = self.queue.job(job_id)
         if job is None:
             raise QueueError(f"id: no job with id {job_id}")
         return job.info()
 
-    def recent_jobs(self, limit: int) -> list[JobInfo]:
+    async def recent_jobs(self, limit: int) -> list[JobInfo]:
         """The ``limit`` most recently submitted jobs, oldest first."""
         return [job.info() for job in self.queue.recent(limit)]
 
-    def grow(self, size: int) -> ResizeResult:
+    async def grow(self, size: int) -> ResizeResult:
         """Request ``size`` nodes (>= the current size); they come up after the provisioning delay."""
         to_provision = self.queue.grow(size)
         self._record(Resized(size=size))
         self._provision(to_provision)
         return self._resized("grow")
 
-    def shrink(self, size: int) -> ResizeResult:
+    async def shrink(self, size: int) -> ResizeResult:
         """Request ``size`` nodes (<= the current size): free nodes go now, busy ones drain."""
         to_provision = self.queue.shrink(size)
         self._record(Resized(size=size))
         self._provision(to_provision)
         return self._resized("shrink")
 
-    def cancel(self, group: str) -> int:
-        """Cancel the waiting jobs of ``group``; return how many."""
+    async def cancel(self, group: str) -> int:
+        """Cancel the jobs of ``group`` that have not finished; return how many.
+
+        Waiting jobs end at once; running ones get SIGTERM (SIGKILL after :data:`CANCEL_GRACE`
+        seconds) and end failed, their output saying they were cancelled.
+        """
         now = self._clock()
         cancelled = self.queue.cancel(group, now)
-        log.info("cancel group=%r jobs=%d", group, cancelled)
+        running = [job for job in self.queue.running_jobs(group) if job.id in self._procs]
+        log.info("cancel group=%r waiting=%d running=%d", group, cancelled, len(running))
         if cancelled:
             self._record(Cancelled(t=now, group=group))
             self._pump()
-        return cancelled
+        for job in running:
+            self._cancelled.add(job.id)
+            proc = self._procs[job.id]
+            _signal_group(proc, signal.SIGTERM)
+            self._kill_timers.append(
+                asyncio.get_running_loop().call_later(CANCEL_GRACE, _signal_group, proc, signal.SIGKILL)
+            )
+        return cancelled + len(running)
 
-    def terminate(self) -> ResizeResult:
+    async def terminate(self) -> ResizeResult:
         """Stop placing work and drop pending provisioning; nodes go as running jobs end."""
         self.queue.terminate()
         self._record(Terminated())
@@ -362,6 +376,8 @@ class LocalBackend(Listeners):
         if self._journal is not None:
             self._journal.close()
         self._cancel_timers()
+        for timer in self._kill_timers:
+            timer.cancel()
         tasks = list(self._tasks.values())
         for proc in self._procs.values():
             _signal_group(proc, signal.SIGTERM)
@@ -522,7 +538,7 @@ class LocalBackend(Listeners):
 
     async def _execute(self, job: Job) -> tuple[int, str]:
         """Run the job's command; return its return code and the tail of its output."""
-        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+        env = job_environment(os.environ)
         env["FLUX_JOB_ID"] = str(job.id)
         env["FLUX_JOB_NNODES"] = str(job.nodes)
         try:
@@ -562,6 +578,9 @@ class LocalBackend(Listeners):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_DRAIN_SECONDS):
                 await reader
+        if job.id in self._cancelled:
+            self._cancelled.discard(job.id)
+            note += "sidecar: cancelled\n"
         output = bytes(tail).decode("utf-8", errors="replace") + note
         assert proc.returncode is not None  # proc.wait() returned
         return proc.returncode, output

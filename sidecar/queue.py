@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -64,6 +65,9 @@ KEEP_KEYS = 10_000
 #: Finished jobs whose output is kept by default; older outputs are dropped (set to ``""``).
 KEEP_OUTPUTS = 1_000
 
+#: Environment variables of the sidecar that its jobs never see: its own settings and secrets.
+PRIVATE_ENVIRONMENT = re.compile(r"^(ENSEMBLE_|GRPC_)")
+
 
 class JobState(StrEnum):
     """Flux's job states, in order."""
@@ -83,6 +87,10 @@ class QueueError(ValueError):
 
 class QueueTerminated(QueueError):
     """A request refused because the queue was terminated."""
+
+
+class QueueUnavailable(QueueError):
+    """The queue cannot answer now (e.g. the sidecar lost Flux and is reconnecting): retry later."""
 
 
 @dataclass(slots=True)
@@ -164,6 +172,13 @@ class GroupTally:
             wait_iqr=self.wait.iqr(),
             wait_mad=self.wait.mad(),
         )
+
+
+def job_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment the sidecar's jobs get: the sidecar's own minus its settings and secrets
+    (``ENSEMBLE_*``, the sidecar token among them, and ``GRPC_*``) — what ``flux submit`` run in the
+    same shell would pass, without what belongs to the sidecar."""
+    return {name: value for name, value in environ.items() if not PRIVATE_ENVIRONMENT.match(name)}
 
 
 def order_jobs(specs: Sequence[JobSpec], order: Order, seed: int) -> list[JobSpec]:
@@ -275,9 +290,11 @@ class Queue:
         """Jobs running."""
         return self._states[JobState.RUN]
 
-    def running_jobs(self) -> list[Job]:
-        """The jobs running now, in id order (O(jobs): for a restart, not for a hot path)."""
-        return [job for job in self._jobs.values() if job.state is JobState.RUN]
+    def running_jobs(self, group: str | None = None) -> list[Job]:
+        """The jobs running now (of ``group``, or all), in id order (O(jobs): not for a hot path)."""
+        return [
+            job for job in self._jobs.values() if job.state is JobState.RUN and (group is None or job.group == group)
+        ]
 
     def job(self, job_id: int) -> Job | None:
         """The job with this id, or ``None``."""
@@ -427,7 +444,7 @@ class Queue:
         return job
 
     def cancel(self, group: str, now: float) -> int:
-        """Cancel the waiting jobs of ``group`` (running ones are left alone); return how many.
+        """Cancel the waiting jobs of ``group``; return how many (the backend ends its running ones).
 
         A cancelled job becomes inactive without running and counts as finished and failed.
         """

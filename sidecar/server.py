@@ -11,7 +11,8 @@ Actions of ``RequestAction``:
 * ``grow`` / ``shrink`` — :class:`~ensemble_core.wire.ResizePayload` →
   :class:`~ensemble_core.wire.ResizeResult`. The size is absolute: grow below / shrink above the
   current size is an error, the current size itself a no-op.
-* ``cancel`` — ``{"group": name}`` → ``{"cancelled": n}``: the group's waiting jobs.
+* ``cancel`` — ``{"group": name}`` → ``{"cancelled": n}``: the group's jobs that have not finished,
+  waiting and running (running ones are killed).
 * ``terminate`` — stop placing work; the size goes to 0 as running jobs end → ``ResizeResult``.
 * ``resetCounter`` — accepted for compatibility with the original sidecar; no effect → ``{}``.
 
@@ -21,6 +22,10 @@ Actions of ``RequestAction``:
 
 With a token, every call of the service needs the metadata ``authorization: Bearer <token>``, else
 it fails ``UNAUTHENTICATED``; the health and reflection services stay open.
+
+While the backend cannot answer (the ``flux`` backend lost Flux and is reconnecting), every call of the
+service fails ``UNAVAILABLE`` with the reason, a ``WatchStatus`` stream ends the same way, and the
+gRPC health of the service (and of ``""``) is ``NOT_SERVING`` until it can again.
 
 Test hook: ``call_delay`` (``ensemble sidecar --test-delay-file``) makes every call, and every
 ``WatchStatus`` snapshot, wait that many seconds first, so a fault test can make a sidecar slow.
@@ -50,7 +55,7 @@ from ensemble_core.tokens import status_token
 from ensemble_core.wire import ResizePayload, SubmitPayload
 from sidecar.backend import Backend
 from sidecar.local import LocalBackend
-from sidecar.queue import QueueError, QueueTerminated
+from sidecar.queue import QueueError, QueueTerminated, QueueUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -126,20 +131,24 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
         self.heartbeat = heartbeat
         self.min_interval = min_interval
         self.call_delay = call_delay
-        self._actions: dict[str, Callable[[str], pb.Response]] = {
+        self._actions: dict[str, Callable[[str], Awaitable[pb.Response]]] = {
             "submit": self._submit,
             "jobinfo": self._jobinfo,
             "grow": self._grow,
             "shrink": self._shrink,
             "cancel": self._cancel,
             "terminate": self._terminate,
-            "resetCounter": lambda _payload: _reply({}),
+            "resetCounter": self._reset_counter,
         }
 
     async def RequestStatus(self, request: pb.StatusRequest, context: Any) -> pb.Response:
         """The status snapshot as JSON (:class:`~ensemble_core.wire.StatusPayload`), ``SUCCESS``."""
         await self._delay()
-        return self._status()
+        try:
+            return self._status()
+        except QueueUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise  # unreachable: abort raises
 
     async def RequestAction(self, request: pb.ActionRequest, context: Any) -> pb.Response:
         """Run one action (see the module docstring); refusals answer ``ERROR`` / ``DENIED``."""
@@ -149,7 +158,10 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
             known = ", ".join(sorted(self._actions))
             return _error(f"action: unknown action {request.action!r} (known: {known})")
         try:
-            return handler(request.payload)
+            return await handler(request.payload)
+        except QueueUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise  # unreachable: abort raises
         except _Refused as exc:
             return _error(str(exc))
         except QueueTerminated as exc:
@@ -177,7 +189,12 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
             while True:
                 await self._delay()
                 changed.clear()
-                yield self._status()
+                try:
+                    snapshot = self._status()
+                except QueueUnavailable as exc:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                    raise  # unreachable: abort raises
+                yield snapshot
                 sent = time.monotonic()
                 try:
                     async with asyncio.timeout(self.heartbeat):  # not wait_for: it can swallow a cancel (3.11)
@@ -199,26 +216,29 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
     def _status(self) -> pb.Response:
         return _reply(self.backend.status())
 
-    def _submit(self, payload: str) -> pb.Response:
-        return _reply(self.backend.submit(_decode(payload, SubmitPayload, "submit")))
+    async def _submit(self, payload: str) -> pb.Response:
+        return _reply(await self.backend.submit(_decode(payload, SubmitPayload, "submit")))
 
-    def _jobinfo(self, payload: str) -> pb.Response:
+    async def _jobinfo(self, payload: str) -> pb.Response:
         wanted = _decode(payload, JobInfoRequest, "jobinfo", optional=True)
         if wanted.id is None:
-            return _reply(self.backend.recent_jobs(JOBINFO_LIMIT))
-        return _reply(self.backend.job_info(wanted.id))
+            return _reply(await self.backend.recent_jobs(JOBINFO_LIMIT))
+        return _reply(await self.backend.job_info(wanted.id))
 
-    def _grow(self, payload: str) -> pb.Response:
-        return _reply(self.backend.grow(_decode(payload, ResizePayload, "grow").size))
+    async def _grow(self, payload: str) -> pb.Response:
+        return _reply(await self.backend.grow(_decode(payload, ResizePayload, "grow").size))
 
-    def _shrink(self, payload: str) -> pb.Response:
-        return _reply(self.backend.shrink(_decode(payload, ResizePayload, "shrink").size))
+    async def _shrink(self, payload: str) -> pb.Response:
+        return _reply(await self.backend.shrink(_decode(payload, ResizePayload, "shrink").size))
 
-    def _cancel(self, payload: str) -> pb.Response:
-        return _reply({"cancelled": self.backend.cancel(_decode(payload, CancelPayload, "cancel").group)})
+    async def _cancel(self, payload: str) -> pb.Response:
+        return _reply({"cancelled": await self.backend.cancel(_decode(payload, CancelPayload, "cancel").group)})
 
-    def _terminate(self, payload: str) -> pb.Response:
-        return _reply(self.backend.terminate())
+    async def _terminate(self, payload: str) -> pb.Response:
+        return _reply(await self.backend.terminate())
+
+    async def _reset_counter(self, payload: str) -> pb.Response:
+        return _reply({})
 
 
 class TokenInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]  # one interceptor for every method type
@@ -351,13 +371,28 @@ async def serve(
     if bound == 0:
         raise RuntimeError(f"cannot bind {address}")
     await server.start()
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await _set_serving(health, True)  # a backend is given connected and able to answer
+    health_updates: set[asyncio.Task[None]] = set()
+
+    def on_health(problem: str | None) -> None:
+        if problem is not None:
+            log.error("not serving: %s", problem)
+        task = asyncio.create_task(_set_serving(health, problem is None))
+        health_updates.add(task)
+        task.add_done_callback(health_updates.discard)
+
+    backend.add_health_listener(on_health)
     log.info(
         "sidecar listening address=%s port=%d auth=%s tls=%s",
         host, bound, "token" if token else "none", "on" if tls else "off",
     )  # fmt: skip
     return RunningServer(server=server, port=bound, backend=backend, health=health)
+
+
+async def _set_serving(health: Any, serving: bool) -> None:
+    state = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    await health.set("", state)
+    await health.set(SERVICE_NAME, state)
 
 
 def delay_from_file(path: Path) -> Callable[[], float]:

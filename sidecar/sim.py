@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: Return code of a job cut at its time limit (a process killed by SIGKILL, as the local backend reports it).
 KILLED = -9
+#: Return code of a running job that was cancelled (SIGTERM, as the local backend's).
+CANCELLED = -15
 
 _T = TypeVar("_T")
 
@@ -319,11 +321,18 @@ class SimQueue:
         return self._resized()
 
     def cancel(self, group: str) -> int:
-        """Cancel the waiting jobs of ``group``; return how many."""
+        """Cancel the jobs of ``group`` that have not finished (running ones end now, failed); return how many."""
         cancelled = self.queue.cancel(group, self.now)
-        if cancelled:
+        running = {job.id for job in self.queue.running_jobs(group)}
+        if running:
+            self._events = [event for event in self._events if not (event[2] == _FINISH and event[3] in running)]
+            heapq.heapify(self._events)
+            for job_id in sorted(running):
+                self._plans.pop(job_id, None)
+                self.queue.finish(job_id, self.now, CANCELLED, "sim: cancelled\n")
+        if cancelled or running:
             self._start()
-        return cancelled
+        return cancelled + len(running)
 
     def terminate(self) -> ResizeResult:
         """Stop placing work and drop the nodes still being provisioned; nodes go as running jobs end."""
@@ -392,33 +401,33 @@ class SimBackend(Listeners):
         self._catch_up()
         return self.sim.status()
 
-    def submit(self, payload: SubmitPayload) -> SubmitResult:
+    async def submit(self, payload: SubmitPayload) -> SubmitResult:
         """:meth:`SimQueue.submit` at the current virtual time."""
         return self._change(lambda: self.sim.submit(payload))
 
-    def job_info(self, job_id: int) -> JobInfo:
+    async def job_info(self, job_id: int) -> JobInfo:
         """:meth:`SimQueue.job_info` at the current virtual time."""
         self._catch_up()
         return self.sim.job_info(job_id)
 
-    def recent_jobs(self, limit: int) -> list[JobInfo]:
+    async def recent_jobs(self, limit: int) -> list[JobInfo]:
         """:meth:`SimQueue.recent_jobs` at the current virtual time."""
         self._catch_up()
         return self.sim.recent_jobs(limit)
 
-    def grow(self, size: int) -> ResizeResult:
+    async def grow(self, size: int) -> ResizeResult:
         """:meth:`SimQueue.grow` at the current virtual time."""
         return self._change(lambda: self.sim.grow(size))
 
-    def shrink(self, size: int) -> ResizeResult:
+    async def shrink(self, size: int) -> ResizeResult:
         """:meth:`SimQueue.shrink` at the current virtual time."""
         return self._change(lambda: self.sim.shrink(size))
 
-    def cancel(self, group: str) -> int:
+    async def cancel(self, group: str) -> int:
         """:meth:`SimQueue.cancel` at the current virtual time."""
         return self._change(lambda: self.sim.cancel(group))
 
-    def terminate(self) -> ResizeResult:
+    async def terminate(self) -> ResizeResult:
         """:meth:`SimQueue.terminate` at the current virtual time."""
         return self._change(self.sim.terminate)
 

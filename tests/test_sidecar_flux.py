@@ -1,33 +1,47 @@
 """The ``flux`` backend's translation of Flux's records, checked on recorded Flux payloads.
 
-No Flux broker can run here: the journal sample is real output of ``flux.job.JournalConsumer``
-(shared/reference/flux-journal-sample.jsonl), the job-list entries are the recorded GKE runs'
-``flux job list`` records, and the resource sets are Rv1 as the scheduler answers. What only a
-live Flux can show (the RPCs themselves) is listed in docs/sidecar.md.
+These run everywhere, Flux installed or not: the journal sample is real output of
+``flux.job.JournalConsumer`` (shared/reference/flux-journal-sample.jsonl), the resource sets are
+Rv1 and ``resource.status`` payloads as flux-core 0.88 answers them. The same code against a live
+broker is tested in tests/test_flux_real.py, where ``flux`` is found.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import ast
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
+from ensemble_core.messages import JobSpec
 from ensemble_core.wire import decode_status
-from sidecar.flux import HOW_TO_REACH_FLUX, FluxUnavailable, import_flux
+from sidecar.flux import FluxBackend, FluxOptions, FluxUnavailable
+from sidecar.flux_link import HELPER, FluxLinkClosed, helper_command
 from sidecar.flux_records import (
+    JobTemplate,
     JournalState,
+    Partition,
     RecordError,
+    build_jobspec,
+    drain_reason,
+    drains,
+    encode_idset,
     expand_idset,
-    job_info,
     jobspec_group,
     jobspec_nodes,
-    known_nodes,
+    known_ranks,
     node_counts,
+    parse_version,
+    ranks_of,
+    returncode,
+    version_problem,
 )
+from sidecar.queue import QueueError, job_environment
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 SAMPLE = [json.loads(line) for line in (SHARED / "reference" / "flux-journal-sample.jsonl").read_text().splitlines()]
@@ -138,7 +152,7 @@ def test_resource_sets_translate_to_whole_free_nodes() -> None:
     nodes = node_counts(resources)
     assert (nodes.node_up_count, nodes.node_cores_up) == (3, 24)
     assert (nodes.node_free_count, nodes.node_cores_free) == (2, 22)  # node 1 is not free for a whole-node job
-    assert known_nodes(resources) == 4
+    assert known_ranks(resources) == [0, 1, 2, 3]
     assert node_counts({"all": rset(("0", "0-3")), "down": None, "allocated": {}}).node_free_count == 1
     assert expand_idset("0-2,5,7-8") == [0, 1, 2, 5, 7, 8]
     for bad, message in [("1-x", "not a list of ids"), ("5-2", "ends before it starts")]:
@@ -157,19 +171,6 @@ def test_jobspecs_give_width_and_group() -> None:
     assert (jobspec_nodes(None), jobspec_group(None)) == (1, "")
 
 
-def test_job_list_entries_from_the_recorded_runs_translate_to_jobinfo() -> None:
-    lines = (SHARED / "data" / "seed-gke" / "run5-random" / "jobs.jsonl").read_text().splitlines()
-    first = json.loads(lines[0])
-    info = job_info({**first, "state": 64})
-    assert (info.id, info.group, info.nodes, info.state, info.success) == (first["id"], "lmp", 4, "inactive", True)
-    assert info.t_inactive is not None and info.t_run is not None
-    assert info.t_inactive - info.t_run == pytest.approx(first["t_inactive"] - first["t_run"])
-    waiting = job_info({"id": 5, "state": "SCHED", "nnodes": 2, "t_submit": 1.0, "t_run": 0.0})
-    assert (waiting.state, waiting.t_run, waiting.success) == ("sched", None, None)
-    with pytest.raises(RecordError, match="id: a job-list entry needs a job id"):
-        job_info({"state": 8})
-
-
 def test_malformed_journal_records_are_errors_naming_the_field() -> None:
     state = JournalState()
     for record, message in [
@@ -181,10 +182,130 @@ def test_malformed_journal_records_are_errors_naming_the_field() -> None:
             state.apply_record(record)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("flux") is not None, reason="the flux bindings are installed here")
-def test_without_the_bindings_the_error_says_how_the_sidecar_finds_flux() -> None:
+def status_payload(online: str, drain: dict[str, str] | None = None) -> dict[str, Any]:
+    """A ``resource.status`` answer (flux-core 0.88's shape) with ``online`` ranks and ``drain`` reasons."""
+    return {
+        "online": online,
+        "offline": "",
+        "exclude": "",
+        "torpid": "",
+        "drain": {ranks: {"timestamp": 1.0, "reason": reason} for ranks, reason in (drain or {}).items()},
+    }
+
+
+def test_a_partition_counts_only_its_ranks_and_drained_ranks_leave_when_idle() -> None:
+    sched = {
+        "all": rset(("0-7", "0-1")),
+        "down": rset(("5-7", "0-1")),  # 5 offline; 6 and 7 drained (sched-status lists drained ranks as down)
+        "allocated": rset(("2", "0-1"), ("7", "0")),
+    }
+    status = status_payload("0-4,6-7", {"6-7": drain_reason("m0", "size 2")})
+    member = Partition.of([4, 5, 6, 7])
+    nodes = node_counts(sched, status, member)
+    # 4 up and free; 5 offline; 6 drained and idle: gone; 7 drained but running a job: up, not free
+    assert (nodes.node_up_count, nodes.node_free_count) == (2, 1)
+    assert (nodes.node_cores_up, nodes.node_cores_free) == (4, 2)
+    everything = node_counts(sched, status)
+    assert (everything.node_up_count, everything.node_free_count) == (6, 4)  # 0, 1, 3, 4 free; 2 busy; 7 draining
+    assert drains(status, "m0") == drains(status, "m0").__class__(frozenset({6, 7}), frozenset({6, 7}))
+    assert drains(status, "other").mine == frozenset()
+    assert drains(status_payload("0", {"0": "admin: bad disk"}), "").mine == frozenset()
+
+
+def test_a_partition_gives_up_its_highest_ranks_first() -> None:
+    partition = Partition.of([7, 4, 5, 6, 5])
+    assert partition.ranks == (4, 5, 6, 7) and partition.idset() == "4-7"
+    assert partition.kept(1) == {4} and partition.given_up(1) == {5, 6, 7}
+    assert partition.given_up(4) == frozenset() and partition.given_up(0) == {4, 5, 6, 7}
+    assert encode_idset([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and encode_idset([]) == ""
+    assert ranks_of("2-3", [0, 1, 2, 3]).ranks == (2, 3)
+    with pytest.raises(QueueError, match=r"ranks: 4-5 not in this Flux instance \(its ranks are 0-3\)"):
+        ranks_of("3-5", [0, 1, 2, 3])
+    with pytest.raises(QueueError, match="ranks: '' names no rank"):
+        ranks_of("", [0])
+
+
+def test_jobspecs_ask_for_whole_nodes_name_the_group_and_carry_no_secret() -> None:
+    environment = job_environment({"PATH": "/usr/bin", "ENSEMBLE_SIDECAR_TOKEN": "s3cret", "GRPC_X": "1", "HOME": "/h"})
+    assert environment == {"PATH": "/usr/bin", "HOME": "/h"}
+    template = JobTemplate(environment=environment, workdir="/work", member="ns/e/0", ranks="4-7")
+    jobspec = build_jobspec(
+        JobSpec(name="lmp", command="lmp -in 'in file'", nodes=2, tasks=3), template, key="d-1", index=5
+    )
+    node = jobspec["resources"][0]
+    assert (node["type"], node["count"], node["exclusive"]) == ("node", 2, True)
+    assert node["with"][0]["count"] == 2 and jobspec["tasks"][0]["count"] == {"total": 3}
+    assert jobspec["tasks"][0]["command"] == ["lmp", "-in", "in file"]
+    system = jobspec["attributes"]["system"]
+    assert system["job"]["name"] == "lmp" and system["cwd"] == "/work" and system["constraints"] == {"ranks": ["4-7"]}
+    assert "s3cret" not in json.dumps(jobspec)
+    assert jobspec["attributes"]["user"] == {
+        "group": "lmp", "ensemble_member": "ns/e/0", "ensemble_key": "d-1", "ensemble_index": 5,
+    }  # fmt: skip
+    # what the journal reads back from it
+    assert (jobspec_nodes(jobspec), jobspec_group(jobspec)) == (2, "lmp")
+    one_per_node = build_jobspec(JobSpec(name="g", command="true", nodes=3), JobTemplate(environment={}))
+    assert one_per_node["tasks"][0]["count"] == {"per_slot": 1} and "cwd" not in one_per_node["attributes"]["system"]
+    assert "constraints" not in one_per_node["attributes"]["system"]
+    with pytest.raises(QueueError, match="command: cannot be split"):
+        build_jobspec(JobSpec(name="g", command="echo 'unclosed"), template)
+
+
+def test_the_journal_keeps_each_jobs_record_with_flux_return_codes() -> None:
+    state = JournalState(member="m")
+    state.apply_records(
+        [
+            submit_event(1, 1.0, group="a", ensemble_member="m"),
+            submit_event(2, 1.5, group="b", ensemble_member="m"),
+            submit_event(3, 1.6, group="c", ensemble_member="m"),
+            submit_event(9, 1.7, group="theirs", ensemble_member="other"),  # another member's job: not counted
+            to_sched(1, 1.1), to_sched(2, 1.6), to_sched(3, 1.7),
+            events(1, ("alloc", 2.0, {}), ("finish", 4.0, {"status": 2 << 8}), ("clean", 4.1, {})),
+            events(2, ("alloc", 2.0, {}), ("finish", 3.0, {"status": signal.SIGKILL}), ("clean", 3.1, {})),
+            events(3, ("exception", 2.5, {"type": "cancel", "severity": 0}), ("clean", 2.6, {})),
+        ]
+    )  # fmt: skip
+    assert [job.id for job in state.recent(10)] == [1, 2, 3] and state.job(9) is None
+    first = state.job(1)
+    assert first is not None and (first.state, first.returncode, first.success, first.t_run) == (
+        "inactive",
+        2,
+        False,
+        2.0,
+    )
+    assert [job.returncode for job in state.recent(10)] == [2, -signal.SIGKILL, -128]
+    assert state.finished == 3 and state.failed == 3
+    assert returncode(0) == 0 and returncode(3 << 8) == 3 and os.WIFSIGNALED(signal.SIGTERM)
+    running = JournalState()
+    running.apply_records([submit_event(4, 1.0, group="a"), to_sched(4, 1.0), events(4, ("alloc", 2.0, {}))])
+    job = running.job(4)
+    assert job is not None and (job.state, job.success, job.returncode) == ("run", None, None)
+    assert running.active_ids("a") == [4] and running.pending_ids("a") == []
+
+
+def test_versions_older_than_the_journal_consumer_are_refused_with_the_version_found() -> None:
+    assert parse_version("0.88.0-59-g4a5e79f56") == (0, 88, 0) and parse_version("v0.9") == (0, 9, 0)
+    assert version_problem("0.68.0") is None and version_problem("0.88.0") is None
+    problem = version_problem("0.67.1")
+    assert problem is not None and "flux-core 0.67.1 is too old" in problem and "0.68.0 or newer" in problem
+    with pytest.raises(RecordError, match="version: 'unknown' is not a flux-core version"):
+        parse_version("unknown")
+
+
+def test_the_helper_is_python_3_6_and_imports_nothing_of_ours() -> None:
+    tree = ast.parse(HELPER.read_text(), feature_version=(3, 6))
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert imported <= {"errno", "json", "os", "signal", "sys", "typing", "flux"}, imported
+
+
+async def test_without_a_flux_command_the_sidecar_says_how_it_finds_flux() -> None:
+    with pytest.raises(FluxLinkClosed, match="no flux command 'no-such-flux' found"):
+        helper_command("no-such-flux")
     with pytest.raises(FluxUnavailable) as raised:
-        import_flux()
-    assert "flux bindings are not importable" in str(raised.value)
-    assert "FLUX_URI=local:///mnt/flux/config/run/flux/local" in HOW_TO_REACH_FLUX
-    assert "source /mnt/flux/flux-view.sh" in str(raised.value)
+        await FluxBackend.connect(FluxOptions(flux="no-such-flux"))
+    assert "--flux" in str(raised.value) and "/mnt/flux/view/bin/flux" in str(raised.value)

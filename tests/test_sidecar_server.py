@@ -200,7 +200,17 @@ async def test_grow_with_provisioning_delay_then_shrink_cancel_and_terminate() -
         assert await eventually(up, 2)
         assert await act(stub, "shrink", {"size": 2}) == (pb.Response.SUCCESS, {"size": 2, "nodes_up": 2})
         await act(stub, "submit", {"jobs": [job("a", "sleep 10", count=3)]})
-        assert await act(stub, "cancel", {"group": "a"}) == (pb.Response.SUCCESS, {"cancelled": 1})
+        # two running and one waiting: all three are cancelled, the running ones killed
+        assert await act(stub, "cancel", {"group": "a"}) == (pb.Response.SUCCESS, {"cancelled": 3})
+
+        async def ended() -> bool:
+            snapshot = await status(stub)
+            return bool(snapshot["counts"]["running"] == 0 and snapshot["failed"] == 3)
+
+        assert await eventually(ended, 3)
+        _, cancelled = await act(stub, "jobinfo", {"id": 1})
+        assert cancelled["success"] is False and "cancelled" in cancelled["output"]
+        await act(stub, "submit", {"jobs": [job("c", "sleep 10", count=2)]})
         assert await act(stub, "resetCounter") == (pb.Response.SUCCESS, {})
         update = await stub.RequestUpdate(pb.UpdateRequest(payload='{"anything": 1}'), metadata=AUTH)
         assert (update.status, update.payload) == (pb.Response.SUCCESS, "{}")

@@ -274,13 +274,13 @@ async def test_command_line_runs_a_trace_fast_and_refuses_a_bad_trace_or_missing
         (("--backend", "sim", "--trace", str(bad)), 2, "bad.jsonl: line 1: t_inactive"),
         (("--backend", "sim", "--speed", "0"), 2, "--speed: must be a number > 0"),
         (("--backend", "local", "--provision-delay", "1,2"), 2, "a list is for --backend sim"),
-        (("--backend", "flux"), 1, "flux bindings are not importable"),
+        (("--backend", "flux", "--flux", "no-such-flux"), 1, "no flux command 'no-such-flux' found"),
     ]:
         proc = _sidecar(*args)
         _, stderr = await asyncio.to_thread(proc.communicate, None, 20)
         assert proc.returncode == code, stderr
         assert message in stderr
-    assert "source /mnt/flux/flux-view.sh" in stderr and "FLUX_URI" in stderr
+    assert "--flux" in stderr and "/mnt/flux/view/bin/flux" in stderr
 
 
 def test_a_listener_that_fails_does_not_stop_the_others_nor_the_queue(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,0 +1,381 @@
+"""The ``flux`` backend on real Flux: instances started with ``flux start --test-size=N``, real sidecar
+processes talking to them through the helper run by Flux's own Python, checked against Flux's own
+commands (``flux jobs``, ``flux resource list``, ``flux job info``).
+
+Skipped, saying so, where no ``flux`` is on PATH (a fresh CI machine); the recorded-payload tests in
+test_sidecar_flux.py guard the translation there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ensemble_core.messages import JobSpec
+from ensemble_core.sidecar_client import SidecarError, SidecarUnavailable
+from ensemble_core.wire import JobInfo, ResizePayload, ResizeResult, StatusPayload, SubmitPayload, SubmitResult
+from sidecar.server import SERVICE_NAME
+from tests.conftest import REPO, wait_for
+from tests.flux_support import (
+    FLUX,
+    GUESTS_ONLY,
+    NEEDS_FLUX,
+    NOBODY,
+    OPERATOR_ACCESS,
+    TOKEN,
+    FluxSidecar,
+    flux_cli,
+    flux_instance,
+    flux_jobs,
+    flux_sidecar,
+    start_sidecar,
+)
+
+pytestmark = [NEEDS_FLUX, pytest.mark.timeout(180)]
+
+
+async def submit(sidecar: FluxSidecar, *jobs: JobSpec, key: str = "") -> SubmitResult:
+    return await sidecar.client.action("submit", SubmitPayload(jobs=list(jobs), key=key), SubmitResult)
+
+
+async def status_when(sidecar: FluxSidecar, predicate: object, timeout: float = 30) -> StatusPayload:
+    """The first status for which ``predicate(status)`` holds (fails the test after ``timeout``)."""
+    found: list[StatusPayload] = []
+
+    async def check() -> bool:
+        try:
+            status = await sidecar.client.status()
+        except SidecarUnavailable:  # reconnecting to Flux: ask again
+            return False
+        if predicate(status):  # type: ignore[operator]
+            found.append(status)
+            return True
+        return False
+
+    await wait_for(check, timeout)
+    return found[0]
+
+
+def states(jobs: list[dict[str, object]]) -> Counter[str]:
+    """``flux jobs`` state names (``RUN``, ``SCHED``, ``INACTIVE`` ...) counted."""
+    return Counter(str(job["state"]) for job in jobs)
+
+
+async def test_status_counts_and_free_nodes_agree_with_flux_and_jobs_carry_their_group(tmp_path: Path) -> None:
+    async with flux_instance(tmp_path / "flux", 4) as uri, flux_sidecar(uri, tmp_path / "sidecar.log") as sidecar:
+        first = await sidecar.client.status()
+        assert (first.size, first.nodes.node_up_count, first.nodes.node_free_count) == (4, 4, 4)
+        # two one-node jobs run; the three-node job cannot (two nodes left): it waits
+        await submit(
+            sidecar,
+            JobSpec(name="single", command="sleep 60", count=2),
+            JobSpec(name="wide", command="sleep 60", nodes=3),
+        )
+        status = await status_when(sidecar, lambda s: s.queue.run == 2 and s.queue.sched == 1)
+        jobs = await flux_jobs(uri)
+        assert states(jobs) == Counter({"RUN": 2, "SCHED": 1})
+        assert sorted(str(job["name"]) for job in jobs) == ["single", "single", "wide"]
+        free = int((await flux_cli(uri, "resource", "list", "-s", "free", "-no", "{nnodes}")).strip() or 0)
+        assert status.nodes.node_free_count == free == 2  # whole nodes: each job took one exclusively
+        assert (status.waiting, status.next_jobs, status.nodes.node_up_count) == ({3: 1}, [3], 4)
+        assert status.groups["single"].submitted == 2 and status.groups["wide"].submitted == 1
+
+
+async def test_a_retried_submit_is_queued_once_in_flux_also_by_a_restarted_sidecar(tmp_path: Path) -> None:
+    jobs = (JobSpec(name="a", command="sleep 60", count=4), JobSpec(name="b", command="true", count=3))
+    async with flux_instance(tmp_path / "flux", 2) as uri:
+        async with flux_sidecar(uri, tmp_path / "sidecar.log") as sidecar:
+            assert await submit(sidecar, *jobs, key="decision-1") == SubmitResult(submitted=7)
+            assert await submit(sidecar, *jobs, key="decision-1") == SubmitResult(submitted=7, duplicate=True)
+            assert len(await flux_jobs(uri)) == 7
+        # a new sidecar learns the keys from the journal's replay
+        async with flux_sidecar(uri, tmp_path / "sidecar2.log") as again:
+            assert await submit(again, *jobs, key="decision-1") == SubmitResult(submitted=7, duplicate=True)
+            assert await submit(again, *jobs, key="decision-2") == SubmitResult(submitted=7)
+        assert len(await flux_jobs(uri)) == 14
+
+
+async def test_jobinfo_answers_for_1500_jobs_with_their_flux_outcome(tmp_path: Path) -> None:
+    async with flux_instance(tmp_path / "flux", 8) as uri, flux_sidecar(uri, tmp_path / "sidecar.log") as sidecar:
+        started = time.monotonic()
+        await submit(sidecar, JobSpec(name="ok", command="true", count=1499), JobSpec(name="bad", command="false"))
+        took = time.monotonic() - started
+        status = await status_when(sidecar, lambda s: s.finished == 1500, timeout=150)
+        assert status.failed == 1 and status.groups["bad"].failed == 1
+        listed = await sidecar.client.action("jobinfo", {}, list[JobInfo])
+        assert len(listed) == 1000  # the most recent (JOBINFO_LIMIT), oldest first
+        assert all(job.state == "inactive" and job.t_inactive for job in listed)
+        bad = next(job for job in listed if job.group == "bad")
+        assert (bad.success, bad.returncode, bad.command) == (False, 1, "false")
+        one = await sidecar.client.action("jobinfo", {"id": listed[0].id}, JobInfo)
+        assert (one.group, one.success, one.returncode, one.nodes) == ("ok", True, 0, 1)
+        flux_view = {int(job["id"]): job for job in await flux_jobs(uri)}
+        assert len(flux_view) == 1500 and flux_view[bad.id]["returncode"] == 1
+        with pytest.raises(SidecarError, match="id: no job with id 12345"):
+            await sidecar.client.action("jobinfo", {"id": 12345}, JobInfo)
+    print(f"submit of 1500 jobs: {took:.2f} s")
+
+
+async def test_cancel_of_a_group_cancels_its_running_and_waiting_jobs_in_flux(tmp_path: Path) -> None:
+    async with flux_instance(tmp_path / "flux", 3) as uri, flux_sidecar(uri, tmp_path / "sidecar.log") as sidecar:
+        await submit(
+            sidecar, JobSpec(name="doomed", command="sleep 60", count=4), JobSpec(name="kept", command="sleep 60")
+        )
+        await status_when(sidecar, lambda s: s.queue.run == 3)
+        assert await sidecar.client.action("cancel", {"group": "doomed"}, dict) == {"cancelled": 4}
+        status = await status_when(sidecar, lambda s: s.groups["doomed"].finished == 4 and s.queue.run == 1)
+        assert status.groups["doomed"].failed == 4 and status.groups["kept"].finished == 0
+        by_name = Counter(
+            (str(job["name"]), str(job["result"] if "result" in job else job["state"])) for job in await flux_jobs(uri)
+        )
+        assert by_name[("doomed", "CANCELED")] == 4
+        assert await sidecar.client.action("cancel", {"group": "doomed"}, dict) == {"cancelled": 0}
+
+
+async def test_jobs_get_the_sidecars_environment_without_its_secrets(tmp_path: Path) -> None:
+    async with flux_instance(tmp_path / "flux", 1) as uri, flux_sidecar(uri, tmp_path / "sidecar.log") as sidecar:
+        await submit(sidecar, JobSpec(name="env", command="sh -c 'env > " + str(tmp_path / "env.txt") + "'"))
+        await status_when(sidecar, lambda s: s.finished == 1)
+        (job,) = await flux_jobs(uri)
+        jobspec = json.loads(await flux_cli(uri, "job", "info", "--original", str(job["id"]), "jobspec"))
+        environment = jobspec["attributes"]["system"]["environment"]
+        assert "ENSEMBLE_SIDECAR_TOKEN" not in environment and TOKEN not in json.dumps(jobspec)
+        assert environment["PATH"] == os.environ["PATH"]
+        seen = (tmp_path / "env.txt").read_text()
+        assert TOKEN not in seen and "ENSEMBLE_" not in seen and "PATH=" in seen
+
+
+async def test_grow_and_shrink_drain_the_highest_ranks_and_never_kill_a_running_job(tmp_path: Path) -> None:
+    async with flux_instance(tmp_path / "flux", 4) as uri:
+        async with flux_sidecar(uri, tmp_path / "sidecar.log", "--nodes", "2", "--member", "m0") as sidecar:
+            status = await sidecar.client.status()
+            assert (status.size, status.nodes.node_up_count) == (2, 2)
+            drained = await flux_cli(uri, "resource", "drain", "-no", "{ranks} {reason}")
+            assert drained.split() == ["2-3", "ensemble-sidecar[m0]:", "size", "2"]
+            grown = await sidecar.client.action("grow", ResizePayload(size=4), ResizeResult)
+            assert grown == ResizeResult(size=4, nodes_up=4)
+            assert (await flux_cli(uri, "resource", "drain", "-no", "{ranks}")).strip() == ""
+            # four jobs, one a node; then shrink to 1 while they run: nothing is killed
+            await submit(sidecar, JobSpec(name="long", command="sleep 4", count=4))
+            await status_when(sidecar, lambda s: s.queue.run == 4)
+            shrunk = await sidecar.client.action("shrink", ResizePayload(size=1), ResizeResult)
+            assert shrunk == ResizeResult(size=1, nodes_up=4)  # ranks 1-3 draining: their jobs go on
+            status = await sidecar.client.status()
+            assert (status.size, status.queue.run, status.nodes.node_free_count) == (1, 4, 0)
+            await submit(sidecar, JobSpec(name="after", command="true", count=2))
+            status = await status_when(sidecar, lambda s: s.groups["long"].finished == 4, timeout=20)
+            assert status.groups["long"].failed == 0
+            status = await status_when(sidecar, lambda s: s.finished == 6, timeout=20)
+            assert (status.nodes.node_up_count, status.failed) == (1, 0)
+            ranks = {str(job["name"]): str(job["ranks"]) for job in await flux_jobs(uri) if job["name"] == "after"}
+            assert ranks == {"after": "0"}  # the later jobs ran on the one rank kept
+            with pytest.raises(SidecarError, match=r"size: 5 is outside 0..4"):
+                await sidecar.client.action("grow", ResizePayload(size=5), ResizeResult)
+        # without --release-on-exit the drains stay: a restarted sidecar finds its size in Flux
+        async with flux_sidecar(uri, tmp_path / "sidecar2.log", "--member", "m0", "--release-on-exit") as again:
+            assert (await again.client.status()).size == 1
+        assert (await flux_cli(uri, "resource", "drain", "-no", "{ranks}")).strip() == ""
+
+
+async def test_members_sharing_an_instance_use_only_their_ranks_and_count_only_their_jobs(tmp_path: Path) -> None:
+    async with (
+        flux_instance(tmp_path / "flux", 4) as uri,
+        flux_sidecar(uri, tmp_path / "a.log", "--ranks", "0-1", "--member", "a") as a,
+        flux_sidecar(uri, tmp_path / "b.log", "--ranks", "2-3", "--member", "b", "--nodes", "1") as b,
+    ):
+        assert ((await a.client.status()).size, (await b.client.status()).size) == (2, 1)
+        await submit(a, JobSpec(name="ja", command="sleep 1", count=3))
+        await submit(b, JobSpec(name="jb", command="sleep 1", count=2))
+        done_a = await status_when(a, lambda s: s.finished == 3)
+        done_b = await status_when(b, lambda s: s.finished == 2)
+        assert set(done_a.groups) == {"ja"} and set(done_b.groups) == {"jb"}
+        ranks: dict[str, set[str]] = {}
+        for job in await flux_jobs(uri):
+            ranks.setdefault(str(job["name"]), set()).add(str(job["ranks"]))
+        assert ranks["ja"] <= {"0", "1"} and ranks["jb"] == {"2"}  # b's size 1: rank 3 drained
+        with pytest.raises(SidecarError, match=r"jobs\[0\]\.nodes: 3 exceeds the queue's maximum of 2"):
+            await submit(a, JobSpec(name="too-wide", command="true", nodes=3))
+
+
+def helper_of(sidecar: FluxSidecar) -> psutil.Process:
+    """The sidecar's Flux helper process."""
+    found = [
+        child
+        for child in psutil.Process(sidecar.process.pid).children(recursive=True)
+        if any("flux_helper.py" in part for part in child.cmdline())
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+async def health(port: int) -> int:
+    """The sidecar service's gRPC health now."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        return int(answer.status)
+
+
+async def health_changes(port: int, seen: list[int]) -> None:
+    """Append every health state the sidecar announces (gRPC health ``Watch``) to ``seen``, until cancelled."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            async for answer in stream:
+                seen.append(int(answer.status))
+
+
+async def test_a_lost_journal_makes_the_sidecar_unhealthy_until_it_reconnects(tmp_path: Path) -> None:
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    async with flux_instance(tmp_path / "flux", 2) as uri, flux_sidecar(uri, tmp_path / "sidecar.log") as sidecar:
+        await submit(sidecar, JobSpec(name="g", command="sleep 30", count=3), key="k")
+        await status_when(sidecar, lambda s: s.queue.run == 2)
+        seen: list[int] = []
+        watching_health = asyncio.create_task(health_changes(sidecar.port, seen))
+        stream = sidecar.client.watch()
+        await anext(stream)
+        helper = helper_of(sidecar)
+        helper.kill()
+        # the sidecar says so at once: the status stream ends UNAVAILABLE with the reason, health NOT_SERVING
+        lost = r"UNAVAILABLE: flux: lost Flux \(the flux helper was killed by signal 9"
+        with pytest.raises(SidecarUnavailable, match=lost):
+            async with asyncio.timeout(5):
+                while True:
+                    await anext(stream)
+        await stream.aclose()
+        # then it reconnects by itself, its counts rebuilt from the journal
+        status = await status_when(sidecar, lambda s: s.queue.run == 2 and s.queue.sched == 1, timeout=20)
+        assert status.groups["g"].submitted == 3
+        await wait_for(lambda: seen[-1:] == [serving], 5)
+        watching_health.cancel()
+        assert seen[:3] == [serving, not_serving, serving], seen
+        assert helper_of(sidecar).pid != helper.pid
+        again = await submit(sidecar, JobSpec(name="g", command="sleep 30", count=3), key="k")
+        assert again == SubmitResult(submitted=3, duplicate=True)
+        log = sidecar.log.read_text()
+        assert "unhealthy: lost Flux" in log and "healthy again" in log
+
+
+async def unhealthy(port: int) -> bool:
+    return await health(port) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_the_sidecar_waits_for_a_broker_and_follows_it_through_a_restart(tmp_path: Path) -> None:
+    uri = f"local://{tmp_path}/s/local"
+    (tmp_path / "s").mkdir()
+    log = tmp_path / "sidecar.log"
+    process = start_sidecar(uri, log, "--wait-for-broker", "60")
+    try:
+        await asyncio.sleep(2)  # no broker yet: it waits
+        assert process.poll() is None
+        async with flux_instance(tmp_path / "first", 1, local_uri=uri):
+            assert process.stdout is not None
+            port = int(await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60))
+            sidecar = FluxSidecar(process, port, log)
+            await submit(sidecar, JobSpec(name="before", command="true"))
+            await status_when(sidecar, lambda s: s.finished == 1)
+        await wait_for(lambda: unhealthy(port), 10)
+        async with flux_instance(tmp_path / "second", 1, local_uri=uri):
+            # a new instance: its journal is empty, and the sidecar serves again
+            status = await status_when(sidecar, lambda s: True, timeout=30)
+            assert status.finished == 0 and status.nodes.node_up_count == 1
+            await submit(sidecar, JobSpec(name="after", command="true"))
+            await status_when(sidecar, lambda s: s.finished == 1)
+        await sidecar.client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 15) == 0, log.read_text()[-2000:]
+
+
+async def test_a_sidecar_that_is_not_the_owner_is_refused_at_start_with_the_reason(tmp_path: Path) -> None:
+    async with flux_instance(tmp_path / "flux", 1, access=OPERATOR_ACCESS) as uri:
+        process = start_sidecar(uri, tmp_path / "guest.log", user=NOBODY)
+        assert await asyncio.to_thread(process.wait, 60) == 1
+        said = (tmp_path / "guest.log").read_text()
+        assert f"runs as uid {NOBODY} but the instance owner is uid {os.getuid()}" in said, said
+        assert "securityContext.runAsUser" in said
+
+
+async def test_root_where_root_is_not_an_owner_is_refused_the_journal_with_the_reason(tmp_path: Path) -> None:
+    # the broker runs as nobody; guests may connect, but allow-root-owner is not set: root is a guest
+    async with flux_instance(tmp_path / "flux", 1, access=GUESTS_ONLY, user=NOBODY) as uri:
+        process = start_sidecar(uri, tmp_path / "root.log")
+        assert await asyncio.to_thread(process.wait, 60) == 1
+        said = (tmp_path / "root.log").read_text()
+        assert "Flux refused the job journal" in said and f"the instance owner is uid {NOBODY}" in said, said
+
+
+async def test_the_helper_runs_on_fluxs_python_while_the_sidecar_runs_on_ours(tmp_path: Path) -> None:
+    ours = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", "import flux"], capture_output=True)
+    assert ours.returncode != 0  # our interpreter cannot import Flux's bindings: the helper must bridge
+    async with flux_instance(tmp_path / "flux", 1) as uri, flux_sidecar(uri, tmp_path / "sidecar.log") as sidecar:
+        helper = helper_of(sidecar)
+        assert helper.exe() != psutil.Process(sidecar.process.pid).exe()
+        assert "connected to flux-core" in sidecar.log.read_text()
+
+
+async def test_a_large_submit_does_not_stall_the_status_stream(tmp_path: Path) -> None:
+    async with flux_instance(tmp_path / "flux", 2) as uri, flux_sidecar(uri, tmp_path / "sidecar.log") as sidecar:
+        gaps: list[float] = []
+
+        async def watch() -> None:
+            last = time.monotonic()
+            async for _ in sidecar.client.watch():
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        watching = asyncio.create_task(watch())
+        await asyncio.sleep(1.5)
+        started = time.monotonic()
+        result = await submit(sidecar, JobSpec(name="many", command="true", count=1000))
+        took = time.monotonic() - started
+        await asyncio.sleep(1)
+        watching.cancel()
+        assert result.submitted == 1000
+        assert took < 10, took
+        assert max(gaps) < 1.0, max(gaps)  # the heartbeat is 0.5 s: no stall of more than one period
+
+
+async def test_ensemble_up_on_flux_runs_hello_world_with_a_true_summary(tmp_path: Path) -> None:
+    assert FLUX is not None
+    script = (
+        f"{sys.executable} -m ensemble_cli up examples/hello-world.yaml --backend flux --quiet --timeout 240; rc=$?; "
+        "echo drained: $(flux resource drain -no {ranks}); exit $rc"
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [FLUX, "start", "--test-size=4", "sh", "-c", script],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("│")]
+    cells = [cell.strip() for cell in rows[-1].strip("│").split("│")]
+    assert cells[:4] == ["0", "11", "11", "0"], done.stdout  # member, jobs, succeeded, failed
+    assert float(cells[5]) > 0 and cells[7] == "4"  # node-seconds of ranks available; peak size
+    assert "member 0: Flux ranks 0-3" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "drained:"  # the run gave back what it drained
+
+
+async def test_ensemble_up_on_flux_refuses_members_that_do_not_fit_the_instance(tmp_path: Path) -> None:
+    assert FLUX is not None
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [FLUX, "start", "--test-size=2", sys.executable, "-m", "ensemble_cli", "up", "examples/hello-world.yaml",
+         "--backend", "flux", "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "maxSize: the members need 4 = 4 ranks of their own, but this Flux instance has 2" in done.stdout
