@@ -45,6 +45,8 @@ COMPONENT = "ensemble-operator"
 
 #: HTTP statuses worth retrying: a conflict on a resourceVersion, throttling, and server-side failures.
 RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
+#: The longest ``Retry-After`` honoured (seconds); a server asking for more is retried after this.
+LONGEST_RETRY_AFTER = 60.0
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -53,10 +55,12 @@ Obj = dict[str, Any]
 class KubeError(Exception):
     """A Kubernetes call failed; ``transient`` says whether a later retry may succeed."""
 
-    def __init__(self, message: str, *, status: int, transient: bool) -> None:
+    def __init__(self, message: str, *, status: int, transient: bool, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.transient = transient
+        #: the seconds a throttled answer asked to wait (``Retry-After``), when it said
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,17 @@ def api_client(host: str = "") -> Any:
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
     return k8s.ApiClient()
+
+
+def retry_after(exc: k8s.ApiException) -> float | None:
+    """The seconds a 429 (or 503) answer's ``Retry-After`` header asks to wait, or None."""
+    headers = exc.headers or {}
+    value = headers.get("Retry-After") or headers.get("retry-after")
+    try:
+        seconds = float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    return None if seconds is None or seconds < 0 else min(seconds, LONGEST_RETRY_AFTER)
 
 
 def _message(exc: k8s.ApiException) -> str:
@@ -164,6 +179,7 @@ class Kube:
         """Run one client call in a thread, retrying retryable answers; raise :class:`KubeError` otherwise."""
         delays = self.backoff.delays()
         for attempt in range(len(delays) + 1):
+            wait: float | None = None
             try:
                 return await asyncio.to_thread(fn, *args, **kwargs)
             except k8s.ApiException as exc:
@@ -171,14 +187,20 @@ class Kube:
                 error = KubeError(f"{what}: {_message(exc)} (HTTP {status})", status=status, transient=status == 0)
                 if status not in RETRY_STATUSES and status != 0:
                     raise error from exc
+                wait = retry_after(exc) if status in (429, 503) else None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 error = KubeError(f"{what}: {exc}", status=0, transient=True)
             if attempt == len(delays):
                 raise KubeError(
-                    f"{error} — gave up after {attempt + 1} attempts", status=error.status, transient=True
+                    f"{error} — gave up after {attempt + 1} attempts",
+                    status=error.status,
+                    transient=True,
+                    retry_after=wait,
                 ) from error
-            log.info("retrying: %s", error, extra={"attempt": attempt + 1})
-            await asyncio.sleep(delays[attempt])
+            # throttled: the server says how long to wait (API priority and fairness sends Retry-After)
+            delay = max(delays[attempt], wait) if wait is not None else delays[attempt]
+            log.info("retrying in %.1f s: %s", delay, error, extra={"attempt": attempt + 1})
+            await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def get(self, group: str, version: str, plural: str, namespace: str, name: str) -> Obj | None:
@@ -343,35 +365,32 @@ class Kube:
             if all((pod.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in labels.items())
         ]
 
-    async def secret_data(self, namespace: str, name: str) -> dict[str, bytes] | None:
-        """The decoded ``data`` of Secret ``namespace/name``, or None when there is no such Secret."""
+    async def secret(self, namespace: str, name: str) -> Obj | None:
+        """Secret ``namespace/name`` as a plain API dict (``data`` still base64), or None when there is none."""
         try:
             found = await self.call(f"get secret {namespace}/{name}", self.core.read_namespaced_secret, name, namespace)
         except KubeError as exc:
             if exc.status == 404:
                 return None
             raise
-        return {key: base64.b64decode(value) for key, value in (found.data or {}).items()}
+        return cast(Obj, self.api.sanitize_for_serialization(found))
 
-    async def ensure_secret(self, body: Obj) -> bool:
-        """Create the Secret ``body``, or bring an existing one's ``stringData`` up to date; True if written."""
+    async def secret_data(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """The decoded ``data`` of Secret ``namespace/name``, or None when there is no such Secret."""
+        found = await self.secret(namespace, name)
+        return None if found is None else _decoded(found)
+
+    async def create_secret(self, body: Obj) -> bool:
+        """Create the Secret ``body``; False when a Secret of that name already exists (it is left alone).
+
+        The operator never reads, changes or deletes a Secret outside its own namespace: a Secret it makes
+        is named after its content (``minicluster.token_secret_name``), so new content is a new Secret.
+        """
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        found = await self.secret_data(namespace, name)
-        if found is None:
-            try:
-                await self.call(f"create secret {namespace}/{name}", self._secret_once, namespace, body)
-            except _AlreadyExists:
-                return False
-            return True
-        if found == {key: value.encode() for key, value in body["stringData"].items()}:
+        try:
+            await self.call(f"create secret {namespace}/{name}", self._secret_once, namespace, body)
+        except _AlreadyExists:
             return False
-        await self.call(
-            f"update secret {namespace}/{name}",
-            self.core.patch_namespaced_secret,
-            name,
-            namespace,
-            {"stringData": body["stringData"]},
-        )
         return True
 
     def _secret_once(self, namespace: str, body: Obj) -> None:
@@ -439,6 +458,10 @@ class Kube:
     async def close(self) -> None:
         """Close the connection pool."""
         await asyncio.to_thread(self.api.close)
+
+
+def _decoded(secret: Obj) -> dict[str, bytes]:
+    return {key: base64.b64decode(value) for key, value in (secret.get("data") or {}).items()}
 
 
 class _AlreadyExists(Exception):

@@ -80,6 +80,9 @@ class MemberSpec(Addressed, tag="member", kw_only=True):
     #: The read-only token of the member's sidecar (``tokens.status_token``): what the poller presents.
     #: Empty: the poller derives the full token from its operator secret, if it has one (older records).
     status_token: str = ""
+    #: Kubernetes mode: the uid of the Ensemble this record belongs to. An Ensemble deleted and created
+    #: again under the same name is a new owner: a record (or MiniCluster) of the old one is never its.
+    owner_uid: str = ""
 
 
 class NodeCounts(msgspec.Struct, kw_only=True):

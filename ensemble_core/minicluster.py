@@ -7,9 +7,14 @@ The Flux Operator never updates a MiniCluster's pod template and fixes its broke
   operator silently ignores a size outside those bounds);
 - ``interactive: true`` — the broker stays up without a main command, and the sidecar submits the jobs;
 - the user's containers, the application container marked ``runFlux: true`` (the one the user marked,
-  else the first), and the sidecar container appended: ``ensemble sidecar --backend flux`` listening on
-  the member's sidecar port, reaching the broker through the Flux Operator's shared view
-  (``FLUX_URI=local:///mnt/flux/config/run/flux/local``), its bearer token from the Ensemble's Secret;
+  else the first), and the sidecar container appended (:func:`sidecar_container`): ``ensemble sidecar
+  --backend flux`` on the member's sidecar port, reaching the broker with the view's own ``flux``
+  (``<mountPath>/view/bin/flux``, whose Python runs the sidecar's helper) at the socket the broker makes
+  (``local://<mountPath>/config/run/flux/local``), serving on the lead broker's pod only, as the uid
+  of ``sidecar.runAsUser`` (default root: an owner of every Flux Operator instance, whose broker
+  configuration sets ``allow-root-owner``), its bearer token from the Ensemble's Secret;
+- ``flux.noWaitSocket: true`` unless the user set it: the operator's start script waits for the socket
+  at ``<mountPath>/view/run/flux/local``, where no broker puts it; the sidecar waits for the real one;
 - labels ``ensemble.flux-framework.org/ensemble`` and ``.../member`` on the MiniCluster and its pods;
 - a controller owner reference to the Ensemble (``blockOwnerDeletion``), so deleting the Ensemble deletes
   its MiniClusters and Secret through Kubernetes' garbage collector. Nothing else outside NATS needs
@@ -25,11 +30,13 @@ and eight hex digits of a hash of the full name are added: ``<first characters>-
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
 from ensemble_core.kube import DOMAIN, short_name
-from ensemble_core.spec import Ensemble, Member
+from ensemble_core.spec import Ensemble, Member, SidecarSpec
+from ensemble_core.version import VERSION as RELEASE
 
 GROUP = "flux-framework.org"
 VERSION = "v1alpha2"
@@ -42,11 +49,28 @@ MEMBER_LABEL = f"{DOMAIN}/member"
 SIDECAR_CONTAINER = "ensemble-sidecar"
 #: The key of the sidecar token in the Ensemble's Secret.
 TOKEN_KEY = "token"
-#: The lead broker's socket in the Flux Operator's shared view.
-FLUX_URI = "local:///mnt/flux/config/run/flux/local"
-#: Labels the Flux Operator (and the Job controller) put on a MiniCluster's pods.
+#: The image our Dockerfile builds, at this release: every service and, unless a member names another, the sidecar.
+DEFAULT_IMAGE = f"ghcr.io/flux-framework/ensemble-operator:{RELEASE}"
+#: Where the Flux Operator mounts its shared view when ``flux.container.mountPath`` is not set.
+DEFAULT_MOUNT = "/mnt/flux"
+#: The lead broker's socket in the Flux Operator's shared view (wait.sh: ``-Slocal-uri=local://$configroot/run/flux/local``).
+FLUX_URI = f"local://{DEFAULT_MOUNT}/config/run/flux/local"
+#: Labels the Job controller puts on every pod of the Indexed Job the Flux Operator makes for a MiniCluster
+#: (``job-name`` is the Job's name, which is the MiniCluster's).
 JOB_NAME_LABEL = "job-name"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+#: The Flux Operator's own index label: computed from pod names across the whole namespace, so a pod of
+#: MiniCluster ``lammps-1`` can be labelled by ``lammps``'s controller (controllers/flux/labels.go). Not used.
 JOB_INDEX_LABEL = "job-index"
+#: How the sidecar container's exit codes say its image cannot run it (the shell: not executable, not found).
+_CANNOT_RUN = {126: "the command is not executable", 127: "the command was not found"}
+#: Waiting reasons of a container that will not start by itself.
+_STUCK = {
+    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+    "CreateContainerError", "CreateContainerConfigError", "RunContainerError",
+}  # fmt: skip
+#: Restarts of the sidecar container after which it is called failing (each counts toward the Job's backoffLimit).
+RESTART_LIMIT = 3
 
 _DNS_LABEL = 63
 
@@ -63,14 +87,24 @@ def label_value(name: str) -> str:
     return name if len(name) <= _DNS_LABEL else short_name(name, _DNS_LABEL)
 
 
-def token_secret_name(ensemble: str) -> str:
-    """The Secret holding the sidecar token of an Ensemble's members."""
-    return short_name(ensemble, 253, suffix="-sidecar-token")
+def _content(*parts: str | bytes) -> str:
+    """Ten hex digits naming a Secret's content: another content is another Secret (never an overwrite)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:10]
+
+
+def token_secret_name(ensemble: str, token: str) -> str:
+    """The Secret holding the sidecar token of an Ensemble's members: named after the Ensemble and the
+    token, so it is created once and never changed (the creator may create Secrets, not read or patch them)."""
+    return short_name(ensemble, 253, suffix=f"-sidecar-token-{_content(token)}")
 
 
 def token_secret(ensemble: Ensemble, token: str, owner: Mapping[str, Any]) -> dict[str, Any]:
     """The Secret with the sidecar token of ``ensemble`` (owned by the Ensemble)."""
-    return _secret(ensemble, token_secret_name(ensemble.name), "Opaque", {TOKEN_KEY: token}, owner)
+    return _secret(ensemble, token_secret_name(ensemble.name, token), "Opaque", {TOKEN_KEY: token}, owner)
 
 
 def _secret(
@@ -97,15 +131,16 @@ TLS_DIR = "/etc/ensemble/sidecar-tls"
 TLS_VOLUME = "ensemble-sidecar-tls"
 
 
-def tls_secret_name(ensemble: str) -> str:
-    """The Secret holding the sidecar TLS certificate and key in an Ensemble's namespace."""
-    return short_name(ensemble, 253, suffix="-sidecar-tls")
+def tls_secret_name(ensemble: str, chain: bytes) -> str:
+    """The Secret holding the sidecar TLS certificate and key in an Ensemble's namespace, named after the
+    certificate: a renewed certificate is a new Secret, which the MiniClusters made afterwards mount."""
+    return short_name(ensemble, 253, suffix=f"-sidecar-tls-{_content(chain)}")
 
 
 def tls_secret(ensemble: Ensemble, chain: bytes, key: bytes, owner: Mapping[str, Any]) -> dict[str, Any]:
     """The ``kubernetes.io/tls`` Secret the sidecars of ``ensemble`` serve TLS with (owned by the Ensemble)."""
     data = {"tls.crt": chain.decode(), "tls.key": key.decode()}
-    return _secret(ensemble, tls_secret_name(ensemble.name), "kubernetes.io/tls", data, owner)
+    return _secret(ensemble, tls_secret_name(ensemble.name, chain), "kubernetes.io/tls", data, owner)
 
 
 def check(member: Member) -> list[str]:
@@ -119,6 +154,11 @@ def check(member: Member) -> list[str]:
             f"{path}.pod.labels": spec.get("pod") or {},
         }
     )
+    flux_spec = spec.get("flux")
+    if flux_spec is not None and not isinstance(flux_spec, dict):
+        errors.append(
+            f"{path}.flux: expected a mapping (the Flux Operator's flux settings), got {type(flux_spec).__name__}"
+        )
     containers = spec.get("containers")
     if containers is None:
         return [*errors, f"{path}.containers: required; list the application container (its image must contain Flux)"]
@@ -161,10 +201,72 @@ def _string_maps(places: Mapping[str, object]) -> list[str]:
     return errors
 
 
-def build(ensemble: Ensemble, member: Member, owner: Mapping[str, Any], *, tls: bool = False) -> dict[str, Any]:
+def mount_path(spec: Mapping[str, Any]) -> str:
+    """Where the Flux Operator mounts the shared view in this MiniCluster spec (``flux.container.mountPath``)."""
+    container = ((spec.get("flux") or {}).get("container") or {}) if isinstance(spec.get("flux"), dict) else {}
+    path = container.get("mountPath") if isinstance(container, dict) else None
+    return str(path).rstrip("/") if isinstance(path, str) and path.strip() else DEFAULT_MOUNT
+
+
+def sidecar_command(sidecar: SidecarSpec, mount: str = DEFAULT_MOUNT, *, tls: bool = False) -> str:
+    """The shell command of the injected container, as the operator's start script runs it.
+
+    ``exec`` replaces the start script (PID 1, which passes no signal on), so SIGTERM reaches the sidecar;
+    ``env -u`` drops what the script put on the paths for the view's Python, which is not ours.
+    """
+    words = [
+        "exec", "env", "-u", "PYTHONPATH", "-u", "PYTHONHOME", "-u", "LD_LIBRARY_PATH",
+        "ensemble", "sidecar", "--backend", "flux",
+        "--flux", f"{mount}/view/bin/flux",
+        "--flux-uri", f"local://{mount}/config/run/flux/local",
+        "--host", "::", "--port", str(sidecar.port),
+        "--serve-on-index", "0", "--wait-for-broker", "inf",
+    ]  # fmt: skip
+    if tls:
+        words += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
+    return " ".join(words)
+
+
+def sidecar_container(
+    ensemble: Ensemble, member: Member, spec: Mapping[str, Any], *, image: str, token_secret: str, tls_secret: str = ""
+) -> dict[str, Any]:
+    """The container injected into ``member``'s MiniCluster (see the module docstring): its token from the
+    Secret ``token_secret``; with ``tls_secret``, serving TLS with that Secret's certificate."""
+    tls = bool(tls_secret)
+    sidecar = member.sidecar
+    mount = mount_path(spec)
+    injected: dict[str, Any] = {
+        "name": SIDECAR_CONTAINER,
+        "image": sidecar.image or image,
+        "pullAlways": sidecar.pull_always,
+        "command": sidecar_command(sidecar, mount, tls=tls),
+        "environment": {"FLUX_URI": f"local://{mount}/config/run/flux/local"},
+        "secrets": {
+            "ENSEMBLE_SIDECAR_TOKEN": {"name": token_secret, "key": TOKEN_KEY},
+        },
+        "ports": [sidecar.port],
+        "runFlux": False,
+        "securityContext": {"runAsUser": sidecar.run_as_user, "runAsNonRoot": sidecar.run_as_user != 0},
+    }
+    if tls:
+        injected["volumes"] = {TLS_VOLUME: {"secretName": tls_secret, "path": TLS_DIR, "readOnly": True}}
+    return injected
+
+
+def build(
+    ensemble: Ensemble,
+    member: Member,
+    owner: Mapping[str, Any],
+    *,
+    token_secret: str,
+    tls_secret: str = "",
+    image: str = DEFAULT_IMAGE,
+) -> dict[str, Any]:
     """The MiniCluster of ``member`` (see the module docstring); ``member`` must pass :func:`check`.
 
-    ``tls``: the sidecar serves TLS with the certificate of :func:`tls_secret`, mounted at ``TLS_DIR``.
+    ``token_secret``: the Secret of :func:`token_secret` the sidecar takes its token from; ``tls_secret``:
+    the Secret of :func:`tls_secret` it serves TLS with, mounted at ``TLS_DIR`` (empty: plaintext).
+    ``image``: the sidecar image of a member that names none (the creator's ``ENSEMBLE_SIDECAR_IMAGE``).
     """
     user = copy.deepcopy(dict(member.minicluster))
     user_metadata = user.get("metadata") or {}
@@ -175,27 +277,14 @@ def build(ensemble: Ensemble, member: Member, owner: Mapping[str, Any], *, tls: 
     application = next((i for i, c in enumerate(containers) if c.get("runFlux") is True), 0)
     for i, container in enumerate(containers):
         container["runFlux"] = i == application
-    sidecar = member.sidecar
-    injected: dict[str, Any] = {
-        "name": SIDECAR_CONTAINER,
-        "image": sidecar.image,
-        "pullAlways": sidecar.pull_always,
-        "command": f"ensemble sidecar --backend flux --host 0.0.0.0 --port {sidecar.port}",
-        "environment": {"FLUX_URI": FLUX_URI},
-        "secrets": {
-            "ENSEMBLE_SIDECAR_TOKEN": {"name": token_secret_name(ensemble.name), "key": TOKEN_KEY},
-        },
-        "ports": [sidecar.port],
-        "runFlux": False,
-    }
-    if tls:
-        injected["command"] += f" --tls-cert {TLS_DIR}/tls.crt --tls-key {TLS_DIR}/tls.key"
-        injected["volumes"] = {
-            TLS_VOLUME: {"secretName": tls_secret_name(ensemble.name), "path": TLS_DIR, "readOnly": True}
-        }
-    containers.append(injected)
+    containers.append(
+        sidecar_container(ensemble, member, spec, image=image, token_secret=token_secret, tls_secret=tls_secret)
+    )
     pod = dict(spec.get("pod") or {})
     pod["labels"] = {**(pod.get("labels") or {}), **labels}
+    flux = dict(spec.get("flux") or {})
+    flux.setdefault("noWaitSocket", True)
+    spec["flux"] = flux
     spec.update(
         size=member.size,
         minSize=member.min_size,
@@ -216,3 +305,91 @@ def build(ensemble: Ensemble, member: Member, owner: Mapping[str, Any], *, tls: 
         },
         "spec": spec,
     }
+
+
+def _index(pod: Mapping[str, Any]) -> str | None:
+    """A pod's completion index: the Job controller's label, else its annotation, else None."""
+    metadata = pod.get("metadata") or {}
+    for table in (metadata.get("labels") or {}, metadata.get("annotations") or {}):
+        value = table.get(COMPLETION_INDEX)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def pods_of(pods: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The pods of MiniCluster ``name`` that are not being deleted (by the Job controller's ``job-name``)."""
+    return [
+        pod
+        for pod in pods
+        if ((pod.get("metadata") or {}).get("labels") or {}).get(JOB_NAME_LABEL) == name
+        and not (pod.get("metadata") or {}).get("deletionTimestamp")
+    ]
+
+
+def lead_pod(pods: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The lead broker's pod of MiniCluster ``name``: completion index 0 (the Job controller's label or
+    annotation; else the hostname ``<name>-0`` the Indexed Job gives it), not being deleted."""
+    for pod in pods_of(pods, name):
+        index = _index(pod)
+        hostname = (pod.get("spec") or {}).get("hostname")
+        if index == "0" or (index is None and hostname == f"{name}-0"):
+            return pod
+    return None
+
+
+def pod_ip(pod: Mapping[str, Any]) -> str:
+    """A running pod's IP ("" while it is not running or has none)."""
+    status = pod.get("status") or {}
+    return str(status.get("podIP") or "") if status.get("phase") == "Running" else ""
+
+
+def endpoint(ip: str, port: int) -> str:
+    """``ip:port`` as gRPC takes it: an IPv6 address in brackets."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def sidecar_ready(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod's sidecar container is running (its status says so)."""
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        if container.get("name") == SIDECAR_CONTAINER:
+            return bool((container.get("state") or {}).get("running")) and container.get("ready", True) is not False
+    return False
+
+
+def sidecar_problem(pods: list[dict[str, Any]], name: str) -> str | None:
+    """Why the sidecar container cannot run in MiniCluster ``name``'s pods, or None.
+
+    Failing: a container waiting for a reason that will not go by itself (the image cannot be pulled or
+    the container created), a command its image has not got (exit 126 / 127), or :data:`RESTART_LIMIT`
+    restarts. Each restart counts toward the Job's backoffLimit, after which the operator tears the whole
+    MiniCluster down: better to say so at once.
+    """
+    for pod in pods_of(pods, name):
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            if container.get("name") != SIDECAR_CONTAINER:
+                continue
+            where = f"pod {(pod.get('metadata') or {}).get('name')}, image {container.get('image', '?')}"
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in _STUCK:
+                return f"{where}: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+            for state in ("state", "lastState"):
+                ended = (container.get(state) or {}).get("terminated") or {}
+                code = ended.get("exitCode")
+                if code in _CANNOT_RUN:
+                    said = ended.get("message") or ended.get("reason") or ""
+                    return f"{where}: exit {code}, {_CANNOT_RUN[code]} ({said})".replace(" ()", "")
+            restarts = int(container.get("restartCount") or 0)
+            if restarts >= RESTART_LIMIT:
+                ended = ((container.get("lastState") or {}).get("terminated")) or {}
+                said = ended.get("message") or ended.get("reason") or "no reason given"
+                return f"{where}: restarted {restarts} times, last exit {ended.get('exitCode', '?')}: {said}"
+    return None
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    """Whether ``obj`` has a controller owner reference to the Ensemble with this ``uid``."""
+    for reference in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if reference.get("kind") == "Ensemble" and reference.get("uid") == uid and reference.get("controller"):
+            return True
+    return False

@@ -32,6 +32,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: creator (Kubernetes mode): ``<namespace>/<name>`` of a ``kubernetes.io/tls`` Secret whose certificate
     #: (for ``sidecar_tls_name``) every sidecar serves; copied into each Ensemble's namespace. Empty: no TLS.
     sidecar_tls_secret: str = ""
+    #: creator (Kubernetes mode): the sidecar image of members that name none; the manifests set it to the
+    #: creator's own image, so services and sidecars are always one release.
+    sidecar_image: str = ""
     #: Seconds a gRPC call to a sidecar may take.
     sidecar_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     #: creator (local mode): the Ensemble file to run.
@@ -58,9 +61,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: creator and actuator (Kubernetes mode): the API server URL (e.g. ``kubectl proxy``'s); empty: the
     #: in-cluster service account, else the kubeconfig.
     kube_api: str = ""
-    #: creator (Kubernetes mode): seconds between two reconciliations of every Ensemble (how soon a new,
-    #: changed or deleted Ensemble, or a lead broker pod that came up, is noticed).
-    resync_seconds: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    #: creator and poller (Kubernetes mode): seconds between two full lists of the objects they watch
+    #: (Ensembles, their pods, MiniClusters): a safety net under the watches, which see a change at once;
+    #: each relist also reconciles every Ensemble.
+    resync_seconds: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    #: creator (Kubernetes mode): seconds between two updates of the members' nodes up and job counts in
+    #: each Ensemble's status (from their last metrics).
+    status_seconds: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     #: actuator (Kubernetes mode): scale a completed member's MiniCluster down to its minSize.
     complete_to_min_size: bool = False
     #: Port of the /healthz, /readyz and /metrics HTTP server (0: none; the Kubernetes manifests use 8080).

@@ -39,7 +39,7 @@ _SPEC_KEYS = {"members", "algorithm", "checkSeconds"}
 _MEMBER_KEYS = {"minicluster", "jobs", "algorithm", "sidecar"}
 _JOB_KEYS = {"name", "command", "count", "nodes", "tasks", "workdir", "duration"}
 _ALGORITHM_KEYS = {"name", "options", "rules"}
-_SIDECAR_KEYS = {"image", "pullAlways", "port", "workers"}
+_SIDECAR_KEYS = {"image", "pullAlways", "port", "workers", "runAsUser"}
 
 
 class SpecError(ValueError):
@@ -54,10 +54,14 @@ class SpecError(ValueError):
 class SidecarSpec:
     """How the sidecar container is run in each MiniCluster."""
 
-    image: str = "ghcr.io/converged-computing/ensemble-operator-api:rockylinux9"
+    #: empty: the creator's ``ENSEMBLE_SIDECAR_IMAGE`` (by default the image of this release)
+    image: str = ""
     pull_always: bool = False
     port: int = 50051
     workers: int = 10
+    #: the uid the sidecar runs as: it must be the Flux instance's owner (root is one wherever the Flux
+    #: Operator configures the broker, which sets ``allow-root-owner``; otherwise the broker's own uid)
+    run_as_user: int = 0
 
 
 @dataclass(frozen=True)
@@ -223,7 +227,14 @@ def _sidecar(check: _Checker, value: object, path: str) -> SidecarSpec:
         pull = False
     port = check.integer(data, "port", path, default.port, 1, 65535) or default.port
     workers = check.integer(data, "workers", path, default.workers, 1, 1000) or default.workers
-    return SidecarSpec(image=image, pull_always=pull, port=port, workers=workers)
+    user = check.integer(data, "runAsUser", path, default.run_as_user, 0, 2**31 - 1)
+    return SidecarSpec(
+        image=image,
+        pull_always=pull,
+        port=port,
+        workers=workers,
+        run_as_user=default.run_as_user if user is None else user,
+    )
 
 
 def _jobs(check: _Checker, value: object, path: str, max_size: int | None) -> tuple[JobSpec, ...]:

@@ -29,6 +29,8 @@ from sidecar.server import ServerTls, delay_from_file, serve
 from sidecar.sim import SimBackend, SimQueue, TraceError, load_trace
 
 TOKEN_ENV = "ENSEMBLE_SIDECAR_TOKEN"
+#: Set by Kubernetes in every container of an Indexed Job's pod: the pod's completion index (Flux rank).
+INDEX_ENV = "JOB_COMPLETION_INDEX"
 
 
 class BackendUnavailable(Exception):
@@ -94,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     flux.add_argument(
         "--release-on-exit", action="store_true", help="undrain the ranks this member drained when the sidecar stops"
+    )
+    parser.add_argument(
+        "--serve-on-index",
+        type=int,
+        default=None,
+        help="serve only in the pod whose JOB_COMPLETION_INDEX is this (a MiniCluster's lead broker: 0); in the "
+        "others wait idle until stopped. Without JOB_COMPLETION_INDEX in the environment: serve",
     )
     sim = parser.add_argument_group("sim backend")
     sim.add_argument("--speed", type=float, default=1.0, help="virtual seconds per wall second (default 1)")
@@ -236,6 +245,14 @@ async def _run(args: argparse.Namespace, token: str | None, tls: ServerTls | Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    index = os.environ.get(INDEX_ENV)
+    if args.serve_on_index is not None and index is not None and index.strip() != str(args.serve_on_index):
+        logging.getLogger(__name__).info(
+            "%s=%s: not the pod of index %d (the lead broker's), so nothing to serve here; idle until stopped",
+            INDEX_ENV, index, args.serve_on_index,
+        )  # fmt: skip
+        await stop.wait()
+        return 0
     connecting = asyncio.create_task(_backend(args))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)

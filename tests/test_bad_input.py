@@ -217,7 +217,7 @@ def assert_rejected_by_path_or_usable(document: object) -> None:
         for problem in problems:
             assert problem.startswith(f"spec.members[{member.index}].minicluster"), problem
         if not problems:
-            body = minicluster.build(ensemble, member, OWNER)
+            body = minicluster.build(ensemble, member, OWNER, token_secret="demo-sidecar-token-0123456789")
             schema_errors = [e.message for e in _minicluster_schema().iter_errors(body) if e.validator != UNKNOWN_FIELD]
             assert schema_errors == [], schema_errors
 

@@ -25,7 +25,7 @@ from ensemble_core.tokens import ensemble_token, status_token
 from services.actuator.service import run as run_actuator
 from services.creator.service import run as run_creator
 from tests.conftest import service_running, wait_for
-from tests.test_minicluster import assert_valid_minicluster
+from tests.test_minicluster import assert_valid_minicluster, operator_pod
 
 NS = "science"
 ENSEMBLES = kmock.resource("ensemble.flux-framework.org/v1alpha1/ensembles")
@@ -92,19 +92,21 @@ async def create_ensemble(url: str, document: dict[str, Any]) -> None:
     await kube.close()
 
 
-def start_lead_pod(emulator: kmock.KubernetesEmulator, minicluster_name: str, ip: str) -> None:
-    """What the Flux Operator and the Job controller do: the lead broker pod, running with an IP."""
-    emulator.objects[PODS, NS, f"{minicluster_name}-0-abcde"] = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": f"{minicluster_name}-0-abcde",
-            "namespace": NS,
-            "labels": {"job-name": minicluster_name, "job-index": "0"},
-        },
-        "spec": {"containers": [{"name": "app", "image": "flux"}]},
-        "status": {"phase": "Running", "podIP": ip},
-    }
+def start_lead_pod(
+    emulator: kmock.KubernetesEmulator,
+    minicluster_name: str,
+    ip: str,
+    *,
+    sidecar: dict[str, Any] | None = None,
+    ensemble: str = "demo",
+) -> None:
+    """What the Flux Operator and the Job controller do: the lead broker's pod (completion index 0), named and
+    labelled as they make it, with the MiniCluster's pod labels, running with an IP and its sidecar up (or
+    with the sidecar container status fields ``sidecar``)."""
+    pod = operator_pod(minicluster_name, 0, job_index="0", ip=ip, sidecar=sidecar)
+    pod["metadata"]["namespace"] = NS
+    pod["metadata"]["labels"].update({minicluster.ENSEMBLE_LABEL: ensemble, minicluster.MEMBER_LABEL: "0"})
+    emulator.objects[PODS, NS, pod["metadata"]["name"]] = pod
 
 
 def live(emulator: kmock.KubernetesEmulator, resource: kmock.resource) -> list[dict[str, Any]]:
@@ -207,7 +209,8 @@ async def test_a_member_follows_its_lead_broker_pod_to_a_new_ip(
         await wait_for(lambda: member_record(nc), timeout=10)
 
         # the pod is rescheduled: gone for a while (the record keeps its endpoint), then back elsewhere
-        emulator.objects[PODS, NS, "demo-0-0-abcde"].delete()
+        [pod] = [key for key in emulator.objects if key[0] == PODS]
+        emulator.objects[pod].delete()
         await asyncio.sleep(0.6)  # three passes
         record = await member_record(nc)
         assert record is not None and record.endpoint == "10.1.2.3:7000"
@@ -252,10 +255,11 @@ async def test_with_sidecar_tls_the_creator_waits_for_the_secret_then_mounts_a_c
     assert sidecar["command"].endswith(
         f"--tls-cert {minicluster.TLS_DIR}/tls.crt --tls-key {minicluster.TLS_DIR}/tls.key"
     )
+    copy_name = minicluster.tls_secret_name("demo", chain)
     assert sidecar["volumes"] == {
-        minicluster.TLS_VOLUME: {"secretName": "demo-sidecar-tls", "path": minicluster.TLS_DIR, "readOnly": True}
+        minicluster.TLS_VOLUME: {"secretName": copy_name, "path": minicluster.TLS_DIR, "readOnly": True}
     }
-    [copy_] = [secret for secret in live(emulator, SECRETS) if secret["metadata"]["name"] == "demo-sidecar-tls"]
+    [copy_] = [secret for secret in live(emulator, SECRETS) if secret["metadata"]["name"] == copy_name]
     assert copy_["metadata"]["namespace"] == NS and copy_["type"] == "kubernetes.io/tls"
     assert copy_["stringData"] == {"tls.crt": chain.decode(), "tls.key": key.decode()}
     assert copy_["metadata"]["ownerReferences"][0]["uid"] == ENSEMBLE["metadata"]["uid"]
@@ -316,9 +320,13 @@ async def put_member(emulator: kmock.KubernetesEmulator, nc: Client) -> MemberSp
     assert ensemble is not None, errors
     member = ensemble.members[0]
     emulator.objects[ENSEMBLES, NS, "demo"] = copy.deepcopy(ENSEMBLE)
-    owner = {"apiVersion": "ensemble.flux-framework.org/v1alpha1", "kind": "Ensemble", "name": "demo", "uid": "u"}
-    emulator.objects[MINICLUSTERS, NS, "demo-0"] = minicluster.build(ensemble, member, owner)
-    record = msgspec.structs.replace(ensemble.member_spec(member, "10.1.2.3:7000"), name="demo-0")
+    uid = ENSEMBLE["metadata"]["uid"]
+    owner = {"apiVersion": "ensemble.flux-framework.org/v1alpha1", "kind": "Ensemble", "name": "demo", "uid": uid,
+             "controller": True}  # fmt: skip
+    emulator.objects[MINICLUSTERS, NS, "demo-0"] = minicluster.build(
+        ensemble, member, owner, token_secret=minicluster.token_secret_name("demo", "t")
+    )
+    record = msgspec.structs.replace(ensemble.member_spec(member, "10.1.2.3:7000"), name="demo-0", owner_uid=uid)
     await (await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)).put(ADDRESS.key, encode(record))
     return record
 
@@ -421,7 +429,7 @@ async def test_a_malformed_sidecar_tls_secret_setting_stops_the_creator_naming_i
         await run_creator(bad, asyncio.Event())
 
 
-async def test_a_secret_is_created_left_alone_when_unchanged_and_patched_when_changed(
+async def test_a_secret_is_created_once_and_never_read_changed_or_overwritten(
     api: tuple[kmock.KubernetesEmulator, str],
 ) -> None:
     emulator, url = api
@@ -431,18 +439,17 @@ async def test_a_secret_is_created_left_alone_when_unchanged_and_patched_when_ch
         "metadata": {"name": "s", "namespace": NS}, "stringData": {"token": "one"},
     }  # fmt: skip
     try:
-        assert await kube.ensure_secret(copy.deepcopy(body)) is True
-        assert len(list(emulator["post", SECRETS])) == 1
-        # as the API server keeps it: data, base64
-        stored = {key: value for key, value in body.items() if key != "stringData"}
-        emulator.objects[SECRETS, NS, "s"] = {**stored, "data": {"token": "b25l"}}
-        assert await kube.secret_data(NS, "s") == {"token": b"one"}
-        assert await kube.ensure_secret(copy.deepcopy(body)) is False
-        assert list(emulator["patch", SECRETS]) == []
-        changed = {**body, "stringData": {"token": "two"}}
-        assert await kube.ensure_secret(changed) is True
-        [patch] = list(emulator["patch", SECRETS])
-        assert patch.data == {"stringData": {"token": "two"}}
+        assert await kube.create_secret(copy.deepcopy(body)) is True
+        # a Secret of that name (someone else's, or ours) is there: left exactly as it is
+        assert await kube.create_secret({**body, "stringData": {"token": "two"}}) is False
+        assert len(list(emulator["post", SECRETS])) == 2
+        assert list(emulator["patch", SECRETS]) == [] and list(emulator["get", SECRETS]) == []
+        assert live(emulator, SECRETS)[0]["stringData"] == {"token": "one"}
+        emulator.objects[SECRETS, "ensemble-system", "tls"] = {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tls", "namespace": "ensemble-system"},
+            "data": {"tls.crt": "b25l"},
+        }  # fmt: skip
+        assert await kube.secret_data("ensemble-system", "tls") == {"tls.crt": b"one"}
         assert await kube.secret_data(NS, "missing") is None
     finally:
         await kube.close()

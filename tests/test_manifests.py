@@ -8,6 +8,7 @@ Operator) against the fields their controllers require.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import re
@@ -56,12 +57,12 @@ USER_SECRETS = {"ensemble-sidecar-token", "ensemble-nats-auth", "nats-tls"}
 #: The RBAC contract: service → {(API group, resource): verbs}. docs/kubernetes.md holds the same table.
 RBAC: dict[str, dict[tuple[str, str], set[str]]] = {
     "creator": {
-        ("ensemble.flux-framework.org", "ensembles"): {"get", "list"},
+        ("ensemble.flux-framework.org", "ensembles"): {"get", "list", "watch"},
         ("ensemble.flux-framework.org", "ensembles/status"): {"patch"},
         ("ensemble.flux-framework.org", "ensembles/finalizers"): {"update"},
-        ("flux-framework.org", "miniclusters"): {"create", "get"},
-        ("", "pods"): {"list"},
-        ("", "secrets"): {"create", "get", "patch"},
+        ("flux-framework.org", "miniclusters"): {"create", "get", "delete"},
+        ("", "pods"): {"list", "watch"},
+        ("", "secrets"): {"create"},
         ("", "events"): {"create"},
     },
     "actuator": {
@@ -71,9 +72,11 @@ RBAC: dict[str, dict[tuple[str, str], set[str]]] = {
         ("ensemble.flux-framework.org", "ensembles/status"): {"patch"},
         ("", "events"): {"create"},
     },
-    "poller": {},
+    "poller": {("flux-framework.org", "miniclusters"): {"list", "watch"}},
     "decider": {},
 }
+#: What components/sidecar-tls adds: the creator may read the one Secret it copies, in ensemble-system only.
+SIDECAR_TLS_RBAC = {"creator": {("", "secrets:ensemble-sidecar-tls@ensemble-system"): {"get"}}}
 
 #: What the controllers of the custom kinds we render require (they are not Kubernetes built-ins).
 CUSTOM_KINDS: dict[str, dict[str, Any]] = {
@@ -459,16 +462,24 @@ def rendered_rbac(objects: tuple[dict[str, Any], ...]) -> dict[str, dict[tuple[s
         for subject in binding["subjects"]:
             assert subject["namespace"] == "ensemble-system"
             for rule in role["rules"]:
+                # a grant narrowed to named objects or to one namespace is its own entry
+                scope = ":" + ",".join(rule["resourceNames"]) if rule.get("resourceNames") else ""
+                if role["kind"] == "Role":
+                    scope += "@" + role["metadata"]["namespace"]
                 for group in rule["apiGroups"]:
                     for resource in rule["resources"]:
-                        granted[subject["name"]].setdefault((group, resource), set()).update(rule["verbs"])
+                        granted[subject["name"]].setdefault((group, resource + scope), set()).update(rule["verbs"])
     return granted
 
 
 @pytest.mark.parametrize("name", RENDERS)
 def test_rbac_grants_exactly_the_contract(name: str) -> None:
     objects = render(name)
-    assert rendered_rbac(objects) == RBAC
+    expected = copy.deepcopy(RBAC)
+    if any(o["kind"] == "Certificate" and o["metadata"]["name"] == "ensemble-sidecar" for o in objects):
+        for service, grants in SIDECAR_TLS_RBAC.items():
+            expected[service].update(grants)
+    assert rendered_rbac(objects) == expected
     for service in SERVICES:
         pod = deployment(objects, service)["spec"]["template"]["spec"]
         assert pod["serviceAccountName"] == service
@@ -656,13 +667,26 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", []))
 
 
-def egress_ports(objects: tuple[dict[str, Any], ...], labels: dict[str, str]) -> set[int]:
-    """The ports the network policies let a pod with ``labels`` connect to (anywhere)."""
-    ports: set[int] = set()
+#: What an egress rule without ports may reach: any port, but only of our MiniClusters' pods (a member's
+#: sidecar.port is its own).
+SIDECAR_PODS = "any port of pods labelled ensemble.flux-framework.org/ensemble"
+
+
+def egress_ports(objects: tuple[dict[str, Any], ...], labels: dict[str, str]) -> set[int | str]:
+    """The ports the network policies let a pod with ``labels`` connect to (anywhere), and
+    :data:`SIDECAR_PODS` for a rule open on every port of the MiniCluster pods."""
+    ports: set[int | str] = set()
     for policy in find(objects, "NetworkPolicy"):
         if _selects(policy["spec"]["podSelector"], labels):
             for rule in policy["spec"].get("egress", []):
-                ports.update(p["port"] for p in rule.get("ports", []))
+                if "ports" in rule:
+                    ports.update(p["port"] for p in rule["ports"])
+                    continue
+                # every port: only ever towards the pods of our MiniClusters
+                for to in rule["to"]:
+                    expressions = to["podSelector"]["matchExpressions"]
+                    assert expressions == [{"key": "ensemble.flux-framework.org/ensemble", "operator": "Exists"}]
+                ports.add(SIDECAR_PODS)
     return ports
 
 
@@ -670,11 +694,11 @@ def test_network_policies_allow_only_what_each_service_needs() -> None:
     objects = render("network-policy")
     (deny,) = find(objects, "NetworkPolicy", "default-deny")
     assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
-    needs = {
+    needs: dict[str, set[int | str]] = {
         "creator": {53, 4222, 443, 6443},
-        "poller": {53, 4222, 50051},
+        "poller": {53, 4222, 443, 6443, SIDECAR_PODS},
         "decider": {53, 4222},
-        "actuator": {53, 4222, 50051, 443, 6443},
+        "actuator": {53, 4222, 443, 6443, SIDECAR_PODS},
     }
     for service, ports in needs.items():
         labels = deployment(objects, service)["spec"]["template"]["metadata"]["labels"]

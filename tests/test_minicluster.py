@@ -12,8 +12,10 @@ import yaml
 
 from ensemble_core import minicluster
 from ensemble_core.spec import Ensemble, validate
+from ensemble_core.version import VERSION
 from tests.conftest import REPO, SHARED
 
+TOKEN_SECRET = minicluster.token_secret_name("demo", "a-token")
 OWNER = {
     "apiVersion": "ensemble.flux-framework.org/v1alpha1",
     "kind": "Ensemble",
@@ -80,7 +82,7 @@ def test_every_generated_minicluster_is_valid_against_the_flux_operator_crd(path
     ensemble = ensemble_from(path)
     for member in ensemble.members:
         assert minicluster.check(member) == []
-        body = minicluster.build(ensemble, member, OWNER)
+        body = minicluster.build(ensemble, member, OWNER, token_secret=TOKEN_SECRET)
         assert_valid_minicluster(body)
         spec = body["spec"]
         assert (spec["size"], spec["minSize"], spec["maxSize"]) == (member.size, member.min_size, member.max_size)
@@ -99,17 +101,27 @@ def test_the_sidecar_is_injected_beside_the_application_container_that_runs_flux
     document["spec"]["members"][0]["minicluster"]["metadata"] = {"labels": {"team": "md"}}
     ensemble, errors = validate(document, "science")
     assert ensemble is not None, errors
-    body = minicluster.build(ensemble, ensemble.members[0], OWNER)
+    body = minicluster.build(ensemble, ensemble.members[0], OWNER, token_secret=TOKEN_SECRET)
     assert_valid_minicluster(body)
     logger, app, sidecar = body["spec"]["containers"]
     assert (logger["runFlux"], app["runFlux"], sidecar["runFlux"]) == (False, True, False)
     assert app["workingDir"] == "/opt"
     assert sidecar["name"] == minicluster.SIDECAR_CONTAINER
     assert sidecar["image"] == "example.org/sidecar:1" and sidecar["pullAlways"] is True
-    assert sidecar["command"] == "ensemble sidecar --backend flux --host 0.0.0.0 --port 7000"
+    # exec: the sidecar replaces the operator's start script (PID 1) and so gets SIGTERM; the view's flux
+    # runs the helper; the socket is where the broker makes it; only the lead broker's pod serves
+    assert sidecar["command"] == (
+        "exec env -u PYTHONPATH -u PYTHONHOME -u LD_LIBRARY_PATH ensemble sidecar --backend flux "
+        "--flux /mnt/flux/view/bin/flux --flux-uri local:///mnt/flux/config/run/flux/local --host :: --port 7000 "
+        "--serve-on-index 0 --wait-for-broker inf"
+    )
     assert sidecar["ports"] == [7000]
     assert sidecar["environment"]["FLUX_URI"] == "local:///mnt/flux/config/run/flux/local"
-    assert sidecar["secrets"]["ENSEMBLE_SIDECAR_TOKEN"] == {"name": "hello-world-sidecar-token", "key": "token"}
+    assert sidecar["secrets"]["ENSEMBLE_SIDECAR_TOKEN"] == {"name": TOKEN_SECRET, "key": "token"}
+    # root owns every Flux Operator instance (allow-root-owner): the sidecar is never a guest
+    assert sidecar["securityContext"] == {"runAsUser": 0, "runAsNonRoot": False}
+    # the start script would wait for the socket where no broker puts it (<view>/run/flux/local)
+    assert body["spec"]["flux"]["noWaitSocket"] is True
     assert body["metadata"]["name"] == "hello-world-0"
     assert body["metadata"]["namespace"] == "science"
     labels = {"ensemble.flux-framework.org/ensemble": "hello-world", "ensemble.flux-framework.org/member": "0"}
@@ -137,7 +149,7 @@ def test_names_too_long_or_dotted_are_shortened_stably_so_every_pod_hostname_fit
     assert len(longest_hostname) <= 63
     assert "." not in mc and mc.endswith("-0")
     assert mc == minicluster.minicluster_name(name, member)  # a restart finds the same object
-    body = minicluster.build(ensemble, member, OWNER)
+    body = minicluster.build(ensemble, member, OWNER, token_secret=minicluster.token_secret_name(name, "t"))
     assert all(len(value) <= 63 for value in body["metadata"]["labels"].values())
     assert len(body["spec"]["containers"][-1]["secrets"]["ENSEMBLE_SIDECAR_TOKEN"]["name"]) <= 253
 
@@ -176,3 +188,159 @@ def test_containers_the_flux_operator_would_refuse_are_reported_by_field(contain
         raw["spec"]["containers"] = containers
     errors = minicluster.check(type(member)(**{**member.__dict__, "minicluster": raw}))
     assert any(error.startswith(expected) for error in errors), errors
+
+
+def test_the_default_sidecar_image_is_this_release_and_a_view_elsewhere_is_followed() -> None:
+    document = yaml.safe_load((REPO / "examples" / "hello-world.yaml").read_text())
+    spec = document["spec"]["members"][0]["minicluster"]["spec"]
+    spec["containers"] = [{"image": "flux-app"}]
+    spec["flux"] = {"container": {"mountPath": "/opt/fluxview"}, "noWaitSocket": False}
+    document["spec"]["members"][0]["sidecar"] = {"runAsUser": 1000}
+    ensemble, errors = validate(document, "science")
+    assert ensemble is not None, errors
+    body = minicluster.build(ensemble, ensemble.members[0], OWNER, token_secret=TOKEN_SECRET)
+    assert_valid_minicluster(body)
+    sidecar = body["spec"]["containers"][-1]
+    assert sidecar["image"] == f"ghcr.io/flux-framework/ensemble-operator:{VERSION}" == minicluster.DEFAULT_IMAGE
+    assert (
+        "--flux /opt/fluxview/view/bin/flux --flux-uri local:///opt/fluxview/config/run/flux/local"
+        in sidecar["command"]
+    )
+    assert sidecar["securityContext"] == {"runAsUser": 1000, "runAsNonRoot": True}
+    assert body["spec"]["flux"]["noWaitSocket"] is False  # the user's own choice stays
+    with_image = minicluster.build(ensemble, ensemble.members[0], OWNER, token_secret=TOKEN_SECRET, image="r/x:2")
+    assert with_image["spec"]["containers"][-1]["image"] == "r/x:2"
+    # Secrets are named after their content: another token (or certificate) is another Secret, never an overwrite
+    assert minicluster.token_secret_name("demo", "a") != minicluster.token_secret_name("demo", "b")
+    assert minicluster.tls_secret_name("demo", b"cert-1") != minicluster.tls_secret_name("demo", b"cert-2")
+
+
+def container_status(name: str, image: str, **fields: Any) -> dict[str, Any]:
+    """A container's status as the kubelet reports it (every field the API always sets)."""
+    return {
+        "name": name,
+        "image": image,
+        "imageID": f"{image}@sha256:{'0' * 64}" if fields.get("state", {}).get("running") is not None else "",
+        "ready": False,
+        "started": False,
+        "restartCount": 0,
+        "state": {"waiting": {"reason": "ContainerCreating"}},
+        **fields,
+    }
+
+
+SIDECAR_RUNNING = {"ready": True, "started": True, "state": {"running": {"startedAt": "2026-12-01T10:00:00Z"}}}
+
+
+def operator_pod(
+    minicluster_name: str, index: int, *, job_index: str, ip: str = "10.0.0.1", sidecar: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A pod of a MiniCluster's Indexed Job, named and labelled as the Job controller and the Flux Operator do
+    (``job-index`` as the operator computes it: possibly another MiniCluster's); ``sidecar``: the status fields
+    of the sidecar container (default: running)."""
+    name = f"{minicluster_name}-{index}-{'abcde'[index % 5]}x9k2"
+    image = minicluster.DEFAULT_IMAGE
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "science",
+            "creationTimestamp": "2026-12-01T10:00:00Z",
+            "labels": {
+                "job-name": minicluster_name,
+                "batch.kubernetes.io/job-name": minicluster_name,
+                "batch.kubernetes.io/job-completion-index": str(index),
+                "controller-uid": f"uid-{minicluster_name}",
+                "batch.kubernetes.io/controller-uid": f"uid-{minicluster_name}",
+                "app": "flux-operator",
+                "app.kubernetes.io/name": minicluster_name,
+                "hpa-selector": minicluster_name,
+                "namespace": "science",
+                "job-index": job_index,
+            },
+            "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+        },
+        "spec": {
+            "hostname": f"{minicluster_name}-{index}",
+            "subdomain": "flux-service",
+            "containers": [
+                {"name": minicluster_name, "image": "ghcr.io/converged-computing/metric-lammps:latest"},
+                {"name": minicluster.SIDECAR_CONTAINER, "image": image},
+            ],
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "containerStatuses": [
+                container_status(
+                    minicluster_name, "ghcr.io/converged-computing/metric-lammps:latest", **SIDECAR_RUNNING
+                ),
+                container_status(
+                    minicluster.SIDECAR_CONTAINER, image, **(SIDECAR_RUNNING if sidecar is None else sidecar)
+                ),
+            ],
+        },
+    }
+
+
+def test_the_lead_pod_is_found_by_completion_index_whatever_the_operator_labelled_it() -> None:
+    # two MiniClusters whose names extend each other, in one namespace: lammps-1's controller labels the pods
+    # of lammps-1-0 by stripping "lammps-1-" from their names (labels.go), and the other way round
+    pods = [
+        operator_pod("lammps-1", 0, job_index="1", ip="10.0.0.10"),  # labelled by lammps' controller: wrong
+        operator_pod("lammps-1", 1, job_index="1"),
+        operator_pod("lammps-1-0", 0, job_index="0", ip="10.0.0.20"),
+        operator_pod("lammps-1-0", 1, job_index="0"),  # "lammps-1-0-1-..." stripped of "lammps-1-": wrong
+    ]
+    lead = minicluster.lead_pod(pods, "lammps-1")
+    assert lead is not None and minicluster.pod_ip(lead) == "10.0.0.10"
+    other = minicluster.lead_pod(pods, "lammps-1-0")
+    assert other is not None and minicluster.pod_ip(other) == "10.0.0.20"
+    # a terminating lead pod is not the lead (its replacement is coming); without the completion-index label
+    # (Kubernetes < 1.28) the annotation, then the hostname <name>-0, say it
+    pods[0]["metadata"]["deletionTimestamp"] = "2026-12-01T10:00:00Z"
+    assert minicluster.lead_pod(pods, "lammps-1") is None
+    old = operator_pod("lammps-1", 0, job_index="x")
+    del old["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]
+    assert minicluster.lead_pod([old], "lammps-1") is old
+    del old["metadata"]["annotations"]
+    assert minicluster.lead_pod([old], "lammps-1") is old
+    assert (
+        minicluster.endpoint("fd00::1", 50051) == "[fd00::1]:50051"
+        and minicluster.endpoint("10.0.0.1", 1) == "10.0.0.1:1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (SIDECAR_RUNNING, None),
+        (
+            {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}},
+            "ImagePullBackOff: no such image",
+        ),
+        (
+            {"restartCount": 1, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+             "lastState": {"terminated": {"exitCode": 127, "reason": "Error"}}},
+            "exit 127, the command was not found (Error)",
+        ),
+        (
+            {"restartCount": 3, "state": {"running": {}},
+             "lastState": {"terminated": {"exitCode": 1, "message": "boom"}}},
+            "restarted 3 times, last exit 1: boom",
+        ),
+    ],
+)  # fmt: skip
+def test_a_sidecar_container_that_cannot_run_is_named_with_its_reason(
+    status: dict[str, Any], expected: str | None
+) -> None:
+    pods = [operator_pod("demo-0", 0, job_index="0", sidecar=status)]
+    # the application container restarting is not the sidecar's problem
+    pods[0]["status"]["containerStatuses"][0].update(restartCount=7, state={"waiting": {"reason": "ImagePullBackOff"}})
+    problem = minicluster.sidecar_problem(pods, "demo-0")
+    if expected is None:
+        assert problem is None
+    else:
+        assert problem is not None and problem.endswith(expected), problem
+        assert problem.startswith("pod demo-0-0-")

@@ -43,6 +43,7 @@ from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token, status_token
 from services.actuator.service import run as run_actuator
 from services.creator.service import run as run_creator
+from services.poller.service import run as run_poller
 from sidecar.server import serve_local
 from tests.conftest import REPO, service_running, tls_files, wait_for
 from tests.test_kubernetes import (
@@ -157,14 +158,16 @@ async def test_a_sidecar_answers_only_its_own_ensembles_token_and_nothing_gets_q
 def test_the_sidecar_of_a_minicluster_listens_on_every_address_because_the_poller_comes_by_pod_ip() -> None:
     ensemble, errors = validate(ENSEMBLE, NS)
     assert ensemble is not None, errors
-    body = minicluster.build(ensemble, ensemble.members[0], {})
+    token = ensemble_token(SECRET, NS, ensemble.name)
+    secret = minicluster.token_secret_name(ensemble.name, token)
+    body = minicluster.build(ensemble, ensemble.members[0], {}, token_secret=secret)
     sidecar = next(c for c in body["spec"]["containers"] if c.get("name") == minicluster.SIDECAR_CONTAINER)
-    assert "--host 0.0.0.0" in sidecar["command"] and "--port 7000" in sidecar["command"]
+    # every address, IPv4 and IPv6 (gRPC's [::] is dual-stack, and falls back to IPv4 where there is no IPv6)
+    assert "--host :: " in sidecar["command"] and "--port 7000" in sidecar["command"]
     assert sidecar["ports"] == [7000]
     # the token reaches it from the Ensemble's Secret, never written into the MiniCluster
-    token = ensemble_token(SECRET, NS, ensemble.name)
     assert token not in json.dumps(body)
-    assert sidecar["secrets"]["ENSEMBLE_SIDECAR_TOKEN"]["name"] == minicluster.token_secret_name(ensemble.name)
+    assert sidecar["secrets"]["ENSEMBLE_SIDECAR_TOKEN"]["name"] == secret
 
 
 # --- no secret in logs, output, Events or status --------------------------------------------------------
@@ -283,6 +286,7 @@ async def test_each_service_account_is_granted_exactly_the_calls_its_service_mak
         async with kube_emulator() as (emulator, url):
             creator_calls = await exercise_the_creator(emulator, url, settings)
             actuator_calls = await exercise_the_actuator(emulator, url, nc, settings, sidecar.port)
+            poller_calls = await exercise_the_poller(emulator, url, nc, settings, sidecar.port)
             # nothing the services wrote into Kubernetes carries the operator secret or a token in the clear
             written = [
                 *live(emulator, EVENTS),
@@ -295,7 +299,11 @@ async def test_each_service_account_is_granted_exactly_the_calls_its_service_mak
     finally:
         await sidecar.stop(grace=0.1)
     granted = rendered_rbac(render("base"))
-    used = {"creator": rbac_requests(creator_calls), "actuator": rbac_requests(actuator_calls)}
+    used = {
+        "creator": rbac_requests(creator_calls),
+        "actuator": rbac_requests(actuator_calls),
+        "poller": rbac_requests(poller_calls),
+    }
     for service, calls in used.items():
         expected = copy.deepcopy(calls)
         for key, verbs in GRANTED_FOR_ADMISSION.get(service, {}).items():
@@ -303,7 +311,7 @@ async def test_each_service_account_is_granted_exactly_the_calls_its_service_mak
         for key, verbs in OVER_GRANTED.get(service, {}).items():
             expected.setdefault(key, set()).update(verbs)
         assert granted[service] == expected, service
-    assert granted["poller"] == granted["decider"] == {}
+    assert granted["decider"] == {}
 
 
 async def exercise_the_creator(emulator: kmock.KubernetesEmulator, url: str, settings: Settings) -> list[Any]:
@@ -311,17 +319,24 @@ async def exercise_the_creator(emulator: kmock.KubernetesEmulator, url: str, set
     broken = copy.deepcopy(ENSEMBLE)
     broken["metadata"].update(name="broken", uid="3f9c2a10-0000-4000-8000-00000000beef")
     broken["spec"]["members"][0]["jobs"][0]["nodes"] = 12
+    # its sidecar image cannot be pulled: the creator deletes the MiniCluster
+    unpulled = copy.deepcopy(ENSEMBLE)
+    unpulled["metadata"].update(name="unpulled", uid="3f9c2a10-0000-4000-8000-0000000000ff")
     await create_ensemble(url, ENSEMBLE)
     await create_ensemble(url, broken)
+    await create_ensemble(url, unpulled)
     first = len(list(emulator))
     async with service_running(run_creator, k8s_settings(settings, url)):
-        await wait_for(lambda: live(emulator, MINICLUSTERS), timeout=10)
+        await wait_for(lambda: len(live(emulator, MINICLUSTERS)) == 2, timeout=10)
         start_lead_pod(emulator, "demo-0", "10.1.2.3")
+        pull = {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}
+        start_lead_pod(emulator, "unpulled-0", "10.1.2.4", sidecar=pull, ensemble="unpulled")
         await wait_for(lambda: condition(emulator, "Ready").get("status") == "True", timeout=10)
         emulator.objects[MINICLUSTERS, NS, "demo-0"].delete()  # the member is gone: announced, not recreated
         await asyncio.sleep(1.0)
         failed = emulator.objects[ENSEMBLES, NS, "broken"].raw.get("status") or {}
         assert failed.get("phase") == "Failed"
+        await wait_for(lambda: live(emulator, MINICLUSTERS) == [], timeout=10)
     return list(emulator)[first:]
 
 
@@ -335,7 +350,9 @@ async def exercise_the_actuator(
     assert ensemble is not None, errors
     member = ensemble.members[0]
     emulator.objects[ENSEMBLES, NS, "acted"] = document
-    emulator.objects[MINICLUSTERS, NS, "acted-0"] = minicluster.build(ensemble, member, {})
+    emulator.objects[MINICLUSTERS, NS, "acted-0"] = minicluster.build(
+        ensemble, member, minicluster_owner(document), token_secret="t"
+    )
     address = MemberAddress(NS, "acted", 0)
     record = msgspec.structs.replace(ensemble.member_spec(member, f"127.0.0.1:{port}"), name="acted-0")
     await (await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)).put(address.key, encode(record))
@@ -373,6 +390,49 @@ async def exercise_the_actuator(
         await wait_for(all_applied, timeout=20)
     assert live(emulator, MINICLUSTERS) == []
     return list(emulator)[first:]
+
+
+async def exercise_the_poller(
+    emulator: kmock.KubernetesEmulator, url: str, nc: Client, settings: Settings, port: int
+) -> list[Any]:
+    """The poller in Kubernetes mode: it watches the MiniClusters for the members' requested sizes."""
+    document = copy.deepcopy(ENSEMBLE)
+    document["metadata"].update(name="polled", uid="3f9c2a10-0000-4000-8000-0000000000aa")
+    ensemble, errors = validate(document, NS)
+    assert ensemble is not None, errors
+    member = ensemble.members[0]
+    owner = {**minicluster_owner(document)}
+    emulator.objects[MINICLUSTERS, NS, "polled-0"] = minicluster.build(ensemble, member, owner, token_secret="t")
+    address = MemberAddress(NS, "polled", 0)
+    # the local sidecar of this test serves the "acted" ensemble's token
+    readonly = status_token(ensemble_token(settings.sidecar_token, NS, "acted"))
+    record = msgspec.structs.replace(
+        ensemble.member_spec(member, f"127.0.0.1:{port}", status_token=readonly),
+        name="polled-0",
+        owner_uid=document["metadata"]["uid"],
+    )
+    await (await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)).put(address.key, encode(record))
+    first = len(list(emulator))
+    async with service_running(run_poller, k8s_settings(settings, url)):
+
+        async def published() -> bool:
+            try:
+                await nc.jetstream().get_last_msg(subjects.METRICS_STREAM, subjects.metrics(address))
+            except Exception:
+                return False
+            return True
+
+        await wait_for(published, timeout=20)
+    return list(emulator)[first:]
+
+
+def minicluster_owner(document: dict[str, Any]) -> dict[str, Any]:
+    """The owner reference the creator gives an Ensemble's MiniClusters."""
+    return {
+        "apiVersion": "ensemble.flux-framework.org/v1alpha1", "kind": "Ensemble",
+        "name": document["metadata"]["name"], "uid": document["metadata"]["uid"],
+        "controller": True, "blockOwnerDeletion": True,
+    }  # fmt: skip
 
 
 # --- NATS in production: authentication and TLS required ------------------------------------------------

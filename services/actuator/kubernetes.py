@@ -54,8 +54,20 @@ class KubernetesDriver:
         self.complete_to_min_size = complete_to_min_size
 
     async def minicluster(self, member: MemberSpec) -> Obj | None:
-        """The member's MiniCluster, or None when it is gone."""
-        return await _kube(self.kube.get(*MC, member.namespace, member.name))
+        """The member's MiniCluster, or None when it is gone.
+
+        Raises a final :class:`DriverError` when a MiniCluster of that name exists but is not the one the
+        member's Ensemble (``owner_uid``) owns: the actuator never scales or deletes what is not ours.
+        """
+        found = await _kube(self.kube.get(*MC, member.namespace, member.name))
+        if found is not None and member.owner_uid and not minicluster.owned_by(found, member.owner_uid):
+            owners = [ref.get("uid") for ref in (found.get("metadata") or {}).get("ownerReferences") or []]
+            raise DriverError(
+                f"MiniCluster {member.namespace}/{member.name} is not this member's (owned by {owners or 'nobody'}, "
+                f"the member's Ensemble is uid {member.owner_uid}): left alone",
+                transient=False,
+            )
+        return found
 
     async def size(self, member: MemberSpec) -> int:
         """The size the MiniCluster asks for (``spec.size``); 0 once it is gone."""
@@ -87,6 +99,8 @@ class KubernetesDriver:
 
     async def terminate(self, member: MemberSpec) -> None:
         """Delete the MiniCluster (its pods go with it); one already gone is terminated."""
+        if await self.minicluster(member) is None:
+            return
         await _kube(self.kube.delete(*MC, member.namespace, member.name))
 
     async def complete(self, member: MemberSpec) -> int:
@@ -98,7 +112,10 @@ class KubernetesDriver:
     async def report(self, decision: Decision, applied: Applied) -> None:
         """Write the decision's outcome into the Ensemble's status and post an Event about it."""
 
-        def change(status: Obj, _: Obj) -> None:
+        involved: Obj = {}
+
+        def change(status: Obj, ensemble: Obj) -> None:
+            involved.update(ensemble)
             entry = member_status(status, decision.member)
             if applied.size_after is not None:
                 entry["requestedSize"] = applied.size_after
@@ -115,11 +132,14 @@ class KubernetesDriver:
                 set_condition(status, "Scaling", moved, "ScaleRequested" if moved else "SizeUnchanged", message, None)
             status["size"] = sum(int(item.get("requestedSize") or 0) for item in status["members"])
 
-        await _kube(self.kube.update_status(decision.namespace, decision.ensemble, change))
+        if not await _kube(self.kube.update_status(decision.namespace, decision.ensemble, change)):
+            return  # the Ensemble is gone: nobody to tell
+        # kubectl describe finds an Event by involvedObject.uid: it must name the Ensemble's
+        metadata = involved.get("metadata") or {}
         ensemble = {
             "apiVersion": f"{ENSEMBLE_GROUP}/{ENSEMBLE_VERSION}",
             "kind": ENSEMBLE_KIND,
-            "metadata": {"name": decision.ensemble, "namespace": decision.namespace},
+            "metadata": {"name": decision.ensemble, "namespace": decision.namespace, "uid": metadata.get("uid", "")},
         }
         sizes = "" if applied.size_after is None else f" ({applied.size_before} -> {applied.size_after})"
         if applied.ok:

@@ -20,6 +20,11 @@ published with ``Nats-Msg-Id: <member key>:<seq>``, so a seq is never published 
 order. An unreachable sidecar (or one that refuses the token) is retried with exponential backoff
 from ``check_seconds`` up to ``MAX_BACKOFF`` (the loop's retries, and its connection's attempts to
 reconnect), and announced once with an ``unreachable`` event, then ``reachable`` when it answers again.
+
+``Metrics.size`` is the member's *requested* size: what its sidecar reports locally (the local queue's
+size, a Flux partition's undrained ranks), and in Kubernetes mode (``ENSEMBLE_MODE=kubernetes``) its
+MiniCluster's ``spec.size``, from a watch of the MiniClusters — never the nodes up, or nodes requested
+but still pending would not count as coming. A check made before that size is known is skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
@@ -36,7 +42,9 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge, Histogram
 
-from ensemble_core import natsio, subjects
+from ensemble_core import minicluster, natsio, subjects
+from ensemble_core.kube import Kube, api_client
+from ensemble_core.kube_watch import Watcher
 from ensemble_core.messages import EventKind, MemberEvent, MemberSpec, Metrics, VersionError, check_version, encode
 from ensemble_core.settings import Settings
 from ensemble_core.sidecar_client import (
@@ -73,15 +81,25 @@ PUBLISHED = Counter("ensemble_poller_metrics_total", "Metrics published, by how 
 UNREACHABLE = Gauge("ensemble_poller_unreachable_members", "Members whose sidecar does not answer")
 
 
-def to_metrics(address: MemberAddress, seq: int, checked: float, status: StatusPayload) -> Metrics:
-    """The ``Metrics`` of one check made at ``checked`` (works for an original sidecar's payload too)."""
+def to_metrics(
+    address: MemberAddress, seq: int, checked: float, status: StatusPayload, *, requested: int | None = None
+) -> Metrics:
+    """The ``Metrics`` of one check made at ``checked`` (works for an original sidecar's payload too).
+
+    ``requested``: the member's requested size where the sidecar is not the one to know it (a
+    MiniCluster's ``spec.size``); else the sidecar's ``size``, else (an original sidecar) its nodes up.
+    """
+    if requested is not None:
+        size = requested
+    else:
+        size = status.size if status.size is not None else status.nodes.node_up_count
     return Metrics(
         namespace=address.namespace,
         ensemble=address.ensemble,
         member=address.member,
         seq=seq,
         time=checked,
-        size=status.size if status.size is not None else status.nodes.node_up_count,
+        size=size,
         nodes=status.nodes,
         queue=status.queue,
         waiting={nodes: count for nodes, count in status.waiting.items() if count > 0},
@@ -117,10 +135,12 @@ class MemberLoop:
         max_backoff: float = MAX_BACKOFF,
         watch_silence: float = WATCH_SILENCE,
         tls: ClientTls | None = None,
+        sizes: RequestedSizes | None = None,
     ) -> None:
         """``max_backoff``: longest wait between attempts; ``watch_silence``: a quiet stream's limit;
-        ``tls``: reach the sidecar over TLS."""
+        ``tls``: reach the sidecar over TLS; ``sizes``: the requested sizes (Kubernetes mode)."""
         self.js = js
+        self.sizes = sizes
         self.settings = settings
         self.tls = tls
         self.spec = spec
@@ -239,12 +259,21 @@ class MemberLoop:
 
     async def _publish(self, status: StatusPayload, checked: float, source: str) -> None:
         """Publish one check with the next seq; on any doubt re-read the seq from the stream."""
+        requested = None
+        if self.sizes is not None:
+            requested = self.sizes.size(self.spec)
+            if requested is None:
+                log.warning(
+                    "the size of MiniCluster %s is not known yet; check skipped", self.spec.name,
+                    extra={"member": str(self.address)},
+                )  # fmt: skip
+                return
         try:
             if self.seq is None:
                 self.seq = await next_seq(self.js, self.address)
             ack = await self.js.publish(
                 subjects.metrics(self.address),
-                encode(to_metrics(self.address, self.seq, checked, status)),
+                encode(to_metrics(self.address, self.seq, checked, status, requested=requested)),
                 headers={"Nats-Msg-Id": f"{self.address.key}:{self.seq}"},
             )
         except Exception as exc:
@@ -318,14 +347,46 @@ def _next_due(due: float, period: float) -> float:
     return max(due + period, time.monotonic() + period / 2)
 
 
+class RequestedSizes:
+    """Kubernetes mode: each member's requested size, its MiniCluster's ``spec.size`` (listed and watched)."""
+
+    def __init__(self, kube: Kube, settings: Settings) -> None:
+        if settings.watch_namespace:
+            call: tuple[Any, ...] = (
+                kube.custom.list_namespaced_custom_object, minicluster.GROUP, minicluster.VERSION,
+                settings.watch_namespace, minicluster.PLURAL,
+            )  # fmt: skip
+        else:
+            call = (kube.custom.list_cluster_custom_object, minicluster.GROUP, minicluster.VERSION, minicluster.PLURAL)
+        self.watcher = Watcher(
+            kube, "miniclusters", *call, resync=settings.resync_seconds, label_selector=minicluster.ENSEMBLE_LABEL
+        )
+
+    def size(self, spec: MemberSpec) -> int | None:
+        """The member's MiniCluster's ``spec.size``; None while it is not known (or not the member's)."""
+        found = self.watcher.get(spec.namespace, spec.name)
+        if found is None or (spec.owner_uid and not minicluster.owned_by(found, spec.owner_uid)):
+            return None
+        size = (found.get("spec") or {}).get("size")
+        return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
+
+
 class Members:
     """The running loops, one per active member, kept in step with the member records."""
 
-    def __init__(self, js: JetStreamContext, settings: Settings, tls: ClientTls | None = None) -> None:
-        """Loops publish through ``js`` with ``settings`` and reach sidecars with ``tls``."""
+    def __init__(
+        self,
+        js: JetStreamContext,
+        settings: Settings,
+        tls: ClientTls | None = None,
+        sizes: RequestedSizes | None = None,
+    ) -> None:
+        """Loops publish through ``js`` with ``settings``, reach sidecars with ``tls`` and take requested sizes
+        from ``sizes`` (Kubernetes mode)."""
         self.js = js
         self.settings = settings
         self.tls = tls
+        self.sizes = sizes
         self.loops: dict[str, tuple[MemberSpec, asyncio.Task[None]]] = {}
 
     async def update(self, key: str, spec: MemberSpec | None) -> None:
@@ -339,7 +400,7 @@ class Members:
             log.info("stopped polling", extra={"member": key})
         if wanted is not None:
             # started only once the old loop is gone, so two loops of a member never publish at once
-            loop = MemberLoop(self.js, self.settings, wanted, tls=self.tls)
+            loop = MemberLoop(self.js, self.settings, wanted, tls=self.tls, sizes=self.sizes)
             self.loops[key] = (wanted, asyncio.create_task(loop.run()))
             log.info("polling", extra={"member": key, "endpoint": wanted.endpoint})
 
@@ -393,12 +454,20 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     tls = client_tls(settings)  # a bad CA file stops the service here, naming the variable
     natsio.stop_on_signals(stop)
+    kube = Kube(api_client(settings.kube_api)) if settings.mode == "kubernetes" else None
+    sizes = RequestedSizes(kube, settings) if kube is not None else None
+    watching = asyncio.create_task(sizes.watcher.run(stop)) if sizes is not None else None
     nc = await natsio.connect(settings, "poller")
     js = nc.jetstream()
-    members = Members(js, settings, tls)
+    members = Members(js, settings, tls, sizes)
     try:
         await natsio.declare(js)
         await _follow_records(members, await natsio.bucket(js, subjects.MEMBERS_BUCKET), stop)
     finally:
         await members.close()
+        if watching is not None:
+            watching.cancel()
+            await asyncio.wait({watching})
+        if kube is not None:
+            await kube.close()
         await nc.drain()
