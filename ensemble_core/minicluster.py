@@ -11,8 +11,8 @@ The Flux Operator never updates a MiniCluster's pod template and fixes its broke
   --backend flux`` on the member's sidecar port, reaching the broker with the view's own ``flux``
   (``<mountPath>/view/bin/flux``, whose Python runs the sidecar's helper) at the socket the broker makes
   (``local://<mountPath>/config/run/flux/local``), serving on the lead broker's pod only, as the uid
-  of ``sidecar.runAsUser`` (default root: an owner of every Flux Operator instance, whose broker
-  configuration sets ``allow-root-owner``), its bearer token from the Ensemble's Secret;
+  the broker runs as (:func:`sidecar_uid`: Flux takes jobs only from the instance owner), its bearer
+  token from the Ensemble's Secret;
 - ``flux.noWaitSocket: true`` unless the user set it: the operator's start script waits for the socket
   at ``<mountPath>/view/run/flux/local``, where no broker puts it; the sidecar waits for the real one;
 - labels ``ensemble.flux-framework.org/ensemble`` and ``.../member`` on the MiniCluster and its pods;
@@ -227,6 +227,18 @@ def sidecar_command(sidecar: SidecarSpec, mount: str = DEFAULT_MOUNT, *, tls: bo
     return " ".join(words)
 
 
+def sidecar_uid(sidecar: SidecarSpec, spec: Mapping[str, Any]) -> int:
+    """The uid the sidecar runs as: ``sidecar.runAsUser``, else the application container's
+    ``securityContext.runAsUser`` (the broker runs as the application image's user), else root."""
+    if sidecar.run_as_user is not None:
+        return sidecar.run_as_user
+    containers = [c for c in spec.get("containers") or [] if isinstance(c, dict)]
+    application = next((c for c in containers if c.get("runFlux") is True), containers[0] if containers else {})
+    context = application.get("securityContext") if isinstance(application, dict) else None
+    user = context.get("runAsUser") if isinstance(context, dict) else None
+    return user if isinstance(user, int) and not isinstance(user, bool) and user >= 0 else 0
+
+
 def sidecar_container(
     ensemble: Ensemble, member: Member, spec: Mapping[str, Any], *, image: str, token_secret: str, tls_secret: str = ""
 ) -> dict[str, Any]:
@@ -246,7 +258,7 @@ def sidecar_container(
         },
         "ports": [sidecar.port],
         "runFlux": False,
-        "securityContext": {"runAsUser": sidecar.run_as_user, "runAsNonRoot": sidecar.run_as_user != 0},
+        "securityContext": {"runAsUser": sidecar_uid(sidecar, spec), "runAsNonRoot": sidecar_uid(sidecar, spec) != 0},
     }
     if tls:
         injected["volumes"] = {TLS_VOLUME: {"secretName": tls_secret, "path": TLS_DIR, "readOnly": True}}

@@ -59,9 +59,10 @@ class SidecarSpec:
     pull_always: bool = False
     port: int = 50051
     workers: int = 10
-    #: the uid the sidecar runs as: it must be the Flux instance's owner (root is one wherever the Flux
-    #: Operator configures the broker, which sets ``allow-root-owner``; otherwise the broker's own uid)
-    run_as_user: int = 0
+    #: the uid the sidecar runs as: it must be the Flux instance's owner, the uid the application image
+    #: runs the broker as (Flux runs jobs as their submitter). None: the application container's
+    #: ``securityContext.runAsUser`` when set, else root (0), the user most application images run as
+    run_as_user: int | None = None
 
 
 @dataclass(frozen=True)
@@ -227,14 +228,8 @@ def _sidecar(check: _Checker, value: object, path: str) -> SidecarSpec:
         pull = False
     port = check.integer(data, "port", path, default.port, 1, 65535) or default.port
     workers = check.integer(data, "workers", path, default.workers, 1, 1000) or default.workers
-    user = check.integer(data, "runAsUser", path, default.run_as_user, 0, 2**31 - 1)
-    return SidecarSpec(
-        image=image,
-        pull_always=pull,
-        port=port,
-        workers=workers,
-        run_as_user=default.run_as_user if user is None else user,
-    )
+    user = check.integer(data, "runAsUser", path, 0, 0, 2**31 - 1) if data.get("runAsUser") is not None else None
+    return SidecarSpec(image=image, pull_always=pull, port=port, workers=workers, run_as_user=user)
 
 
 def _jobs(check: _Checker, value: object, path: str, max_size: int | None) -> tuple[JobSpec, ...]:

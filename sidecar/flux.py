@@ -5,9 +5,10 @@ flux-core was built with — in a MiniCluster, the view's, built for the view's 
 :mod:`sidecar.flux_helper` with ``flux python`` (``--flux`` names the command; the broker is
 ``FLUX_URI``) and talks to it over a pipe (:mod:`sidecar.flux_link`), so no call blocks the event loop.
 
-* The sidecar must be the instance **owner** (the broker's uid, or root where ``allow-root-owner`` is
-  set): Flux refuses a guest the events journal and unsigned submission. :meth:`FluxBackend.connect`
-  refuses to start as a guest, or on flux-core older than 0.68, with the reason.
+* The sidecar must run as the instance **owner's** uid (the broker's): Flux refuses a guest the events
+  journal and unsigned submission, and refuses root's jobs in an instance another user owns (root's
+  ``allow-root-owner`` access is not enough). :meth:`FluxBackend.connect` refuses to start as anyone
+  else, or on flux-core older than 0.68, with the reason.
 * Counts and job records come from the events journal; nodes from ``resource.sched-status`` and
   ``resource.status``, pushed by the helper when they change. A status call is answered from memory.
 * If the journal or the helper is lost (the broker restarted, the helper died), the sidecar is
@@ -399,7 +400,15 @@ class FluxBackend(Listeners):
         if too_old:
             raise FluxUnavailable(too_old)
         uid, owner = int(hello.get("uid", -1)), int(hello.get("owner", -2))
-        if uid != owner and uid != 0:
+        if uid == 0 and owner != 0:
+            raise FluxUnavailable(
+                f"not the owner of this Flux instance: this sidecar runs as root (uid 0) but the instance owner is "
+                f"uid {owner}; root may read the instance where allow-root-owner is set, but Flux refuses root's jobs "
+                'in an instance another user owns (job-ingest: "submission of jobs as user root not supported"); '
+                f"run the sidecar as uid {owner} (in a MiniCluster: sidecar.runAsUser: {owner}, the user the "
+                "application image runs the broker as)"
+            )
+        if uid != owner:
             raise FluxUnavailable(
                 f"not the owner of this Flux instance: {session._guest_reason()}; Flux refuses a guest the job "
                 "journal and unsigned submission"

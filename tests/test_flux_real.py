@@ -10,28 +10,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import errno
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ensemble_core import minicluster
 from ensemble_core.messages import JobSpec
 from ensemble_core.sidecar_client import SidecarError, SidecarUnavailable
+from ensemble_core.spec import validate
 from ensemble_core.wire import JobInfo, ResizePayload, ResizeResult, StatusPayload, SubmitPayload, SubmitResult
+from sidecar.flux_link import HELPER
 from sidecar.server import SERVICE_NAME
 from tests.conftest import REPO, wait_for
 from tests.flux_support import (
     FLUX,
-    GUESTS_ONLY,
     NEEDS_FLUX,
     NOBODY,
     OPERATOR_ACCESS,
@@ -41,6 +50,7 @@ from tests.flux_support import (
     flux_instance,
     flux_jobs,
     flux_sidecar,
+    python_for,
     start_sidecar,
 )
 
@@ -308,13 +318,39 @@ async def test_a_sidecar_that_is_not_the_owner_is_refused_at_start_with_the_reas
         assert "securityContext.runAsUser" in said
 
 
-async def test_root_where_root_is_not_an_owner_is_refused_the_journal_with_the_reason(tmp_path: Path) -> None:
-    # the broker runs as nobody; guests may connect, but allow-root-owner is not set: root is a guest
-    async with flux_instance(tmp_path / "flux", 1, access=GUESTS_ONLY, user=NOBODY) as uri:
+async def test_root_in_an_instance_another_user_owns_is_refused_at_start_with_the_reason(tmp_path: Path) -> None:
+    # the broker runs as nobody, with the Flux Operator's [access] table: root may connect as an owner, but
+    # job-ingest refuses root's jobs there, so the sidecar refuses to start
+    async with flux_instance(tmp_path / "flux", 1, access=OPERATOR_ACCESS, user=NOBODY) as uri:
         process = start_sidecar(uri, tmp_path / "root.log")
         assert await asyncio.to_thread(process.wait, 60) == 1
         said = (tmp_path / "root.log").read_text()
-        assert "Flux refused the job journal" in said and f"the instance owner is uid {NOBODY}" in said, said
+        assert f"runs as root (uid 0) but the instance owner is uid {NOBODY}" in said, said
+        assert "submission of jobs as user root not supported" in said and f"sidecar.runAsUser: {NOBODY}" in said
+
+
+async def helper_session(uri: str, user: int, *requests: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run the helper as ``user`` on ``uri``, send ``requests``, and return what it said in 5 s."""
+    assert FLUX is not None
+    lines = "".join(json.dumps(request) + "\n" for request in requests)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["sh", "-c", f"(printf '%s' \"$LINES\"; sleep 5) | {FLUX} python {HELPER}"],
+        env={**os.environ, "FLUX_URI": uri, "LINES": lines}, capture_output=True, text=True, timeout=60,
+        user=user, cwd="/",
+    )  # fmt: skip
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+async def test_flux_refuses_a_guest_the_events_journal(tmp_path: Path) -> None:
+    """What the sidecar's owner check stands on, seen in Flux itself: a guest connects (allow-guest-user),
+    then its events journal ends with EPERM, which the sidecar reports with the owner's uid."""
+    async with flux_instance(tmp_path / "flux", 1, access=OPERATOR_ACCESS) as uri:
+        said = await helper_session(uri, NOBODY, {"id": 1, "op": "hello"}, {"id": 2, "op": "journal"})
+    hello = next(message for message in said if message.get("id") == 1)
+    assert (hello["result"]["uid"], hello["result"]["owner"]) == (NOBODY, os.getuid())
+    [ended] = [message for message in said if message.get("push") == "journal-end"]
+    assert ended["errno"] == errno.EPERM, said
 
 
 async def test_the_helper_runs_on_fluxs_python_while_the_sidecar_runs_on_ours(tmp_path: Path) -> None:
@@ -379,3 +415,191 @@ async def test_ensemble_up_on_flux_refuses_members_that_do_not_fit_the_instance(
     )  # fmt: skip
     assert done.returncode == 2, done.stdout + done.stderr
     assert "maxSize: the members need 4 = 4 ranks of their own, but this Flux instance has 2" in done.stdout
+
+
+# --- the pod the Flux Operator makes, rehearsed -------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def mount() -> Iterator[Path]:
+    """Where the rehearsal pod's view is mounted: a directory every uid of the rehearsal can traverse."""
+    path = Path(tempfile.mkdtemp(prefix="ensemble-pod-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def rehearsal_pod(mount: Path, run_as: int | None = None, broker: int = NOBODY) -> tuple[Path, dict[str, Any], int]:
+    """A directory laid out as a MiniCluster pod sees it — the view at ``<mount>/view`` (this machine's
+    flux-core plays the view), the broker's socket directory at ``<mount>/config/run/flux`` — and the
+    sidecar container the creator injects for a member whose MiniCluster mounts the view there.
+
+    ``broker``: the broker's uid. Returns the mount path, that container, and its port. The start script and
+    the ``ensemble`` command go there too (:func:`start_script`, :func:`ensemble_on_path`)."""
+    assert FLUX is not None
+    (mount / "config" / "run" / "flux").mkdir(parents=True)
+    for part in (mount / "config", mount / "config" / "run", mount / "config" / "run" / "flux"):
+        part.chmod(0o755)
+    # the broker makes its socket there, as the application image's user (wait.sh): it must own the directory
+    os.chown(mount / "config" / "run" / "flux", broker, broker)
+    (mount / "view").symlink_to(Path(FLUX).resolve().parent.parent)
+    port = free_port()
+    document = copy.deepcopy(MINICLUSTER_ENSEMBLE)
+    document["spec"]["members"][0]["minicluster"]["spec"]["flux"] = {"container": {"mountPath": str(mount)}}
+    document["spec"]["members"][0]["sidecar"] = {"port": port, **({} if run_as is None else {"runAsUser": run_as})}
+    ensemble, errors = validate(document, "science")
+    assert ensemble is not None, errors
+    body = minicluster.build(ensemble, ensemble.members[0], {}, token_secret="demo-sidecar-token-x")
+    return mount, body["spec"]["containers"][-1], port
+
+
+def start_script(mount: Path, command: str, directory: Path) -> Path:
+    """What the operator's start script does for a container beside the broker, as far as the sidecar is
+    concerned (pkg/flux/templates/start.sh): the view's bin after PATH, the view's site-packages on
+    PYTHONPATH, then the container's command, run by bash as PID 1 of the container would be."""
+    found = sorted((mount / "view" / "lib").glob("python3*/site-packages"))
+    site = str(found[0]) if found else ""
+    script = directory / "start-1.sh"
+    script.write_text(
+        f'#!/bin/bash\nexport PATH=$PATH:{mount}/view/bin\nexport PYTHONPATH=${{PYTHONPATH:-""}}:{site}\n{command}\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def ensemble_on_path(directory: Path, user: int | None) -> Path:
+    """A bin directory whose ``ensemble`` runs this checkout's command (for ``user``, on a Python it may run)."""
+    bin_dir = directory / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    bin_dir.chmod(0o755)
+    python = python_for(user)[0] if user is not None else sys.executable
+    site = os.pathsep.join([str(REPO), *(p for p in sys.path if p.endswith("site-packages"))])
+    wrapper = bin_dir / "ensemble"
+    # the injected command unsets PYTHONPATH (the view's): this wrapper sets ours again, as our image's
+    # ensemble command needs none
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={site} exec {python} -m ensemble_cli "$@"\n')
+    wrapper.chmod(0o755)
+    return bin_dir
+
+
+def run_pod_container(
+    script: Path, bin_dir: Path, container: dict[str, Any], index: int, log: Path
+) -> subprocess.Popen[str]:
+    """Start the container's start script as its securityContext says, with the environment Kubernetes
+    gives it (its ``environment``, the token Secret, the Indexed Job's completion index)."""
+    env = {
+        "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/",
+        **container["environment"],
+        "ENSEMBLE_SIDECAR_TOKEN": TOKEN,
+        "JOB_COMPLETION_INDEX": str(index),
+    }
+    user = int(container["securityContext"]["runAsUser"])
+    with log.open("a") as out:
+        return subprocess.Popen(
+            ["/bin/bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=out, text=True,
+            user=None if user == os.getuid() else user, cwd="/",
+        )  # fmt: skip
+
+
+MINICLUSTER_ENSEMBLE: dict[str, Any] = {
+    "apiVersion": "ensemble.flux-framework.org/v1alpha1",
+    "kind": "Ensemble",
+    "metadata": {"name": "demo", "namespace": "science"},
+    "spec": {
+        "members": [
+            {
+                "minicluster": {"spec": {"size": 1, "maxSize": 1, "containers": [{"image": "app"}]}},
+                "jobs": [{"name": "hello", "command": "true", "count": 2}],
+            }
+        ]
+    },
+}
+
+
+async def test_pod_rehearsal_the_injected_sidecar_serves_as_the_brokers_user(tmp_path: Path, mount: Path) -> None:
+    # the application image runs the broker as nobody; the member says so (sidecar.runAsUser)
+    _, container, port = rehearsal_pod(mount, run_as=NOBODY)
+    assert container["securityContext"] == {"runAsUser": NOBODY, "runAsNonRoot": True}
+    uri = container["environment"]["FLUX_URI"]
+    assert uri == f"local://{mount}/config/run/flux/local"
+    async with flux_instance(tmp_path / "flux", 1, access=OPERATOR_ACCESS, local_uri=uri, user=NOBODY):
+        process = run_pod_container(
+            start_script(mount, container["command"], mount), ensemble_on_path(mount, NOBODY), container, 0,
+            tmp_path / "sidecar.log",
+        )  # fmt: skip
+        try:
+            assert process.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60)
+            assert line.strip() == str(port), (line, (tmp_path / "sidecar.log").read_text()[-3000:])
+            sidecar = FluxSidecar(process, port, tmp_path / "sidecar.log")
+            await submit(sidecar, JobSpec(name="hello", command="true", count=2))
+            status = await status_when(sidecar, lambda s: s.finished == 2)
+            assert (status.nodes.node_up_count, status.failed) == (1, 0)
+            await sidecar.client.close()
+            # PID 1 of the container is the start script, which passes no signal on: the command's exec made
+            # the sidecar that process, so the kubelet's SIGTERM stops it
+            os.kill(process.pid, signal.SIGTERM)
+            assert await asyncio.to_thread(process.wait, 15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    said = (tmp_path / "sidecar.log").read_text()
+    assert f"(uid {NOBODY}, owner {NOBODY}" in said and "stopping: signal received" in said
+
+
+async def test_pod_rehearsal_the_default_root_sidecar_beside_a_broker_of_another_user_is_refused(
+    tmp_path: Path, mount: Path
+) -> None:
+    _, container, _ = rehearsal_pod(mount)
+    assert container["securityContext"]["runAsUser"] == 0  # the default: most application images run as root
+    uri = container["environment"]["FLUX_URI"]
+    async with flux_instance(tmp_path / "flux", 1, access=OPERATOR_ACCESS, local_uri=uri, user=NOBODY):
+        process = run_pod_container(
+            start_script(mount, container["command"], mount), ensemble_on_path(mount, None), container, 0,
+            tmp_path / "root.log",
+        )  # fmt: skip
+        assert await asyncio.to_thread(process.wait, 60) == 1
+    assert f"sidecar.runAsUser: {NOBODY}" in (tmp_path / "root.log").read_text()
+
+
+async def test_pod_rehearsal_a_sidecar_run_as_neither_root_nor_the_brokers_user_is_refused(
+    tmp_path: Path, mount: Path
+) -> None:
+    guest = 12345
+    _, container, _ = rehearsal_pod(mount, run_as=guest)
+    uri = container["environment"]["FLUX_URI"]
+    async with flux_instance(tmp_path / "flux", 1, access=OPERATOR_ACCESS, local_uri=uri, user=NOBODY):
+        process = run_pod_container(
+            start_script(mount, container["command"], mount), ensemble_on_path(mount, guest), container, 0,
+            tmp_path / "guest.log",
+        )  # fmt: skip
+        assert await asyncio.to_thread(process.wait, 60) == 1
+    said = (tmp_path / "guest.log").read_text()
+    assert f"runs as uid {guest} but the instance owner is uid {NOBODY}" in said, said
+
+
+async def test_pod_rehearsal_the_sidecar_of_a_pod_that_is_not_the_lead_brokers_stays_idle(
+    tmp_path: Path, mount: Path
+) -> None:
+    _, container, _ = rehearsal_pod(mount)
+    # no broker at all: a worker pod's sidecar never looks for one
+    process = run_pod_container(
+        start_script(mount, container["command"], mount), ensemble_on_path(mount, None), container, 3,
+        tmp_path / "worker.log",
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(3)
+        assert process.poll() is None
+        os.kill(process.pid, signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "JOB_COMPLETION_INDEX=3: not the pod of index 0" in (tmp_path / "worker.log").read_text()

@@ -9,16 +9,21 @@ broker is tested in tests/test_flux_real.py, where ``flux`` is found.
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
+from ensemble_core import minicluster
 from ensemble_core.messages import JobSpec
+from ensemble_core.spec import SidecarSpec, validate
 from ensemble_core.wire import decode_status
 from sidecar.flux import FluxBackend, FluxOptions, FluxUnavailable
 from sidecar.flux_link import HELPER, FluxLinkClosed, helper_command
@@ -42,6 +47,7 @@ from sidecar.flux_records import (
     version_problem,
 )
 from sidecar.queue import QueueError, job_environment
+from tests.conftest import REPO
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 SAMPLE = [json.loads(line) for line in (SHARED / "reference" / "flux-journal-sample.jsonl").read_text().splitlines()]
@@ -309,3 +315,46 @@ async def test_without_a_flux_command_the_sidecar_says_how_it_finds_flux() -> No
     with pytest.raises(FluxUnavailable) as raised:
         await FluxBackend.connect(FluxOptions(flux="no-such-flux"))
     assert "--flux" in str(raised.value) and "/mnt/flux/view/bin/flux" in str(raised.value)
+
+
+async def test_only_the_lead_brokers_pod_serves_the_others_idle_until_stopped(tmp_path: Path) -> None:
+    def start(index: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "--backend", "flux", "--flux", "no-such-flux", "--port", "0",
+             "--serve-on-index", "0"],
+            env={**os.environ, "JOB_COMPLETION_INDEX": index}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, cwd=REPO,
+        )  # fmt: skip
+
+    worker = start("2")
+    await asyncio.sleep(1.5)
+    assert worker.poll() is None  # no Flux looked for, nothing served: idle
+    worker.send_signal(signal.SIGTERM)
+    _, said = await asyncio.to_thread(worker.communicate, None, 15)
+    assert worker.returncode == 0 and "JOB_COMPLETION_INDEX=2: not the pod of index 0" in said
+    lead = start("0")  # the lead broker's pod: it serves, so it looks for Flux (missing here: it says so)
+    _, said = await asyncio.to_thread(lead.communicate, None, 30)
+    assert lead.returncode == 1 and "no flux command 'no-such-flux' found" in said
+
+
+def test_the_sidecar_runs_as_the_application_containers_user_unless_told_otherwise() -> None:
+    document = {
+        "apiVersion": "ensemble.flux-framework.org/v1alpha1", "kind": "Ensemble", "metadata": {"name": "demo"},
+        "spec": {"members": [{
+            "minicluster": {"spec": {"size": 1, "containers": [
+                {"name": "logger", "image": "busybox"},
+                {"image": "app", "runFlux": True, "securityContext": {"runAsUser": 1000}},
+            ]}},
+            "jobs": [{"name": "a", "command": "true"}],
+        }]},
+    }  # fmt: skip
+    ensemble, errors = validate(document)
+    assert ensemble is not None, errors
+    spec = ensemble.members[0].minicluster["spec"]
+    assert minicluster.sidecar_uid(ensemble.members[0].sidecar, spec) == 1000  # the broker's user
+    document["spec"]["members"][0]["sidecar"] = {"runAsUser": 0}
+    ensemble, errors = validate(document)
+    assert ensemble is not None, errors
+    assert minicluster.sidecar_uid(ensemble.members[0].sidecar, spec) == 0
+    del spec["containers"][1]["securityContext"]
+    assert minicluster.sidecar_uid(SidecarSpec(), spec) == 0  # most application images run as root
