@@ -46,7 +46,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ensemble_core.messages import Applied, Decision, MemberEvent, Metrics
+from ensemble_core import natsauth
+from ensemble_core.messages import Applied, Decision, MemberEvent, Metrics, decode
 from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.spec import Ensemble, Member, SpecError, load
 from ensemble_core.tokens import ensemble_token
@@ -165,10 +166,11 @@ async def _first_line(part: Part, timeout: float) -> str:
     raise RuntimeError(f"{part.name} did not start: see {part.log}\n{part.log.read_text(errors='replace')[-2000:]}")
 
 
-def nats_command(store: Path, ports: Path, port: int = -1) -> list[str]:
-    """nats-server with JetStream on loopback (``port`` -1: a free one), writing its ports into ``ports``."""
+def nats_command(store: Path, ports: Path, port: int = -1, config: Path | None = None) -> list[str]:
+    """nats-server with JetStream on loopback (``port`` -1: a free one), writing its ports into ``ports``;
+    ``config``: a configuration file (its users and their permissions)."""
     return [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store),
-            "--ports_file_dir", str(ports)]  # fmt: skip
+            "--ports_file_dir", str(ports), *(["-c", str(config)] if config is not None else [])]  # fmt: skip
 
 
 def nats_url(ports: Path) -> str | None:
@@ -194,16 +196,43 @@ def run_nats(workdir: Path, output: IO[bytes] | int = subprocess.DEVNULL) -> tup
     raise RuntimeError("nats-server did not start")
 
 
-async def start_nats(stack: Stack) -> str:
-    """Start nats-server with JetStream on a free loopback port as part of the stack; return its client URL."""
+@dataclass(frozen=True)
+class NatsAccess:
+    """The private nats-server of a run: its URL, and a user and password per service (and the monitor's)."""
+
+    url: str
+    passwords: dict[str, str]
+
+    def url_for(self, user: str) -> str:
+        """The URL ``user`` connects with (its credentials in it: pass it by the environment only)."""
+        scheme, rest = self.url.split("://", 1)
+        return f"{scheme}://{user}:{self.passwords[user]}@{rest}"
+
+
+async def start_nats(stack: Stack) -> NatsAccess:
+    """Start nats-server with JetStream on a free loopback port as part of the stack.
+
+    A shared machine (an HPC login node) has other users on its loopback: the server takes only the
+    users of this run — one per service with production's permissions (``ensemble_core.natsauth``), and a
+    read-only one for the live view — with passwords made for the run, in a configuration file and a
+    port file only the user who runs ``ensemble up`` can read.
+    """
+    users = [*natsauth.SERVICES, natsauth.MONITOR]
+    passwords = {user: secrets.token_hex(24) for user in users}
+    config = stack.workdir / "nats-auth.conf"
+    config.touch(mode=0o600)
+    config.chmod(0o600)
+    config.write_text(
+        natsauth.authorization({s: passwords[s] for s in natsauth.SERVICES}, monitor=passwords[natsauth.MONITOR])
+    )
     ports = stack.workdir / "ports"
-    ports.mkdir()
-    part = stack.start("nats-server", nats_command(stack.workdir / "jetstream", ports))
+    ports.mkdir(mode=0o700)
+    part = stack.start("nats-server", nats_command(stack.workdir / "jetstream", ports, config=config))
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline and part.process.poll() is None:
         url = nats_url(ports)
         if url is not None:
-            return url
+            return NatsAccess(url, passwords)
         await asyncio.sleep(0.05)
     raise RuntimeError(f"nats-server did not start: see {part.log}")
 
@@ -249,13 +278,13 @@ class Monitor:
         kind = msg.subject.split(".")[1]
         try:
             if kind == "metrics":
-                self.on_metrics(msgspec.json.decode(msg.data, type=Metrics))
+                self.on_metrics(decode(msg.data, Metrics))
             elif kind == "decisions":
-                self.on_decision(msgspec.json.decode(msg.data, type=Decision))
+                self.on_decision(decode(msg.data, Decision))
             elif kind == "applied":
-                self.on_applied(msgspec.json.decode(msg.data, type=Applied))
+                self.on_applied(decode(msg.data, Applied))
             elif kind == "events":
-                self.on_event(msgspec.json.decode(msg.data, type=MemberEvent))
+                self.on_event(decode(msg.data, MemberEvent))
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
 
@@ -399,6 +428,7 @@ def _workdir(keep: str | None) -> Iterator[Path]:
         path = Path(keep)
         path.mkdir(parents=True, exist_ok=True)
         # a run's state must never leak into the next one (a sidecar would replay the old journal)
+        path.chmod(0o700)  # credentials and the server's port live here: this user's only
         for old in (path / "jetstream", path / "ports", *path.glob("sidecar-*/")):
             if old.is_dir():
                 shutil.rmtree(old)
@@ -502,7 +532,7 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
             return EXIT_INVALID if str(exc).startswith("spec.") else EXIT_INCOMPLETE
         for index, ranks in partitions.items():
             console.print(f"member {index}: Flux ranks {ranks}", highlight=False)
-    url = await start_nats(stack)
+    access = await start_nats(stack)
     endpoints: dict[int, str] = {}
     cli = [sys.executable, "-m", "ensemble_cli"]
     for member in ensemble.members:
@@ -513,20 +543,21 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
         )
         endpoints[member.index] = f"127.0.0.1:{await _first_line(part, START_TIMEOUT)}"
     monitor = Monitor(ensemble)
-    nc = await nats.connect(url)
+    nc = await nats.connect(access.url_for(natsauth.MONITOR))
     try:
         await nc.subscribe("ensemble.>", cb=monitor.on_message)
         env = {
-            "ENSEMBLE_NATS_URL": url,
             "ENSEMBLE_SIDECAR_TOKEN": token,
             "ENSEMBLE_FILE": str(Path(args.file).resolve()),
             "ENSEMBLE_ENDPOINTS": ",".join(f"{i}={e}" for i, e in endpoints.items()),
             "ENSEMBLE_NAMESPACE": ensemble.namespace,
         }
         for name in SERVICES:
-            # least privilege: the decider calls no sidecar, the poller reads with the records' status tokens
+            # least privilege: the decider calls no sidecar, the poller reads with the records' status tokens;
+            # each service is its own NATS user, allowed what it does and nothing else
             secret = name in ("creator", "actuator")
-            stack.start(name, [*cli, name], env=env if secret else {k: v for k, v in env.items() if "TOKEN" not in k})
+            own = env if secret else {k: v for k, v in env.items() if "TOKEN" not in k}
+            stack.start(name, [*cli, name], env={**own, "ENSEMBLE_NATS_URL": access.url_for(name)})
         deadline = time.monotonic() + args.timeout if args.timeout else None
         view = (
             Live(monitor.render(), console=console, refresh_per_second=4, redirect_stdout=False)

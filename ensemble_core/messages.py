@@ -7,7 +7,7 @@ sidecar's payload so that the original's recorded streams map one to one.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias, TypeVar
 
 import msgspec
 
@@ -209,6 +209,28 @@ _encoder = msgspec.json.Encoder()
 def encode(message: msgspec.Struct) -> bytes:
     """JSON bytes of a message (compact, one line)."""
     return _encoder.encode(message)
+
+
+T = TypeVar("T")
+
+
+def decode(data: bytes | str, kind: type[T]) -> T:
+    """``msgspec.json.decode(data, type=kind)`` that fails only with ``msgspec.DecodeError`` or
+    ``msgspec.ValidationError``, whatever the input: a document nested too deeply for the decoder (which
+    raises ``RecursionError``) is a ``DecodeError`` too, so no hostile message can escape the handling
+    of bad input."""
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except RecursionError:
+        raise msgspec.DecodeError("nested too deeply to decode (over the decoder's depth limit)") from None
+
+
+def decode_with(decoder: msgspec.json.Decoder[T], data: bytes | str) -> T:
+    """:func:`decode` with a prepared decoder."""
+    try:
+        return decoder.decode(data)
+    except RecursionError:
+        raise msgspec.DecodeError("nested too deeply to decode (over the decoder's depth limit)") from None
 
 
 class VersionError(ValueError):

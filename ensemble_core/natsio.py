@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import msgspec
 import nats
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -38,7 +39,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from ensemble_core import health, subjects
-from ensemble_core.messages import Base, DeadLetter, check_version, encode
+from ensemble_core.messages import Addressed, Base, DeadLetter, Decision, check_version, decode_with, encode
 from ensemble_core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -168,23 +169,66 @@ async def bucket(js: JetStreamContext, name: str) -> KeyValue:
     return await js.key_value(name)
 
 
-async def durable_subscription(
-    js: JetStreamContext, durable: Durable, settings: Settings
-) -> JetStreamContext.PullSubscription:
-    """Bind to a durable pull consumer, creating it first if it does not exist."""
-    config = ConsumerConfig(
+def consumer_config(durable: Durable, settings: Settings) -> ConsumerConfig:
+    """The configuration of one of our durable pull consumers."""
+    return ConsumerConfig(
         durable_name=durable.name,
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         filter_subject=durable.filter_subject,
         ack_wait=settings.ack_wait,
-        max_deliver=-1,
+        # a message that keeps failing is dead-lettered by the consume loop at MAX_DELIVER deliveries;
+        # the server stops delivering it a little later whatever happens (never redelivered for ever)
+        max_deliver=MAX_DELIVER + 5,
         max_ack_pending=10_000,
     )
+
+
+class ConsumerChanged(RuntimeError):
+    """A durable consumer of ours has another configuration and could not be set back; the message says how."""
+
+
+def consumer_drift(found: ConsumerConfig, wanted: ConsumerConfig) -> list[str]:
+    """The settings in which an existing consumer differs from ours (``field: found != wanted``)."""
+    drift = []
+    for field in ("filter_subject", "ack_policy", "deliver_policy", "max_deliver", "deliver_subject", "ack_wait"):
+        have, want = getattr(found, field, None), getattr(wanted, field, None)
+        if field == "ack_wait" and have is not None and want is not None and abs(float(have) - float(want)) < 1e-3:
+            continue
+        if have != want:
+            drift.append(f"{field}: {have!r} != {want!r}")
+    return drift
+
+
+async def durable_subscription(
+    js: JetStreamContext, durable: Durable, settings: Settings
+) -> JetStreamContext.PullSubscription:
+    """Bind to a durable pull consumer, creating it first if it does not exist.
+
+    An existing consumer whose configuration is not ours (its filter dropped, say, so that it would
+    deliver other subjects) is set back, loudly; one that cannot be set back stops the service with
+    :class:`ConsumerChanged`, which says how to remove it.
+    """
+    config = consumer_config(durable, settings)
     try:
-        await js.consumer_info(durable.stream, durable.name)
+        info = await js.consumer_info(durable.stream, durable.name)
     except NotFoundError:
         await js.add_consumer(durable.stream, config)
+        return await js.pull_subscribe_bind(durable.name, stream=durable.stream)
+    drift = consumer_drift(info.config, config)
+    if drift:
+        where = f"consumer {durable.name} on {durable.stream}"
+        remove = f"remove it (nats consumer rm {durable.stream} {durable.name}) and start again"
+        log.error("%s was changed (%s); setting it back", where, "; ".join(drift))
+        try:
+            await js.add_consumer(durable.stream, config)
+        except nats.js.errors.Error as exc:
+            raise ConsumerChanged(
+                f"{where} is not ours ({'; '.join(drift)}) and cannot be set back ({exc}); {remove}"
+            ) from None
+        still = consumer_drift((await js.consumer_info(durable.stream, durable.name)).config, config)
+        if still:
+            raise ConsumerChanged(f"{where} still differs ({'; '.join(still)}); {remove}")
     return await js.pull_subscribe_bind(durable.name, stream=durable.stream)
 
 
@@ -396,7 +440,7 @@ async def consume_groups(
         for msg in messages:
             try:
                 items.append((_decode(decoder, msg), msg))
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            except Exception as exc:  # whatever the decoder raised: this message can never be handled
                 await publish_deadletter(js, service, msg, f"cannot decode: {exc}")
                 await msg.term()
                 health.MESSAGES.labels(service, "deadletter").inc()
@@ -500,9 +544,38 @@ async def settle(
 
 
 def _decode(decoder: msgspec.json.Decoder[M], msg: Msg) -> M:
-    message = decoder.decode(msg.data)
+    """Decode a consumed message and check it: its version, and that a message about a member came on
+    that member's subject of its kind (the body is what the handler trusts: a message stored on another
+    subject than its own — a forgery that got into the stream — is refused)."""
+    message = decode_with(decoder, msg.data)
     check_version(message)
+    if isinstance(message, Addressed):
+        _check_subject(message, msg)
     return message
+
+
+#: The subject kind (second token) each kind of message is published under.
+_SUBJECT_KINDS = {"metrics": "metrics", "decision": "decisions", "applied": "applied", "event": "events"}
+
+
+def _check_subject(message: Addressed, msg: Msg) -> None:
+    """:class:`ValueError` when ``msg``'s subject is not the one the message's body says it belongs on
+    (and, for a decision, when it lacks the ``Nats-Msg-Id`` the decider always gives it)."""
+    tag = type(message).__struct_config__.tag
+    kind = _SUBJECT_KINDS.get(tag) if isinstance(tag, str) else None
+    tokens = msg.subject.split(".")
+    try:
+        address: subjects.MemberAddress | None = subjects.MemberAddress.from_subject(msg.subject)
+    except ValueError:
+        address = None
+    body = subjects.MemberAddress(message.namespace, message.ensemble, message.member)
+    if len(tokens) != 5 or tokens[0] != "ensemble" or (kind is not None and tokens[1] != kind) or address != body:
+        raise ValueError(
+            f"subject {msg.subject!r} is not this message's: its body is a {type(message).__name__} of member "
+            f"{body} (subject ensemble.{kind or '?'}.{body.key}); refused as a forgery"
+        )
+    if isinstance(message, Decision) and (msg.headers or {}).get("Nats-Msg-Id") != message.id:
+        raise ValueError(f"decision {message.id!r} came without its id as Nats-Msg-Id (the decider always sets it)")
 
 
 async def _handle(
@@ -515,7 +588,7 @@ async def _handle(
 ) -> str:
     try:
         message = _decode(decoder, msg)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+    except Exception as exc:  # whatever the decoder raised: this message can never be handled
         await publish_deadletter(js, service, msg, f"cannot decode: {exc}")
         await msg.term()
         return "deadletter"

@@ -53,12 +53,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     decider_batch: Annotated[int, msgspec.Meta(ge=1, le=5_000)] = 4096
     #: Seconds before an unacknowledged message is redelivered.
     ack_wait: Annotated[float, msgspec.Meta(gt=0)] = 30.0
-    #: creator and actuator: ``local`` (an Ensemble file and sidecar endpoints, what ``ensemble up`` runs) or
-    #: ``kubernetes`` (Ensemble resources, MiniClusters through the Kubernetes API).
+    #: creator, poller and actuator: ``local`` (an Ensemble file and sidecar endpoints, what ``ensemble up``
+    #: runs) or ``kubernetes`` (Ensemble resources, MiniClusters through the Kubernetes API; the poller then
+    #: takes each member's requested size from its MiniCluster).
     mode: Literal["local", "kubernetes"] = "local"
     #: creator (Kubernetes mode): the namespace whose Ensembles are watched; empty: every namespace.
     watch_namespace: str = ""
-    #: creator and actuator (Kubernetes mode): the API server URL (e.g. ``kubectl proxy``'s); empty: the
+    #: creator, poller and actuator (Kubernetes mode): the API server URL (e.g. ``kubectl proxy``'s); empty: the
     #: in-cluster service account, else the kubeconfig.
     kube_api: str = ""
     #: creator and poller (Kubernetes mode): seconds between two full lists of the objects they watch

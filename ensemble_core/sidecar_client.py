@@ -15,6 +15,7 @@ from typing import NamedTuple, TypeVar
 import grpc
 import msgspec
 
+from ensemble_core.messages import decode
 from ensemble_core.rpc import ensemble_service_pb2 as pb
 from ensemble_core.rpc import ensemble_service_pb2_grpc as pb_grpc
 from ensemble_core.settings import Settings, SettingsError
@@ -183,7 +184,7 @@ class SidecarClient:
         if response.status not in (pb.Response.SUCCESS, pb.Response.EXISTS):
             raise SidecarError(action, response.status, _error_text(response.payload))
         try:
-            return msgspec.json.decode(response.payload or "{}", type=result)
+            return decode(response.payload or "{}", result)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise SidecarError(action, pb.Response.ERROR, f"unreadable answer: {exc}") from exc
 
@@ -201,7 +202,7 @@ def _translate(action: str, exc: grpc.aio.AioRpcError) -> Exception:
 
 def _error_text(payload: str) -> str:
     try:
-        decoded = msgspec.json.decode(payload or "{}")
+        decoded = decode(payload or "{}", object)
     except msgspec.DecodeError:
         return payload or "(no reason given)"
     if isinstance(decoded, dict) and "error" in decoded:

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from ensemble_core.messages import GroupStats, JobSpec, NodeCounts, QueueCounts
+from ensemble_core.messages import GroupStats, JobSpec, NodeCounts, QueueCounts, decode
 
 #: Most jobs one submit may queue (after ``count`` is unwrapped); larger lists are refused.
 MAX_SUBMIT_JOBS = 100_000
@@ -87,4 +87,4 @@ def decode_status(payload: str | bytes) -> StatusPayload:
 
     Raises ``msgspec.ValidationError`` / ``msgspec.DecodeError`` naming the bad field.
     """
-    return msgspec.json.decode(payload, type=StatusPayload)
+    return decode(payload, StatusPayload)

@@ -31,6 +31,8 @@ from sidecar.sim import SimBackend, SimQueue, TraceError, load_trace
 TOKEN_ENV = "ENSEMBLE_SIDECAR_TOKEN"
 #: Set by Kubernetes in every container of an Indexed Job's pod: the pod's completion index (Flux rank).
 INDEX_ENV = "JOB_COMPLETION_INDEX"
+#: Where a container leaves its termination message (Kubernetes' default terminationMessagePath).
+TERMINATION_LOG = Path("/dev/termination-log")
 
 
 class BackendUnavailable(Exception):
@@ -173,7 +175,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BackendUnavailable as exc:
         print(f"ensemble sidecar: {exc}", file=sys.stderr)
+        _termination_message(str(exc))
         return 1
+
+
+def _termination_message(text: str) -> None:
+    """Leave why the sidecar could not start where Kubernetes reads a container's last words
+    (``terminated.message`` in its status, which the creator quotes in the Ensemble's Failed condition)."""
+    with contextlib.suppress(OSError):
+        if TERMINATION_LOG.exists():
+            TERMINATION_LOG.write_text(text[:4000])
 
 
 async def _backend(args: argparse.Namespace) -> Backend:

@@ -20,6 +20,8 @@ from typing import Any
 
 import msgspec
 
+from ensemble_core.messages import decode
+
 log = logging.getLogger(__name__)
 
 HELPER = Path(__file__).with_name("flux_helper.py")
@@ -156,7 +158,7 @@ class FluxLink:
                 if not line:
                     break
                 try:
-                    message = msgspec.json.decode(line)
+                    message = decode(line, object)
                 except msgspec.DecodeError:
                     log.warning("flux helper: not a JSON line: %r", line[:200])
                     continue

@@ -49,6 +49,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # the stubs lack the aio servicer
 from grpc_reflection.v1alpha import reflection
 
+from ensemble_core.messages import decode
 from ensemble_core.rpc import ensemble_service_pb2 as pb
 from ensemble_core.rpc import ensemble_service_pb2_grpc as pb_grpc
 from ensemble_core.tokens import status_token
@@ -107,7 +108,7 @@ def _decode(payload: str, kind: type[_T], action: str, *, optional: bool = False
             return kind()
         raise _Refused(f"payload: {action} needs a JSON object")
     try:
-        return msgspec.json.decode(payload, type=kind)
+        return decode(payload, kind)
     except msgspec.ValidationError as exc:
         raise _Refused(f"payload: {exc}") from None
     except msgspec.DecodeError as exc:

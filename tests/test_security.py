@@ -377,7 +377,9 @@ async def exercise_the_actuator(
                 "reason": "exercise",
                 **fields,
             }
-            await nc.jetstream().publish(subjects.decisions(address), json.dumps(decision).encode())
+            await nc.jetstream().publish(
+                subjects.decisions(address), json.dumps(decision).encode(), headers={"Nats-Msg-Id": decision["id"]}
+            )
 
         async def all_applied() -> bool:
             js = nc.jetstream()

@@ -358,3 +358,16 @@ def test_the_sidecar_runs_as_the_application_containers_user_unless_told_otherwi
     assert minicluster.sidecar_uid(ensemble.members[0].sidecar, spec) == 0
     del spec["containers"][1]["securityContext"]
     assert minicluster.sidecar_uid(SidecarSpec(), spec) == 0  # most application images run as root
+
+
+def test_a_sidecar_that_cannot_start_leaves_its_reason_as_its_termination_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidecar import cli
+
+    log = tmp_path / "termination-log"
+    log.write_text("")
+    monkeypatch.setattr(cli, "TERMINATION_LOG", log)
+    assert cli.main(["--backend", "flux", "--flux", "no-such-flux", "--port", "0"]) == 1
+    # Kubernetes puts this into the container's terminated.message, which the creator quotes
+    assert "no flux command 'no-such-flux' found" in log.read_text()

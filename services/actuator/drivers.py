@@ -67,15 +67,20 @@ class LocalDriver:
         self.secret = secret
         self.timeout = timeout
         self.tls = tls
-        self._clients: dict[str, SidecarClient] = {}
+        self._clients: dict[tuple[str, str], SidecarClient] = {}
 
     def client(self, member: MemberSpec) -> SidecarClient:
-        """One cached gRPC client per sidecar endpoint."""
-        client = self._clients.get(member.endpoint)
+        """One cached gRPC client per sidecar endpoint and ensemble token.
+
+        Keyed by both: a pod IP is reused, and the sidecar that has an address now may be another
+        ensemble's, which must never be handed this ensemble's token.
+        """
+        token = ensemble_token(self.secret, member.namespace, member.ensemble)
+        key = (member.endpoint, token)
+        client = self._clients.get(key)
         if client is None:
-            token = ensemble_token(self.secret, member.namespace, member.ensemble)
             client = SidecarClient(member.endpoint, token, self.timeout, tls=self.tls)
-            self._clients[member.endpoint] = client
+            self._clients[key] = client
         return client
 
     async def size(self, member: MemberSpec) -> int:

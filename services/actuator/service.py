@@ -28,7 +28,7 @@ from nats.js.kv import KeyValue
 
 from ensemble_core import natsio, subjects
 from ensemble_core.kube import Kube, api_client
-from ensemble_core.messages import Applied, Decision, EventKind, MemberEvent, MemberSpec, encode
+from ensemble_core.messages import Applied, Decision, EventKind, MemberEvent, MemberSpec, decode, encode
 from ensemble_core.settings import Settings
 from ensemble_core.sidecar_client import client_tls
 from ensemble_core.subjects import MemberAddress
@@ -71,7 +71,7 @@ class Actuator:
         if not entry.value:
             return ActuatorRecord(), entry.revision
         try:
-            return msgspec.json.decode(entry.value, type=ActuatorRecord), entry.revision
+            return decode(entry.value, ActuatorRecord), entry.revision
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise natsio.Poison(f"actuator record of {address} is unreadable: {exc}") from exc
 
@@ -83,7 +83,7 @@ class Actuator:
             return None
         if not entry.value:
             return None
-        return msgspec.json.decode(entry.value, type=MemberSpec), entry.revision or 0
+        return decode(entry.value, MemberSpec), entry.revision or 0
 
     async def handle(self, decision: Decision, _msg: Msg) -> None:
         """Apply one decision (see the module docstring for the order of effects)."""

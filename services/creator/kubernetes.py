@@ -57,7 +57,7 @@ from ensemble_core.kube import (
     set_condition,
 )
 from ensemble_core.kube_watch import Watcher
-from ensemble_core.messages import EventKind, MemberEvent, MemberSpec, Metrics, encode
+from ensemble_core.messages import EventKind, MemberEvent, MemberSpec, Metrics, decode, encode
 from ensemble_core.settings import Settings, SettingsError, env_name
 from ensemble_core.spec import Ensemble, Member, validate
 from ensemble_core.subjects import MemberAddress
@@ -261,7 +261,7 @@ class Creator:
         with contextlib.suppress(KeyNotFoundError):
             entry = await self.members.get(address.key)
             if entry.value:
-                spec = msgspec.json.decode(entry.value, type=MemberSpec)
+                spec = decode(entry.value, MemberSpec)
                 if spec.owner_uid and spec.owner_uid != uid:
                     # the record of an earlier Ensemble of this name: a new owner starts afresh
                     with contextlib.suppress(KeyNotFoundError, KeyWrongLastSequenceError):
@@ -457,7 +457,7 @@ class Creator:
                 continue
             if not entry.value or (address.namespace, address.ensemble) not in self.ensembles.cache:
                 continue
-            record = msgspec.json.decode(entry.value, type=MemberSpec)
+            record = decode(entry.value, MemberSpec)
             latest.setdefault((address.namespace, address.ensemble), {})[address.member] = (
                 record,
                 await self.last_metrics(address),
@@ -476,7 +476,7 @@ class Creator:
         except NotFoundError:
             return None
         try:
-            return msgspec.json.decode(found.data or b"", type=Metrics)
+            return decode(found.data or b"", Metrics)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
 
@@ -497,7 +497,7 @@ class Creator:
                 continue
             if not entry.value:
                 continue
-            record = msgspec.json.decode(entry.value, type=MemberSpec)
+            record = decode(entry.value, MemberSpec)
             uid = existing.get((address.namespace, address.ensemble))
             if uid is None or (record.owner_uid and uid and record.owner_uid != uid):
                 if record.phase == "active":

@@ -48,7 +48,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from ensemble_core import algorithms, natsio, subjects
-from ensemble_core.messages import Decision, MemberSpec, Metrics, encode
+from ensemble_core.messages import Decision, MemberSpec, Metrics, decode, encode
 from ensemble_core.settings import Settings
 from ensemble_core.subjects import MemberAddress
 
@@ -116,7 +116,7 @@ class _Unusable(NamedTuple):
 
 def _member(value: bytes, key: str) -> Member | _Unusable:
     try:
-        spec = msgspec.json.decode(value, type=MemberSpec)
+        spec = decode(value, MemberSpec)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return _Unusable(f"member record {key} is unreadable: {exc}")
     try:
@@ -239,7 +239,7 @@ class Decider:
         if not entry.value:
             return None, None
         try:
-            record = msgspec.json.decode(entry.value, type=DeciderRecord)
+            record = decode(entry.value, DeciderRecord)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise natsio.Poison(f"decider record {key} is unreadable: {exc}") from exc
         revision = entry.revision or 0
@@ -305,7 +305,7 @@ class Decider:
                 return None
             if _waited(msg) > stale_after(spec):
                 return None
-            state = msgspec.json.decode(record.state, type=algorithm.state_type)
+            state = decode(record.state, algorithm.state_type)
             pending = _Pending(address, key, subject, member, revision, record.last_seq, state)
         elif metrics.seq != pending.last_seq + 1:
             # no staleness check: stored after the pending group's first snapshot, which was fresh
@@ -398,7 +398,7 @@ class Decider:
             return
 
         if record is not None and same_algorithm:
-            state = msgspec.json.decode(record.state, type=algorithm.state_type)
+            state = decode(record.state, algorithm.state_type)
         else:
             state = algorithm.initial_state(spec, options)
         state, decisions = algorithm.decide(spec, options, state, metrics)

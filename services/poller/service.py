@@ -45,7 +45,16 @@ from prometheus_client import Counter, Gauge, Histogram
 from ensemble_core import minicluster, natsio, subjects
 from ensemble_core.kube import Kube, api_client
 from ensemble_core.kube_watch import Watcher
-from ensemble_core.messages import EventKind, MemberEvent, MemberSpec, Metrics, VersionError, check_version, encode
+from ensemble_core.messages import (
+    EventKind,
+    MemberEvent,
+    MemberSpec,
+    Metrics,
+    VersionError,
+    check_version,
+    decode,
+    encode,
+)
 from ensemble_core.settings import Settings
 from ensemble_core.sidecar_client import (
     ClientTls,
@@ -117,7 +126,7 @@ async def next_seq(js: JetStreamContext, address: MemberAddress) -> int:
     except NotFoundError:
         return 0
     try:
-        return msgspec.json.decode(last.data or b"", type=Metrics).seq + 1
+        return decode(last.data or b"", Metrics).seq + 1
     except (msgspec.DecodeError, msgspec.ValidationError):
         # an unreadable last message (dead-lettered by the decider) still used its sequence number
         return (last.seq or 0) + 1
@@ -438,7 +447,7 @@ async def _follow_records(members: Members, bucket: KeyValue, stop: asyncio.Even
             spec = None
             if entry.operation is None and entry.value:
                 try:
-                    spec = msgspec.json.decode(entry.value, type=MemberSpec)
+                    spec = decode(entry.value, MemberSpec)
                     check_version(spec)
                 except (msgspec.DecodeError, msgspec.ValidationError, VersionError) as exc:
                     spec = None
