@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ensemble_core.hardening import make_private
 from ensemble_core.runner import run_service
 from ensemble_core.settings import Settings
 
@@ -58,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ensemble`` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("creator", "poller", "decider", "actuator", "up"):
+        # secrets in the environment (tokens, NATS passwords): no other process of the user may read them
+        make_private()
     if argv and argv[0] == "sidecar":
         from sidecar.cli import main as sidecar_main
 

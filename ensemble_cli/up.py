@@ -373,12 +373,22 @@ def node_seconds(sizes: list[tuple[float, int]], end: float) -> float:
     return total
 
 
+#: Jobs per page of ``jobinfo`` (the sidecar's most).
+PAGE = 1000
+
+
 async def collect_jobs(endpoints: dict[int, str], token: str) -> dict[int, list[JobInfo]]:
-    """Every member's job records, from its sidecar."""
+    """Every member's job records, all of them, from its sidecar (page by page)."""
     jobs: dict[int, list[JobInfo]] = {}
     for index, endpoint in endpoints.items():
+        records: list[JobInfo] = []
         async with SidecarClient(endpoint, token) as client:
-            jobs[index] = await client.action("jobinfo", {}, list[JobInfo])
+            while True:
+                page = await client.action("jobinfo", {"offset": len(records), "limit": PAGE}, list[JobInfo])
+                records += page
+                if len(page) < PAGE:
+                    break
+        jobs[index] = records
     return jobs
 
 

@@ -90,6 +90,10 @@ class Backend(Protocol):
         """The ``limit`` most recently submitted jobs, oldest first."""
         ...
 
+    async def job_page(self, offset: int, limit: int) -> list[JobInfo]:
+        """At most ``limit`` jobs in submit order, from the ``offset``-th (0: the first)."""
+        ...
+
     async def grow(self, size: int) -> ResizeResult:
         """Request ``size`` nodes, at least the current size."""
         ...

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from ensemble_core.hardening import make_private
 from sidecar.backend import Backend
 from sidecar.local import JournalBusy, LocalBackend
 from sidecar.queue import QueueError
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns 2 for bad arguments (a bad trace file included) and 1 when the backend or the address is
     unavailable (e.g. ``--backend flux`` without Flux's Python bindings).
     """
+    # the token is in this process's environment, and the local backend's jobs run as the same user:
+    # they must not read it from /proc/<this pid>/environ
+    make_private()
     parser = _parser()
     args = parser.parse_args(argv)
     if args.backend == "local" and len(args.provision_delay) != 1:

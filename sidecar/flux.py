@@ -282,6 +282,10 @@ class FluxBackend(Listeners):
         """The ``limit`` most recently submitted jobs of the member, oldest first."""
         return self._healthy().state.recent(limit)
 
+    async def job_page(self, offset: int, limit: int) -> list[JobInfo]:
+        """At most ``limit`` jobs of the member in submit order, from the ``offset``-th."""
+        return self._healthy().state.page(offset, limit)
+
     async def grow(self, size: int) -> ResizeResult:
         """Let the member use ``size`` ranks (>= the current size): undrain the lowest it gave up."""
         if size < self._size:

@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from ensemble_core.messages import decode
+from sidecar.queue import job_environment
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ class FluxLink:
     @classmethod
     async def start(cls, command: list[str], on_push: Push, *, uri: str | None = None) -> FluxLink:
         """Start the helper with ``command`` (see :func:`helper_command`); ``uri`` sets its ``FLUX_URI``."""
-        env = dict(os.environ)
+        # nothing of the sidecar's own (its token among them): the helper is an ordinary process of the user
+        # whose jobs Flux runs, and they could read its environment
+        env = job_environment(os.environ)
         if uri:
             env["FLUX_URI"] = uri
         # the helper's Python is Flux's: nothing of our interpreter's environment may leak into it

@@ -375,9 +375,13 @@ class JournalState:
         return job.info() if job is not None else None
 
     def recent(self, limit: int) -> list[JobInfo]:
-        """The ``limit`` most recently submitted jobs of the member, oldest first."""
-        ordered = sorted(self._jobs.values(), key=lambda job: (job.t_submit, job.id))
-        return [job.info() for job in ordered[-limit:]] if limit > 0 else []
+        """The ``limit`` most recently submitted jobs of the member, oldest first (journal order)."""
+        newest = list(itertools.islice(reversed(self._jobs.values()), limit)) if limit > 0 else []
+        return [job.info() for job in reversed(newest)]
+
+    def page(self, offset: int, limit: int) -> list[JobInfo]:
+        """At most ``limit`` jobs of the member in submit (journal) order, from the ``offset``-th."""
+        return [job.info() for job in itertools.islice(self._jobs.values(), offset, offset + limit)]
 
     def status(
         self, nodes: NodeCounts, now: float, *, size: int | None = None, terminated: bool = False

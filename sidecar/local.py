@@ -320,6 +320,10 @@ class LocalBackend(Listeners):
         """The ``limit`` most recently submitted jobs, oldest first."""
         return [job.info() for job in self.queue.recent(limit)]
 
+    async def job_page(self, offset: int, limit: int) -> list[JobInfo]:
+        """At most ``limit`` jobs in submit order, from the ``offset``-th."""
+        return [job.info() for job in self.queue.page(offset, limit)]
+
     async def grow(self, size: int) -> ResizeResult:
         """Request ``size`` nodes (>= the current size); they come up after the provisioning delay."""
         to_provision = self.queue.grow(size)

@@ -300,6 +300,10 @@ class Queue:
         """The job with this id, or ``None``."""
         return self._jobs.get(job_id)
 
+    def page(self, offset: int, limit: int) -> list[Job]:
+        """At most ``limit`` jobs in submit order, from the ``offset``-th (0: the first); O(offset + limit)."""
+        return list(itertools.islice(self._jobs.values(), offset, offset + limit))
+
     def recent(self, limit: int) -> list[Job]:
         """The ``limit`` most recently submitted jobs, oldest first (O(limit))."""
         newest = list(itertools.islice(reversed(self._jobs.values()), limit))

@@ -6,8 +6,11 @@ terminated) with ``{"error": "<field>: <why>"}``; a bad request never crashes or
 Actions of ``RequestAction``:
 
 * ``submit`` — :class:`~ensemble_core.wire.SubmitPayload` → :class:`~ensemble_core.wire.SubmitResult`.
-* ``jobinfo`` — ``{"id": n}`` → one :class:`~ensemble_core.wire.JobInfo`; no payload (or no id) → a
-  list of the :data:`JOBINFO_LIMIT` most recently submitted jobs, oldest first.
+* ``jobinfo`` — ``{"id": n}`` → one :class:`~ensemble_core.wire.JobInfo`; ``{"offset": k, "limit": m}`` →
+  at most ``m`` (≤ :data:`JOBINFO_LIMIT`) jobs in submit order from the ``k``-th, to page through them
+  all; no payload → the :data:`JOBINFO_LIMIT` most recently submitted jobs, oldest first. A listing
+  carries the last :data:`LIST_OUTPUT` characters of each job's output (its own query, all that is
+  kept), so an answer stays a few MB whatever the jobs printed.
 * ``grow`` / ``shrink`` — :class:`~ensemble_core.wire.ResizePayload` →
   :class:`~ensemble_core.wire.ResizeResult`. The size is absolute: grow below / shrink above the
   current size is an error, the current size itself a no-op.
@@ -40,7 +43,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeAlias, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeAlias, TypeVar
 
 import grpc
 import msgspec
@@ -60,8 +63,10 @@ from sidecar.queue import QueueError, QueueTerminated, QueueUnavailable
 
 log = logging.getLogger(__name__)
 
-#: Most jobs one ``jobinfo`` without an id lists (the most recent ones).
+#: Most jobs one ``jobinfo`` lists (a page, or without one the most recent jobs).
 JOBINFO_LIMIT = 1000
+#: Characters of each job's output a listing carries (the tail): 1,000 jobs stay about 2.5 MB.
+LIST_OUTPUT = 2048
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnsembleOperator"].full_name
 
@@ -78,9 +83,11 @@ Status: TypeAlias = pb.Response.ResultType.ValueType
 
 
 class JobInfoRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """``jobinfo`` payload: one job by ``id``, or (no id) the most recent jobs."""
+    """``jobinfo`` payload: one job by ``id``, a page (``offset``, ``limit``), or (neither) the most recent jobs."""
 
     id: int | None = None
+    offset: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=JOBINFO_LIMIT)] = JOBINFO_LIMIT
 
 
 class CancelPayload(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -222,9 +229,13 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
 
     async def _jobinfo(self, payload: str) -> pb.Response:
         wanted = _decode(payload, JobInfoRequest, "jobinfo", optional=True)
-        if wanted.id is None:
-            return _reply(await self.backend.recent_jobs(JOBINFO_LIMIT))
-        return _reply(await self.backend.job_info(wanted.id))
+        if wanted.id is not None:
+            return _reply(await self.backend.job_info(wanted.id))
+        if wanted.offset is not None:
+            listed = await self.backend.job_page(wanted.offset, wanted.limit)
+        else:
+            listed = await self.backend.recent_jobs(wanted.limit)
+        return _reply([msgspec.structs.replace(job, output=job.output[-LIST_OUTPUT:]) for job in listed])
 
     async def _grow(self, payload: str) -> pb.Response:
         return _reply(await self.backend.grow(_decode(payload, ResizePayload, "grow").size))

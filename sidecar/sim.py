@@ -310,6 +310,10 @@ class SimQueue:
         """The ``limit`` most recently submitted jobs, oldest first."""
         return [job.info() for job in self.queue.recent(limit)]
 
+    def job_page(self, offset: int, limit: int) -> list[JobInfo]:
+        """At most ``limit`` jobs in submit order, from the ``offset``-th."""
+        return [job.info() for job in self.queue.page(offset, limit)]
+
     def grow(self, size: int) -> ResizeResult:
         """Request ``size`` nodes (>= the current size); each new node comes up after its provisioning delay."""
         self._provision(self.queue.grow(size))
@@ -414,6 +418,11 @@ class SimBackend(Listeners):
         """:meth:`SimQueue.recent_jobs` at the current virtual time."""
         self._catch_up()
         return self.sim.recent_jobs(limit)
+
+    async def job_page(self, offset: int, limit: int) -> list[JobInfo]:
+        """:meth:`SimQueue.job_page` at the current virtual time."""
+        self._catch_up()
+        return self.sim.job_page(offset, limit)
 
     async def grow(self, size: int) -> ResizeResult:
         """:meth:`SimQueue.grow` at the current virtual time."""

@@ -32,13 +32,16 @@ from ensemble_core.messages import Applied, Decision, JobSpec, MemberSpec, Metri
 from ensemble_core.rpc import ensemble_service_pb2 as pb
 from ensemble_core.rpc import ensemble_service_pb2_grpc as pb_grpc
 from ensemble_core.settings import Settings
+from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token, status_token
+from ensemble_core.wire import JobInfo, SubmitPayload, SubmitResult
 from services.actuator.service import run as run_actuator
 from services.decider.service import run as run_decider
 from services.poller.service import run as run_poller
 from sidecar.server import serve_local
 from tests.conftest import REPO, service_running, wait_for
+from tests.flux_support import NOBODY, python_for
 from tests.test_bad_input import dead_letters, stream_bodies
 
 SECRET = "attack-secret"
@@ -375,3 +378,62 @@ async def test_ensemble_ups_nats_refuses_a_client_without_the_runs_credentials(t
             process.communicate()
     assert process.returncode == 0, output
     assert "│      0 │   11 │        11 │      0 │" in output
+
+
+def sidecar_as(user: int, token: str) -> subprocess.Popen[str]:
+    """A local sidecar run as ``user`` (on a Python that user may run)."""
+    site = os.pathsep.join([str(REPO), *(p for p in sys.path if p.endswith("site-packages"))])
+    return subprocess.Popen(
+        [*python_for(user), "-m", "sidecar", "--backend", "local", "--port", "0", "--nodes", "1"],
+        env={**os.environ, "PYTHONPATH": site, "ENSEMBLE_SIDECAR_TOKEN": token, "HOME": "/"},
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, user=user, cwd="/",
+    )  # fmt: skip
+
+
+async def test_a_local_job_cannot_read_the_sidecars_token_from_its_parents_environment(tmp_path: Path) -> None:
+    """The job and the sidecar are one user (not root, whom nothing stops): the sidecar is non-dumpable, so
+    ``/proc/<sidecar>/environ`` is not the job's to read."""
+    token = "a-token-no-job-may-read"
+    process = sidecar_as(NOBODY, token)
+    try:
+        assert process.stdout is not None
+        port = int(await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 30))
+        async with SidecarClient(f"127.0.0.1:{port}", token) as client:
+            steal = JobSpec(name="steal", command="sh -c 'cat /proc/$PPID/environ; echo status=$?'")
+            await client.action("submit", SubmitPayload(jobs=[steal]), SubmitResult)
+            await wait_for(lambda: _finished(client), timeout=15)
+            [job] = await client.action("jobinfo", {}, list[JobInfo])
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert token not in job.output and "ENSEMBLE_SIDECAR_TOKEN" not in job.output
+    assert "Permission denied" in job.output and "status=1" in job.output, job.output
+
+
+async def _finished(client: SidecarClient) -> bool:
+    return (await client.status()).finished == 1
+
+
+async def test_jobinfo_of_many_jobs_with_large_outputs_stays_small_and_pages_through_all() -> None:
+    running = await serve_local(token="t", nodes=8, max_nodes=8)
+    try:
+        async with SidecarClient(f"127.0.0.1:{running.port}", "t", timeout=30) as client:
+            loud = JobSpec(name="loud", command="sh -c 'head -c 65536 /dev/zero | tr \\\\000 x'", count=300)
+            await client.action("submit", SubmitPayload(jobs=[loud]), SubmitResult)
+            await wait_for(lambda: _all_finished(client, 300), timeout=90)
+            listed = await client.action("jobinfo", {}, list[JobInfo])
+            size = len(msgspec.json.encode(listed))
+            pages = [await client.action("jobinfo", {"offset": k, "limit": 128}, list[JobInfo]) for k in (0, 128, 256)]
+            one = await client.action("jobinfo", {"id": listed[0].id}, JobInfo)
+    finally:
+        await running.stop(grace=0.1)
+    # 300 × 64 KiB of output once made a 113 MiB answer; a listing carries each output's tail only
+    assert len(listed) == 300 and size < 2 * 1024 * 1024, size
+    assert all(len(job.output) <= 2048 and job.success for job in listed)
+    assert [len(page) for page in pages] == [128, 128, 44]
+    assert len({job.id for page in pages for job in page}) == 300
+    assert len(one.output) == 65536  # one job's own query: its whole kept output
+
+
+async def _all_finished(client: SidecarClient, count: int) -> bool:
+    return (await client.status()).finished == count

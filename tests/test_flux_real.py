@@ -166,6 +166,8 @@ async def test_jobs_get_the_sidecars_environment_without_its_secrets(tmp_path: P
         assert environment["PATH"] == os.environ["PATH"]
         seen = (tmp_path / "env.txt").read_text()
         assert TOKEN not in seen and "ENSEMBLE_" not in seen and "PATH=" in seen
+        # nor the helper's environment, which any job of the same user could read
+        assert not any(name.startswith("ENSEMBLE_") for name in helper_of(sidecar).environ())
 
 
 async def test_grow_and_shrink_drain_the_highest_ranks_and_never_kill_a_running_job(tmp_path: Path) -> None:
