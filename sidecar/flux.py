@@ -82,7 +82,7 @@ CONNECT_TIMEOUT = 60.0
 #: First and longest wait between two reconnection attempts.
 RECONNECT = (0.5, 10.0)
 #: errnos of a broker that is not (yet) there: worth waiting for.
-_NOT_THERE = (2, 111)  # ENOENT, ECONNREFUSED
+_NOT_THERE = (2, 11, 111)  # ENOENT, EAGAIN (the broker not in its run state yet), ECONNREFUSED
 _EPERM = 1
 
 
@@ -127,6 +127,8 @@ class _Session:
         self.hello: dict[str, Any] = {}
         self.link: FluxLink | None = None
         self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        #: Flux refused this session for good (a guest's EPERM): reconnecting will not help
+        self.refused = False
         self.ready = asyncio.Event()
         self._changed = changed
 
@@ -150,6 +152,7 @@ class _Session:
             errno = int(message.get("errno") or 0)
             why = str(message.get("error", ""))
             if errno == _EPERM:
+                self.refused = True
                 why = f"Flux refused the job journal ({why}): {self._guest_reason()}"
             self._lose(f"the Flux job journal ended: {why}")
             return
@@ -425,7 +428,8 @@ class FluxBackend(Listeners):
         finally:
             ready.cancel()
         if session.lost.done():
-            raise FluxUnavailable(session.lost.result())
+            # a guest's refusal stays; anything else (the broker went away meanwhile) is worth a retry
+            raise FluxUnavailable(session.lost.result(), retry=not session.refused)
         log.info(
             "connected to flux-core %s (uid %s, owner %s, %s ranks) with %s %s",
             version, uid, owner, hello.get("size"), hello.get("executable"), hello.get("python"),

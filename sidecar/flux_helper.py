@@ -123,8 +123,19 @@ class Helper:
     # -- operations ------------------------------------------------------------------------------
 
     def op_hello(self, request_id: "typing.Any", request: "Message") -> None:
-        """What the sidecar checks before it serves: the version and who owns the instance."""
+        """What the sidecar checks before it serves: the version and who owns the instance.
+
+        First wait for the broker's run state: its socket exists from the start, but until rc1 has loaded
+        the modules, job-manager's journal and job-list answer ENOSYS ("No service matching ...")."""
         handle = self.handle
+        try:
+            handle.rpc("state-machine.wait").get()
+        except OSError as exc:
+            raise OSError(
+                errno.EAGAIN,
+                "the broker is not running (starting up or shutting down): state-machine.wait: "
+                + (exc.strerror or str(exc)),
+            ) from None
         self._answer(
             request_id,
             {

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import random
+import secrets
 import signal
 import socket
 import statistics
@@ -30,8 +31,8 @@ import nats
 import yaml
 from nats.aio.client import Client
 
-from ensemble_cli.up import Part, Stack, nats_server_binary, start_nats
-from ensemble_core import subjects
+from ensemble_cli.up import NatsAccess, Part, Stack, nats_command, nats_url
+from ensemble_core import natsauth, subjects
 from ensemble_core.messages import Applied, Decision, MemberSpec, Metrics
 from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.subjects import MemberAddress
@@ -66,6 +67,8 @@ SLOW_SECONDS = 10.0
 SERVICE_ENV = {"ENSEMBLE_ACK_WAIT": "10"}
 NAMESPACE, NAME = "default", "chaos"
 SECRET = "chaos-secret"
+#: the harness's NATS user (no restrictions), beside the services' own
+OBSERVER = "chaos"
 
 
 def ensemble_document(marks: Path) -> dict[str, Any]:
@@ -190,7 +193,7 @@ class Run:
         self.starts: Counter[str] = Counter()
         self.sidecar_ports: dict[int, int] = {}
         self.nats_port = 0
-        self.url = ""
+        self.access: NatsAccess | None = None
         self.nc: Client | None = None
         self.background: list[asyncio.Task[None]] = []
         self.faults: list[Fault] = []
@@ -226,7 +229,7 @@ class Run:
     def _start_service(self, name: str) -> None:
         endpoints = ",".join(f"{i}=127.0.0.1:{port}" for i, port in sorted(self.sidecar_ports.items()))
         env = {
-            "ENSEMBLE_NATS_URL": self.url,
+            "ENSEMBLE_NATS_URL": self._access.url_for(name),
             "ENSEMBLE_SIDECAR_TOKEN": SECRET,
             "ENSEMBLE_FILE": str(self.spec_file),
             "ENSEMBLE_ENDPOINTS": endpoints,
@@ -238,8 +241,8 @@ class Run:
     async def _restart_nats(self) -> None:
         self._start(
             "nats-server",
-            [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.nats_port),
-             "-sd", str(self.workdir / "jetstream")],
+            nats_command(self.workdir / "jetstream", self.workdir / "ports", self.nats_port,
+                         config=self.workdir / "nats-auth.conf"),
         )  # fmt: skip
         deadline = time.monotonic() + 20
         while not _port_open(self.nats_port):
@@ -247,19 +250,44 @@ class Run:
                 raise RuntimeError("nats-server did not start again on its port")
             await asyncio.sleep(0.02)
 
+    async def _start_nats(self) -> NatsAccess:
+        """nats-server with the users `ensemble up` gives it (each service under production's permissions),
+        and the harness's own unrestricted user: it reads every stream and bucket to count what happened."""
+        users = [*natsauth.SERVICES, natsauth.MONITOR, OBSERVER]
+        passwords = {user: secrets.token_hex(16) for user in users}
+        text = natsauth.authorization({s: passwords[s] for s in natsauth.SERVICES}, monitor=passwords[natsauth.MONITOR])
+        end = "  ]\n}\n"
+        assert text.endswith(end), "natsauth.authorization() changed its layout"
+        config = self.workdir / "nats-auth.conf"
+        config.write_text(f'{text[: -len(end)]}    {{user: {OBSERVER}, password: "{passwords[OBSERVER]}"}},\n{end}')
+        ports = self.workdir / "ports"
+        ports.mkdir()
+        part = self.stack.start("nats-server", nats_command(self.workdir / "jetstream", ports, config=config))
+        deadline = time.monotonic() + 20
+        while (url := nats_url(ports)) is None:
+            if time.monotonic() > deadline or part.process.poll() is not None:
+                raise RuntimeError(f"nats-server did not start: see {part.log}")
+            await asyncio.sleep(0.05)
+        return NatsAccess(url, passwords)
+
     async def start(self) -> None:
         """Start NATS, the sidecars and the services; return once the first decision is applied."""
         self.started = time.time()
-        self.url = await start_nats(self.stack)
+        self.access = await self._start_nats()
         self.parts["nats-server"] = self.stack.parts[-1]
         self.starts["nats-server"] = 1
-        self.nats_port = int(self.url.rsplit(":", 1)[1])
+        self.nats_port = int(self.access.url.rsplit(":", 1)[1])
         for member in range(MEMBERS):
             await self._start_sidecar(member)
         for name in SERVICES:
             self._start_service(name)
-        self.nc = await nats.connect(self.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        self.nc = await nats.connect(self._access.url_for(OBSERVER), max_reconnect_attempts=-1, reconnect_time_wait=0.2)
         await self._wait(self._applied_any, 30, "no decision was applied")
+
+    @property
+    def _access(self) -> NatsAccess:
+        assert self.access is not None, "start() first"
+        return self.access
 
     async def _applied_any(self) -> bool:
         assert self.nc is not None

@@ -39,6 +39,24 @@ OPERATOR_ACCESS = "[access]\nallow-guest-user = true\nallow-root-owner = true\n"
 GUESTS_ONLY = "[access]\nallow-guest-user = true\n"
 
 
+async def _group_gone(pgid: int, timeout: float) -> None:
+    """Wait until no process of group ``pgid`` is left; SIGKILL what is after ``timeout`` seconds (and give
+    up 5 s later: a zombie nobody reaps would keep the group for ever)."""
+    deadline, killed = time.monotonic() + timeout, False
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            if killed:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            deadline, killed = time.monotonic() + 5, True
+        await asyncio.sleep(0.05)
+
+
 @contextlib.asynccontextmanager
 async def flux_instance(
     workdir: Path,
@@ -47,12 +65,14 @@ async def flux_instance(
     access: str | None = None,
     local_uri: str | None = None,
     user: int | None = None,
+    rc1_delay: float = 0,
 ) -> AsyncIterator[str]:
     """A running ``flux start --test-size=size`` instance; yields its ``FLUX_URI``.
 
     ``access``: an ``[access]`` config for it; ``local_uri``: where its socket goes (size 1 only: every
     broker of a test instance would take the same path); ``user``: the uid that owns it. Its socket's
-    directory is opened to other users, so a guest can connect where ``access`` allows it.
+    directory is opened to other users, so a guest can connect where ``access`` allows it. ``rc1_delay``:
+    seconds the brokers wait before rc1 loads their modules (their sockets are there meanwhile).
     """
     assert FLUX is not None
     if user is not None:
@@ -68,6 +88,8 @@ async def flux_instance(
         config.write_text(access)
         config.chmod(0o644)
         argv.append(f"-o,--config-path={config}")
+    if rc1_delay:
+        argv.append(f"-Sbroker.rc1_path=sleep {rc1_delay:g}; flux modprobe rc1")
     if local_uri is not None:
         assert size == 1, "a test instance's brokers would share one local-uri"
         argv.append(f"-Slocal-uri={local_uri}")
@@ -93,6 +115,10 @@ async def flux_instance(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             await asyncio.to_thread(process.wait)
+        # `flux start` dies of SIGTERM at once (it has no handler), while its brokers, in its process group,
+        # shut down in their own time and unlink their sockets last: wait for the whole group, or a next
+        # instance on the same local-uri loses its socket to this one's cleanup
+        await _group_gone(process.pid, 20)
         log.close()
         if user is not None:
             shutil.rmtree(workdir, ignore_errors=True)

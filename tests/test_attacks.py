@@ -156,6 +156,12 @@ async def attempt_everything(client: Client, user: str, forged: bytes) -> None:
         await client.publish(subjects.events(ADDRESS), forged)
     await refused(client, f"$JS.API.STREAM.MSG.GET.{events_stream}", b'{"seq": 1}', reply=decisions)
     await refused(client, f"$JS.API.STREAM.MSG.GET.{subjects.METRICS_STREAM}", b'{"seq": 1}', reply=decisions)
+    # 6. a push consumer of a bucket it may watch, delivering onto a decisions subject: nats-server 2.15 creates
+    # it, and stores nothing it delivers (were anything stored, it would be a member record, written by the
+    # creator or the actuator only, and dead-lettered as the wrong kind)
+    push = {"stream_name": f"KV_{subjects.MEMBERS_BUCKET}", "config": {"deliver_subject": decisions,
+            "ack_policy": "none", "deliver_policy": "all"}}  # fmt: skip
+    await refused(client, f"$JS.API.CONSUMER.CREATE.KV_{subjects.MEMBERS_BUCKET}", json.dumps(push).encode())
 
 
 async def test_no_user_but_the_decider_gets_a_decision_applied(tmp_path: Path) -> None:
@@ -261,7 +267,8 @@ def poison(valid: bytes) -> bytes:
 def snapshot(seq: int) -> Metrics:
     return Metrics(
         namespace=ADDRESS.namespace, ensemble=ADDRESS.ensemble, member=0, seq=seq, time=time.time(), size=1,
-        nodes=NodeCounts(node_up_count=1, node_free_count=1, node_cores_up=1, node_cores_free=1), queue=QueueCounts(),
+        nodes=NodeCounts(node_up_count=1, node_free_count=0, node_cores_up=1, node_cores_free=0),
+        queue=QueueCounts(run=1),  # busy: the decider's own algorithm has no reason to terminate it meanwhile
     )  # fmt: skip
 
 
@@ -297,7 +304,9 @@ async def test_messages_nested_too_deeply_are_dead_lettered_and_more_than_a_batc
         assert len(await dead_letters(nc, "actuator")) == 6
         assert all("nested too deeply" in letter.error for letter in await dead_letters(nc, "decider"))
         ours = [a for a in (msgspec.json.decode(b, type=Applied) for b in await applied()) if ":g" in a.decision]
-        assert [(a.decision, a.ok) for a in ours] == [(f"{ADDRESS.key}:g{seq}", True) for seq in range(10)]
+        assert [(a.decision, a.ok) for a in ours] == [(f"{ADDRESS.key}:g{seq}", True) for seq in range(10)], [
+            a.error for a in ours if not a.ok
+        ]
     finally:
         await sidecar.stop(grace=0.1)
 

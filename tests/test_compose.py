@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -52,61 +51,106 @@ def test_every_member_has_a_sidecar_sized_like_its_minicluster() -> None:
         assert f"--port {port}" in sidecar["command"][0]
         assert sidecar["environment"]["NODES"] == str(member.size)
         assert sidecar["environment"]["MAX_NODES"] == str(member.max_size)
-        assert mounted_ensemble(sidecar) == mounted_ensemble(creator)
-        assert sidecar["environment"]["ENSEMBLE_NAMESPACE"] == creator["environment"]["ENSEMBLE_NAMESPACE"]
     # the services that call sidecars agree on the same ensemble and namespace
     for name in ("poller", "actuator"):
         assert SERVICES[name]["environment"] == creator["environment"]
+        assert mounted_ensemble(SERVICES[name]) == mounted_ensemble(creator)
 
 
-def test_operator_secret_is_made_once_and_kept_private(tmp_path: Path) -> None:
-    (program,) = SERVICES["operator-secret"]["command"]
-    program = program.replace(SECRET_DIR, str(tmp_path))
-    subprocess.run([sys.executable, "-c", program], check=True)
-    secret_file = tmp_path / "operator-secret"
-    first = secret_file.read_text()
-    assert len(first) >= 32
-    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
-    # a restarted stack keeps the secret its running sidecars were given
-    subprocess.run([sys.executable, "-c", program], check=True)
-    assert secret_file.read_text() == first
+def volumes_of(service: dict[str, Any]) -> dict[str, str]:
+    """The named volumes a compose service mounts, by mount point."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target = str(volume).split(":")[:2]
+        if not source.startswith("."):
+            found[target] = source
+    return found
 
 
-def test_each_sidecar_gets_the_token_the_services_present(tmp_path: Path) -> None:
-    """The services derive ensemble_token(secret, namespace, name); a sidecar with another token refuses them."""
-    secret = "an operator secret for this test"
-    (tmp_path / "operator-secret").write_text(secret)
+def test_each_secret_is_mounted_where_it_is_used_and_nowhere_else() -> None:
+    """The operator secret reaches the creator and the actuator only, the sidecar token the sidecars only,
+    each NATS password its service only, the NATS users the server only (mounts, not only environments)."""
+    holders: dict[str, set[str]] = {}
+    for name, service in SERVICES.items():
+        for source in volumes_of(service).values():
+            holders.setdefault(source, set()).add(name)
+    assert holders.pop("operator") == {"secrets", "creator", "actuator"}
+    assert holders.pop("sidecar-token") == {"secrets", "sidecar-0", "sidecar-1"}
+    assert holders.pop("nats-auth") == {"secrets", "nats"}
+    for service in ("creator", "poller", "decider", "actuator"):
+        assert holders.pop(f"nats-{service}") == {"secrets", service}
+    assert holders.pop("nats-reader") == {"secrets"}
+    assert holders == {"nats": {"nats"}}
+    for name, service in SERVICES.items():
+        assert "ENSEMBLE_SIDECAR_TOKEN" not in (service.get("environment") or {}), name
+
+
+def run_secrets(tmp_path: Path) -> None:
+    (program,) = [SERVICES["secrets"]["entrypoint"][-1]]
+    root, ensemble_file, namespace = SERVICES["secrets"]["command"]
+    assert (program, root) == ("ensemble_cli.stack_secrets", SECRET_DIR)
+    assert f"./examples/compose.yaml:{ensemble_file}:ro" in SERVICES["secrets"]["volumes"]
+    subprocess.run(
+        [sys.executable, "-m", program, str(tmp_path), str(mounted_ensemble(SERVICES["creator"])), namespace],
+        check=True, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_the_secrets_are_made_once_each_private_and_consistent(tmp_path: Path) -> None:
+    run_secrets(tmp_path)
+    secret = (tmp_path / "operator" / "operator-secret").read_text()
+    assert len(secret) >= 32 and stat.S_IMODE((tmp_path / "operator" / "operator-secret").stat().st_mode) == 0o600
     ensemble = spec.load(str(mounted_ensemble(SERVICES["creator"])), "default")
-    expected = ensemble_token(secret, ensemble.namespace, ensemble.name)
+    assert (tmp_path / "sidecar" / "token").read_text() == ensemble_token(secret, ensemble.namespace, ensemble.name)
+    users = (tmp_path / "nats" / "auth.conf").read_text()
+    passwords = {
+        s: (tmp_path / f"nats-{s}" / "password").read_text() for s in ("creator", "poller", "decider", "actuator")
+    }
+    assert len(set(passwords.values())) == 4 and all(f'password: "{p}"' in users for p in passwords.values())
+    # a restarted stack keeps what its running parts were given
+    run_secrets(tmp_path)
+    assert (tmp_path / "operator" / "operator-secret").read_text() == secret
+    assert (tmp_path / "nats-poller" / "password").read_text() == passwords["poller"]
+
+
+def test_each_part_gets_its_own_credentials_and_nothing_more(tmp_path: Path) -> None:
+    run_secrets(tmp_path)
+    secret = (tmp_path / "operator" / "operator-secret").read_text()
+    token = (tmp_path / "sidecar" / "token").read_text()
     for name in ("sidecar-0", "sidecar-1"):
         sidecar = SERVICES[name]
-        script = shell(sidecar["command"][0], tmp_path)
-        # run everything up to the server's start, then show the token it would be started with
-        prelude = script.split("exec ensemble sidecar")[0] + 'printf %s "$ENSEMBLE_SIDECAR_TOKEN"'
-        env = {
-            **os.environ,
-            **sidecar["environment"],
-            "ENSEMBLE_FILE": str(mounted_ensemble(sidecar)),
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        }
-        out = subprocess.run(["sh", "-c", prelude], capture_output=True, text=True, env=env)
+        prelude = shell(sidecar["command"][0], tmp_path).split("exec ensemble sidecar")[0]
+        out = subprocess.run(
+            ["sh", "-c", prelude + 'printf %s "$ENSEMBLE_SIDECAR_TOKEN"'], capture_output=True, text=True
+        )
         assert out.returncode == 0, out.stderr
-        assert out.stdout == expected
+        assert out.stdout == token
     for name in ("creator", "poller", "actuator", "decider"):
         (command,) = SERVICES[name]["command"]
-        prelude = shell(command, tmp_path).split("exec ensemble")[0] + 'printf %s "$ENSEMBLE_SIDECAR_TOKEN"'
+        # a service sees its volumes where compose mounts them: its own NATS password at /run/ensemble/nats
+        own = shell(command, tmp_path).replace(f"{tmp_path}/nats/", f"{tmp_path}/nats-{name}/")
+        prelude = own.split("exec ensemble")[0] + 'printf "%s\\n%s" "$ENSEMBLE_SIDECAR_TOKEN" "$ENSEMBLE_NATS_URL"'
         out = subprocess.run(["sh", "-c", prelude], capture_output=True, text=True)
+        held, url = out.stdout.split("\n")
         # the poller reads with the status tokens of the member records: it never holds the secret
-        assert out.stdout == (secret if name in ("creator", "actuator") else ""), name
+        assert held == (secret if name in ("creator", "actuator") else ""), name
+        assert url == f"nats://{name}:{(tmp_path / f'nats-{name}' / 'password').read_text()}@nats:4222"
 
 
-def test_sidecar_refuses_to_start_without_the_secret(tmp_path: Path) -> None:
+def test_a_sidecar_refuses_to_start_without_its_token(tmp_path: Path) -> None:
     sidecar = SERVICES["sidecar-0"]
     script = shell(sidecar["command"][0], tmp_path).replace("exec ensemble sidecar", "echo started; : ")
-    env = {**os.environ, **sidecar["environment"], "ENSEMBLE_FILE": str(mounted_ensemble(sidecar))}
-    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env)
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
     assert out.returncode != 0 and "started" not in out.stdout
+
+
+def reader_password() -> str:
+    """The stack's ``reader`` NATS password, read from its volume by a one-off container of ``secrets``."""
+    return subprocess.run(
+        ["docker", "compose", "run", "--rm", "--no-deps", "--entrypoint", "cat", "secrets",
+         "/run/ensemble/nats-reader/password"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
 
 
 def docker_unavailable() -> str | None:
@@ -158,9 +202,12 @@ async def test_compose_stack_runs_the_ensemble_to_completion() -> None:
     with DockerCompose(str(ROOT), compose_file_name="docker-compose.yml", build=True, wait=False) as stack:
         host = stack.get_service_host("nats", 4222) or "127.0.0.1"
         port = stack.get_service_port("nats", 4222)
-        last = await finished_members(f"nats://{host}:{port}", ensemble, timeout=300)
+        # NATS takes only the stack's users: read with the reader's password, from its volume
+        password = await asyncio.to_thread(reader_password)
+        url = f"nats://reader:{password}@{host}:{port}"
+        last = await finished_members(url, ensemble, timeout=300)
         assert last == dict.fromkeys(range(len(ensemble.members)), "terminated"), stack.get_logs("actuator")
-        nc = await nats.connect(f"nats://{host}:{port}")
+        nc = await nats.connect(url)
         try:
             js = nc.jetstream()
             for member in ensemble.members:

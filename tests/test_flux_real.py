@@ -311,6 +311,28 @@ async def test_the_sidecar_waits_for_a_broker_and_follows_it_through_a_restart(t
         assert await asyncio.to_thread(process.wait, 15) == 0, log.read_text()[-2000:]
 
 
+async def test_a_sidecar_that_finds_the_socket_before_the_modules_waits_for_the_run_state(tmp_path: Path) -> None:
+    # in a MiniCluster the sidecar starts beside the broker: the socket appears first, and until rc1 has loaded
+    # job-manager a journal request answers ENOSYS; the sidecar must wait for the broker's run state
+    uri = f"local://{tmp_path}/s/local"
+    (tmp_path / "s").mkdir()
+    log = tmp_path / "sidecar.log"
+    process = start_sidecar(uri, log, "--wait-for-broker", "60")
+    try:
+        async with flux_instance(tmp_path / "slow", 1, local_uri=uri, rc1_delay=4):
+            assert process.stdout is not None
+            port = int(await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60) or 0)
+            assert port, log.read_text()[-2000:]
+            sidecar = FluxSidecar(process, port, log)
+            await submit(sidecar, JobSpec(name="early", command="true"))
+            await status_when(sidecar, lambda s: s.finished == 1)
+            await sidecar.client.close()
+        assert "No service matching" not in log.read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 15) == 0, log.read_text()[-2000:]
+
+
 async def test_a_sidecar_that_is_not_the_owner_is_refused_at_start_with_the_reason(tmp_path: Path) -> None:
     async with flux_instance(tmp_path / "flux", 1, access=OPERATOR_ACCESS) as uri:
         process = start_sidecar(uri, tmp_path / "guest.log", user=NOBODY)

@@ -718,3 +718,29 @@ def test_service_monitor_scrapes_every_service() -> None:
         assert _selects({"matchLabels": service["spec"]["selector"]}, template["metadata"]["labels"]), name
         (container,) = template["spec"]["containers"]
         assert {"name": "http", "containerPort": 8080} in container["ports"]
+
+
+def test_the_api_server_egress_is_one_address_the_user_sets_never_anywhere(tmp_path: Path) -> None:
+    for name in ("network-policy", "overlays/production"):
+        (policy,) = find(render(name), "NetworkPolicy", "api-server")
+        blocks = [to["ipBlock"]["cidr"] for rule in policy["spec"]["egress"] for to in rule["to"]]
+        assert blocks == ["198.51.100.1/32"], name  # a documentation address until set: reaches nothing
+    # the overlay patch components/network-policy/README.md shows, with the user's address
+    readme = (KUSTOMIZE / "components" / "network-policy" / "README.md").read_text()
+    snippet = yaml.safe_load(readme.split("```yaml\n", 1)[1].split("```", 1)[0])
+    overlay = tmp_path / "mine"
+    overlay.mkdir()
+    relative = os.path.relpath(KUSTOMIZE, overlay)
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [f"{relative}/base"],
+        "components": [f"{relative}/components/network-policy"],
+        **snippet,
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    out = subprocess.run([KUBECTL or "kubectl", "kustomize", str(overlay)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    (policy,) = [d for d in rendered if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "api-server"]
+    assert policy["spec"]["egress"][0]["to"] == [{"ipBlock": {"cidr": "10.0.0.2/32"}}]
