@@ -36,6 +36,7 @@ from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token, status_token
 from ensemble_core.wire import JobInfo, SubmitPayload, SubmitResult
+from services.actuator.drivers import DriverError, LocalDriver
 from services.actuator.service import run as run_actuator
 from services.decider.service import run as run_decider
 from services.poller.service import run as run_poller
@@ -328,6 +329,32 @@ class HostileSidecar(pb_grpc.EnsembleOperatorServicer):
         while True:
             yield await self.RequestStatus(request, context)
             await asyncio.sleep(0.2)
+
+
+async def test_two_ensembles_at_one_endpoint_each_get_their_own_client() -> None:
+    # ensemble "victim" had a member at a pod IP; its pod went, and another ensemble's sidecar now has that
+    # address: the actuator must present that ensemble's token there, never the first one's (a client cached
+    # by endpoint alone handed the new sidecar the victim's token and failed the new ensemble's calls for good)
+    driver = LocalDriver(SECRET, timeout=5)
+    first = await serve_local(token=ensemble_token(SECRET, "default", "victim"), nodes=2)
+    port = first.port
+    endpoint = f"127.0.0.1:{port}"
+    victim = record(endpoint)
+    other = msgspec.structs.replace(victim, ensemble="other", name="other-0")
+    try:
+        assert await driver.size(victim) == 2
+    finally:
+        await first.stop(grace=0.1)
+    second = await serve_local(port=port, token=ensemble_token(SECRET, "default", "other"), nodes=3)
+    try:
+        assert await driver.size(other) == 3  # its own token, although the victim's client is still cached
+        with pytest.raises(DriverError, match="refused our token"):
+            await driver.size(victim)  # a stale record of the victim: refused there, and nothing done
+        assert await driver.size(other) == 3  # and the other ensemble's calls still work
+        assert len({id(driver.client(m)) for m in (victim, other)}) == 2
+    finally:
+        await driver.close()
+        await second.stop(grace=0.1)
 
 
 async def test_a_hostile_sidecar_cannot_kill_the_poller(nc: Client, settings: Settings) -> None:
