@@ -19,7 +19,7 @@ import nats
 import pytest
 import trustme
 from nats.aio.client import Client
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServerError
 
 from ensemble_cli.up import run_nats
 from ensemble_core import natsio, subjects
@@ -63,7 +63,17 @@ async def nc(nats_url: str) -> AsyncIterator[Client]:
     """A client of the session's nats-server, with empty streams and buckets declared."""
     client = await nats.connect(nats_url)
     await reset_jetstream(client)
-    await natsio.declare(client.jetstream())
+    for attempt in range(20):
+        try:
+            await natsio.declare(client.jetstream())
+            break
+        except ServerError:
+            # nats-server removes an account's store directory once its last stream is deleted, in its own
+            # time: a create right after can fail with "could not create storage directory" (seen once in
+            # ~600 tests); wait and declare again
+            if attempt == 19:
+                raise
+            await asyncio.sleep(0.1)
     yield client
     await client.drain()
 
