@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXAMPLE ?= examples/hello-world.yaml
 
-.PHONY: setup up test lint typecheck stubs check-stubs pytest clean
+.PHONY: setup up test tools lint typecheck stubs check-stubs pytest clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,13 @@ $(STAMP): pyproject.toml
 up: setup
 	$(BIN)/ensemble up $(EXAMPLE)
 
-test: setup lint typecheck check-stubs pytest
+test: setup lint typecheck check-stubs tools pytest
+
+# What the tests need beyond Python, each skipped with its reason where it cannot be had: kubectl for the
+# manifest tests (.ci/install-kubectl), and as root a Docker engine with a base image for the image and
+# compose tests (.ci/docker-engine: Debian's docker.io, debootstrap). Flux is never installed here.
+tools:
+	.ci/docker-engine
 
 lint: setup
 	$(BIN)/ruff check .
@@ -41,7 +47,7 @@ check-stubs: setup
 	rm -rf .stubs-check
 
 pytest: setup
-	$(BIN)/pytest
+	tools="$$(.ci/install-kubectl)" && PATH="$${tools:+$$tools:}$$PATH" $(BIN)/pytest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .stubs-check

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import stat
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from ensemble_core import spec, subjects
 from ensemble_core.settings import parse_endpoints
 from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token
+from tests.docker_support import built_image, compose_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -153,20 +157,6 @@ def reader_password() -> str:
     ).stdout.strip()  # fmt: skip
 
 
-def docker_unavailable() -> str | None:
-    """Why the stack cannot run here, or None when a Docker engine and `docker compose` answer."""
-    try:
-        import docker
-
-        docker.from_env().ping()
-    except Exception as exc:
-        return f"no Docker engine answers ({type(exc).__name__}): the compose stack cannot run here"
-    compose = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
-    if compose.returncode != 0:
-        return "the docker compose plugin is not installed"
-    return None
-
-
 async def finished_members(url: str, ensemble: spec.Ensemble, timeout: float) -> dict[int, str]:
     """Wait until every member's last event is terminated or completed; return {member: that event}."""
     nc = await nats.connect(url)
@@ -185,36 +175,123 @@ async def finished_members(url: str, ensemble: spec.Ensemble, timeout: float) ->
                 last[member.index] = json.loads(msg.data or b"{}").get("event", "")
             if len(last) == len(ensemble.members) and set(last.values()) <= {"terminated", "completed"}:
                 return last
-            await asyncio.sleep(2)
+            await asyncio.sleep(1)
         return last
     finally:
         await nc.close()
 
 
-@pytest.mark.timeout(900)
-async def test_compose_stack_runs_the_ensemble_to_completion() -> None:
-    reason = docker_unavailable()
-    if reason:
-        pytest.skip(reason)
+async def applied_count(url: str) -> int:
+    """How many decisions the actuator has applied so far (0 while the stream does not exist)."""
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.ALL_APPLIED)
+        return sum((info.state.subjects or {}).values())
+    except Exception:
+        return 0
+    finally:
+        await nc.close()
+
+
+#: Run in a sidecar container: its jobs as JSON lines, read with its own token (every page of jobinfo).
+JOBS_OF_SIDECAR = """
+import asyncio, json
+from ensemble_core.sidecar_client import SidecarClient
+from ensemble_core.wire import JobInfo
+
+async def main():
+    token = open("/run/ensemble/sidecar/token").read()
+    async with SidecarClient("127.0.0.1:50051", token) as client:
+        offset = 0
+        while True:
+            page = await client.action("jobinfo", {"offset": offset, "limit": 500}, list[JobInfo])
+            for job in page:
+                print(json.dumps({"group": job.group, "state": job.state, "success": job.success}))
+            if len(page) < 500:
+                break
+            offset += len(page)
+
+asyncio.run(main())
+"""
+
+
+def jobs_of(service: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        ["docker", "compose", "exec", "-T", service, "python", "-c", JOBS_OF_SIDECAR],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def crash(service: str) -> None:
+    """SIGKILL the process of ``service``'s container from outside, as a crash would (not `docker kill`,
+    which the engine counts as the user's and does not restart)."""
+    container = subprocess.run(
+        ["docker", "compose", "ps", "-q", service], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    pid = int(subprocess.run(["docker", "inspect", "--format", "{{.State.Pid}}", container],
+                             capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    os.kill(pid, signal.SIGKILL)
+
+
+def restarts(service: str) -> int:
+    container = subprocess.run(
+        ["docker", "compose", "ps", "-aq", service], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return int(subprocess.run(["docker", "inspect", "--format", "{{.RestartCount}}", container],
+                              capture_output=True, text=True, check=True).stdout)  # fmt: skip
+
+
+@pytest.fixture
+def stack_env(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The compose project of one test: the image built once per session, a project name of its own."""
+    problem = compose_problem()
+    if problem:
+        pytest.skip(problem)
+    monkeypatch.setenv("ENSEMBLE_IMAGE", built_image())
+    project = f"ensemble-test-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("COMPOSE_PROJECT_NAME", project)
+    return project
+
+
+async def run_stack(crash_after_first_decision: str | None = None) -> None:
+    """Run docker-compose.yml until both members terminate; check every job ran exactly once and succeeded."""
     from testcontainers.compose import DockerCompose
 
     ensemble = spec.load(str(mounted_ensemble(SERVICES["creator"])), "default")
-    with DockerCompose(str(ROOT), compose_file_name="docker-compose.yml", build=True, wait=False) as stack:
+    with DockerCompose(str(ROOT), compose_file_name="docker-compose.yml", build=False, wait=False) as stack:
         host = stack.get_service_host("nats", 4222) or "127.0.0.1"
         port = stack.get_service_port("nats", 4222)
         # NATS takes only the stack's users: read with the reader's password, from its volume
         password = await asyncio.to_thread(reader_password)
         url = f"nats://reader:{password}@{host}:{port}"
+        if crash_after_first_decision:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 120
+            while await applied_count(url) < 1:
+                assert loop.time() < deadline, stack.get_logs(crash_after_first_decision)
+                await asyncio.sleep(0.2)
+            crash(crash_after_first_decision)
         last = await finished_members(url, ensemble, timeout=300)
         assert last == dict.fromkeys(range(len(ensemble.members)), "terminated"), stack.get_logs("actuator")
-        nc = await nats.connect(url)
-        try:
-            js = nc.jetstream()
-            for member in ensemble.members:
-                address = MemberAddress(ensemble.namespace, ensemble.name, member.index)
-                snapshot = await js.get_last_msg(subjects.METRICS_STREAM, subjects.metrics(address))
-                metrics = json.loads(snapshot.data or b"{}")
-                assert metrics["finished"] == sum(job.count for job in member.jobs)
-                assert metrics["failed"] == 0
-        finally:
-            await nc.close()
+        if crash_after_first_decision:
+            assert restarts(crash_after_first_decision) >= 1, "the crashed service was not restarted"
+        for member in ensemble.members:
+            jobs = await asyncio.to_thread(jobs_of, f"sidecar-{member.index}")
+            expected = {job.name: job.count for job in member.jobs}
+            ran: dict[str, int] = {}
+            for job in jobs:
+                assert job["success"] is True, job
+                ran[job["group"]] = ran.get(job["group"], 0) + 1
+            assert ran == expected, f"member {member.index}: ran {ran}, expected each job once: {expected}"
+
+
+@pytest.mark.timeout(900)
+async def test_compose_stack_runs_the_ensemble_to_completion_each_job_once(stack_env: str) -> None:
+    await run_stack()
+
+
+@pytest.mark.timeout(900)
+async def test_compose_stack_completes_when_the_actuator_crashes_mid_run(stack_env: str) -> None:
+    await run_stack(crash_after_first_decision="actuator")
