@@ -39,7 +39,14 @@ class Addressed(Base, kw_only=True):
 
 
 class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One job group of an ensemble member: ``count`` jobs running ``command`` on ``nodes`` nodes."""
+    """One job group of an ensemble member: ``count`` jobs running ``command`` on ``nodes`` nodes.
+
+    A job's identity is (member, group ``name``, index): the group's jobs are numbered from 0.
+    ``retries`` failed attempts (nonzero exit) and ``lost_retries`` lost ones (node, sidecar or broker
+    gone, or killed by a shrink) are submitted again; the operator's ledger (``services/actuator/ledger.py``)
+    owns that. In a submit to a sidecar, ``start`` is the index of the first of these ``count`` jobs and
+    ``attempt`` their attempt number (None: the sidecar numbers them after the group's last).
+    """
 
     name: str
     command: str
@@ -48,6 +55,10 @@ class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     tasks: NonNegative = 0
     workdir: str = ""
     duration: NonNegative = 0
+    retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
+    lost_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+    start: NonNegative | None = None
+    attempt: Positive = 1
 
 
 class AlgorithmSpec(msgspec.Struct, kw_only=True):
@@ -146,6 +157,10 @@ class Metrics(Addressed, tag="metrics", kw_only=True):
     finished: NonNegative = 0
     failed: NonNegative = 0
     groups: dict[str, GroupStats] = {}
+    #: Jobs of the member the operator's ledger does not count as done (no successful attempt, and not
+    #: out of retries): running, waiting, or about to be submitted again. None: not known (a recording
+    #: made before the ledger, or a poller that cannot read it). An algorithm is idle only at 0.
+    outstanding: NonNegative | None = None
 
 
 Action: TypeAlias = Literal["scale", "submit", "terminate", "complete"]
@@ -191,6 +206,51 @@ class Applied(Addressed, tag="applied", kw_only=True):
     error: str = ""
 
 
+JobResult: TypeAlias = Literal["succeeded", "failed", "lost", "cancelled"]
+
+
+class JobEnded(Addressed, tag="job", kw_only=True):
+    """One attempt of a job ended on a member's sidecar (subject ``ensemble.jobs.<member>``).
+
+    ``instance`` names the queue the attempt ran in (a sidecar's journal, or a Flux instance) and
+    ``seq`` its place in that queue's order of ends (1, 2, ...): together they identify the report.
+    """
+
+    instance: str
+    seq: Positive
+    id: NonNegative
+    group: str
+    index: NonNegative
+    attempt: Positive
+    result: JobResult
+    time: float
+    nodes: Positive = 1
+    command: str = ""
+    returncode: int | None = None
+    t_submit: float = 0.0
+    t_run: float | None = None
+    t_end: float = 0.0
+    reason: str = ""
+    output: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    params: dict[str, str] = {}
+
+
+class InstanceChanged(Addressed, tag="instance", kw_only=True):
+    """A member's sidecar answers from another queue than before: what ``previous`` held is gone.
+
+    Every attempt submitted to ``previous`` that had not ended is lost (and submitted again).
+    """
+
+    previous: str
+    instance: str
+    time: float
+
+
+JobReport: TypeAlias = JobEnded | InstanceChanged
+
+
 class DeadLetter(msgspec.Struct, kw_only=True):
     """A message a service could not decode or validate, kept with the reason."""
 
@@ -201,7 +261,7 @@ class DeadLetter(msgspec.Struct, kw_only=True):
     data: bytes
 
 
-Message: TypeAlias = Metrics | Decision | MemberEvent | Applied | MemberSpec
+Message: TypeAlias = Metrics | Decision | MemberEvent | Applied | MemberSpec | JobEnded | InstanceChanged
 
 _encoder = msgspec.json.Encoder()
 

@@ -19,7 +19,7 @@ from ensemble_core.messages import decode
 from ensemble_core.rpc import ensemble_service_pb2 as pb
 from ensemble_core.rpc import ensemble_service_pb2_grpc as pb_grpc
 from ensemble_core.settings import Settings, SettingsError
-from ensemble_core.wire import StatusPayload, decode_status
+from ensemble_core.wire import MAX_ENDED_PAGE, EndedRequest, EndedResult, StatusPayload, decode_status
 
 T = TypeVar("T")
 
@@ -187,6 +187,24 @@ class SidecarClient:
             return decode(response.payload or "{}", result)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise SidecarError(action, pb.Response.ERROR, f"unreadable answer: {exc}") from exc
+
+    async def ended(self, after: int, limit: int = MAX_ENDED_PAGE) -> EndedResult:
+        """The jobs that ended after the ``after``-th end (``RequestJobs``; the status token may call it).
+
+        Raises :class:`SidecarUnimplemented` on a sidecar without it (an original one).
+        """
+        payload = msgspec.json.encode(EndedRequest(after=after, limit=limit)).decode()
+        request = pb.ActionRequest(member=self.member, action="ended", payload=payload)
+        try:
+            response = await self._stub.RequestJobs(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate("ended", exc) from exc
+        if response.status != pb.Response.SUCCESS:
+            raise SidecarError("ended", response.status, _error_text(response.payload))
+        try:
+            return decode(response.payload, EndedResult)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise SidecarError("ended", pb.Response.ERROR, f"unreadable answer: {exc}") from exc
 
 
 def _translate(action: str, exc: grpc.aio.AioRpcError) -> Exception:

@@ -35,6 +35,9 @@ class StatusPayload(msgspec.Struct, kw_only=True, rename={"next_jobs": "nextJobs
     groups: dict[str, GroupStats] = {}
     time: float | None = None
     terminated: bool = False
+    #: The queue this sidecar answers from (its journal's, or the Flux instance's): another value than
+    #: before means what was queued before is gone. Empty: an original sidecar, which does not say.
+    instance: str = ""
 
 
 class SubmitPayload(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -51,6 +54,8 @@ class SubmitResult(msgspec.Struct, kw_only=True):
 
     submitted: int
     duplicate: bool = False
+    #: The queue the jobs went to (``StatusPayload.instance``).
+    instance: str = ""
 
 
 class ResizePayload(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -80,6 +85,39 @@ class JobInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     returncode: int | None = None
     success: bool | None = None
     output: str = ""
+    #: The job's identity in its group, and which attempt this is.
+    index: int = 0
+    attempt: int = 1
+    #: How it ended (``succeeded``, ``failed``, ``lost``, ``cancelled``); empty while it has not.
+    result: str = ""
+    #: Why it was lost or cancelled.
+    reason: str = ""
+    #: Its place in the queue's order of ends (1, 2, ...); 0 while it has not ended.
+    end_seq: int = 0
+    #: Files holding its whole stdout / stderr, where the backend writes them.
+    stdout: str = ""
+    stderr: str = ""
+    #: Its parameters (a job group's ``matrix``).
+    params: dict[str, str] = {}
+
+
+#: Most ended jobs one ``RequestJobs`` answer carries.
+MAX_ENDED_PAGE = 1000
+
+
+class EndedRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``RequestJobs``: the jobs that ended after the ``after``-th end (0: from the first), at most ``limit``."""
+
+    after: Annotated[int, msgspec.Meta(ge=0)] = 0
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_ENDED_PAGE)] = MAX_ENDED_PAGE
+
+
+class EndedResult(msgspec.Struct, kw_only=True):
+    """Answer to ``RequestJobs``: the queue's instance, the jobs in end order, and how many have ended."""
+
+    instance: str
+    jobs: list[JobInfo]
+    ended: int
 
 
 def decode_status(payload: str | bytes) -> StatusPayload:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ensemble_core.wire import (
+    EndedResult,
     JobInfo,
     ResizeResult,
     StatusPayload,
@@ -92,6 +93,10 @@ class Backend(Protocol):
 
     async def job_page(self, offset: int, limit: int) -> list[JobInfo]:
         """At most ``limit`` jobs in submit order, from the ``offset``-th (0: the first)."""
+        ...
+
+    async def ended(self, after: int, limit: int) -> EndedResult:
+        """At most ``limit`` jobs in the order they ended, after the ``after``-th (0: from the first)."""
         ...
 
     async def grow(self, size: int) -> ResizeResult:

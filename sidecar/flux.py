@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ensemble_core.messages import NodeCounts
-from ensemble_core.wire import JobInfo, ResizeResult, StatusPayload, SubmitPayload, SubmitResult
+from ensemble_core.wire import EndedResult, JobInfo, ResizeResult, StatusPayload, SubmitPayload, SubmitResult
 from sidecar.backend import Listeners
 from sidecar.flux_link import FluxLink, FluxLinkClosed, FluxLinkError, helper_command
 from sidecar.flux_records import (
@@ -62,8 +62,9 @@ from sidecar.queue import (
     QueueError,
     QueueTerminated,
     QueueUnavailable,
+    expand_jobs,
     job_environment,
-    order_jobs,
+    job_params,
     validate_specs,
 )
 
@@ -131,6 +132,11 @@ class _Session:
         self.refused = False
         self.ready = asyncio.Event()
         self._changed = changed
+
+    def instance(self) -> str:
+        """The Flux instance's name for ``StatusPayload.instance``: its URI and broker start time, the same
+        for every sidecar that reaches it (its jobs outlive a sidecar), another once the broker restarted."""
+        return f"flux:{self.hello.get('uri', '')}@{self.hello.get('starttime', '')}"
 
     def on_push(self, message: Mapping[str, Any]) -> None:
         kind = message.get("push")
@@ -248,7 +254,9 @@ class FluxBackend(Listeners):
     def status(self) -> StatusPayload:
         """Nodes of the partition from the resource state, queue counts from the journal (from memory)."""
         session = self._healthy()
-        return session.state.status(self._nodes(session), time.time(), size=self._size, terminated=self._terminated)
+        return session.state.status(
+            self._nodes(session), time.time(), size=self._size, terminated=self._terminated, instance=session.instance()
+        )
 
     async def submit(self, payload: SubmitPayload) -> SubmitResult:
         """Submit the jobs Flux has not seen for ``payload.key`` (all of them without a key)."""
@@ -288,6 +296,12 @@ class FluxBackend(Listeners):
     async def job_page(self, offset: int, limit: int) -> list[JobInfo]:
         """At most ``limit`` jobs of the member in submit order, from the ``offset``-th."""
         return self._healthy().state.page(offset, limit)
+
+    async def ended(self, after: int, limit: int) -> EndedResult:
+        """At most ``limit`` of the member's jobs in the order they ended, after the ``after``-th."""
+        session = self._healthy()
+        state = session.state
+        return EndedResult(instance=session.instance(), jobs=state.ended(after, limit), ended=state.ended_count)
 
     async def grow(self, size: int) -> ResizeResult:
         """Let the member use ``size`` ranks (>= the current size): undrain the lowest it gave up."""
@@ -502,20 +516,39 @@ class FluxBackend(Listeners):
     async def _submit(self, payload: SubmitPayload) -> SubmitResult:
         session = self._healthy()
         template = self._template()
-        done = session.state.key_indices(payload.key) if payload.key else set()
-        ordered = order_jobs(payload.jobs, payload.order, payload.seed)
-        todo = [(index, spec) for index, spec in enumerate(ordered) if index not in done]
+        state = session.state
+        done = state.key_indices(payload.key) if payload.key else set()
+        ordered = expand_jobs(payload.jobs, payload.order, payload.seed, state.next_index)
+        # an attempt goes to Flux once: not again with the same key (the journal replays past jobs with their
+        # attributes, also after a sidecar restart), nor in another submit that carries it again
+        todo = [
+            (index, spec, job_index)
+            for index, (spec, job_index) in enumerate(ordered)
+            if index not in done and not state.has_attempt(spec.name, job_index, spec.attempt)
+        ]
+        for _, spec, job_index in todo:
+            state.note_attempt(spec.name, job_index, spec.attempt)
         sent = 0
         for start in range(0, len(todo), SUBMIT_BATCH):
             batch = todo[start : start + SUBMIT_BATCH]
-            jobspecs = [build_jobspec(spec, template, key=payload.key, index=index) for index, spec in batch]
+            jobspecs = [
+                build_jobspec(
+                    spec,
+                    template,
+                    key=payload.key,
+                    index=index,
+                    job_index=job_index,
+                    params=job_params(spec, job_index),
+                )
+                for index, spec, job_index in batch
+            ]
             answer = await self._call(session, "submit", jobspecs=jobspecs)
             refused: tuple[int, str, str] | None = None
-            for (index, spec), outcome in zip(batch, answer["ids"], strict=True):
+            for (index, spec, _), outcome in zip(batch, answer["ids"], strict=True):
                 if "id" in outcome:
                     sent += 1
                     if payload.key:
-                        session.state.note_submitted(payload.key, index)
+                        state.note_submitted(payload.key, index)
                 elif refused is None:
                     refused = (index, spec.name, str(outcome.get("error", "")))
             if refused is not None:
@@ -525,7 +558,9 @@ class FluxBackend(Listeners):
                     "queued, retry with the same key to queue the rest"
                 )
         log.info("submit jobs=%d sent=%d key=%r", len(ordered), sent, payload.key)
-        return SubmitResult(submitted=len(ordered), duplicate=bool(payload.key) and sent == 0)
+        return SubmitResult(
+            submitted=len(ordered), duplicate=bool(payload.key) and sent == 0, instance=session.instance()
+        )
 
     async def _resize(self, size: int) -> ResizeResult:
         if self._terminated:

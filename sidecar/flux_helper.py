@@ -143,6 +143,8 @@ class Helper:
                 "owner": int(handle.attr_get("security.owner")),
                 "uid": os.getuid(),
                 "size": int(handle.attr_get("size")),
+                "starttime": handle.attr_get("broker.starttime"),
+                "uri": handle.attr_get("local-uri"),
                 "python": sys.version.split()[0],
                 "executable": sys.executable,
             },

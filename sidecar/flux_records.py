@@ -34,7 +34,7 @@ from typing import Any
 
 from ensemble_core.messages import JobSpec, NodeCounts, QueueCounts
 from ensemble_core.wire import JobInfo, StatusPayload
-from sidecar.queue import NEXT_JOBS, GroupTally, JobState, QueueError
+from sidecar.queue import NEXT_JOBS, GroupTally, JobState, QueueError, job_command, job_environment_params
 
 #: The journal's sentinel record id: the replay of past jobs ends here.
 SENTINEL_ID = -1
@@ -44,6 +44,14 @@ GROUP_ATTRIBUTE = "group"
 MEMBER_ATTRIBUTE = "ensemble_member"
 KEY_ATTRIBUTE = "ensemble_key"
 INDEX_ATTRIBUTE = "ensemble_index"
+#: The job's index in its group and its attempt number (``JobSpec.start`` / ``attempt``).
+JOB_INDEX_ATTRIBUTE = "ensemble_job"
+ATTEMPT_ATTRIBUTE = "ensemble_attempt"
+PARAMS_ATTRIBUTE = "ensemble_params"
+#: Exception types that mean the job's node or shell went away (flux-core's job-exec raises
+#: ``node-failure`` for a lost shell), and the type the sidecar raises on a job a shrink's grace ran out
+#: on: the job is lost, not failed.
+LOST_EXCEPTIONS = frozenset({"node-failure", "lost-shell", "ensemble-shrink"})
 
 #: Every drain reason the sidecar writes starts with this, then the member's tag.
 DRAIN_PREFIX = "ensemble-sidecar"
@@ -84,6 +92,22 @@ class _Job:
     success: bool = True
     returncode: int | None = None
     cancelled: bool = False
+    index: int = 0
+    attempt: int = 1
+    lost: bool = False
+    reason: str = ""
+    end_seq: int = 0
+    params: dict[str, str] = field(default_factory=dict)
+
+    def result(self) -> str:
+        """How it ended (``succeeded``, ``failed``, ``lost``, ``cancelled``); empty while it has not."""
+        if self.state is not JobState.INACTIVE:
+            return ""
+        if self.lost:
+            return "lost"
+        if self.cancelled:
+            return "cancelled"
+        return "succeeded" if self.success else "failed"
 
     def info(self) -> JobInfo:
         """This job as ``jobinfo`` reports it (``success`` and ``returncode`` once it is inactive)."""
@@ -99,6 +123,12 @@ class _Job:
             t_inactive=self.t_inactive,
             returncode=self.returncode if inactive else None,
             success=self.success if inactive else None,
+            index=self.index,
+            attempt=self.attempt,
+            result=self.result(),
+            reason=self.reason,
+            end_seq=self.end_seq,
+            params=self.params,
         )
 
 
@@ -335,6 +365,12 @@ class JournalState:
         self._waiting_by_nodes: Counter[int] = Counter()
         self._groups: dict[str, GroupTally] = {}
         self._keys: dict[str, set[int]] = {}
+        #: Every (group, index, attempt) seen submitted: an attempt is sent to Flux once.
+        self._attempts: set[tuple[str, int, int]] = set()
+        #: Per group, the next index a job submitted without ``start`` gets.
+        self.next_index: dict[str, int] = {}
+        #: The member's jobs in the order they became inactive.
+        self._ended: list[_Job] = []
         # Cores held by every job of the instance (any member's), from alloc until free: rank → core → jobs.
         self._holding: dict[int, dict[int, set[int]]] = {}
         self._held: dict[int, dict[int, Counter[int]]] = {}
@@ -384,7 +420,7 @@ class JournalState:
         return [job.info() for job in itertools.islice(self._jobs.values(), offset, offset + limit)]
 
     def status(
-        self, nodes: NodeCounts, now: float, *, size: int | None = None, terminated: bool = False
+        self, nodes: NodeCounts, now: float, *, size: int | None = None, terminated: bool = False, instance: str = ""
     ) -> StatusPayload:
         """The status payload: these counts with the instance's ``nodes`` at ``now`` (O(groups))."""
         return StatusPayload(
@@ -400,12 +436,32 @@ class JournalState:
             groups={name: group.stats() for name, group in self._groups.items()},
             time=now,
             terminated=terminated,
+            instance=instance,
         )
 
     def allocated(self) -> dict[int, set[int]]:
         """The cores each rank has allocated to a job now (any job of the instance), from the journal:
         consistent with the job states at every instant, unlike a separate resource query."""
         return {rank: {core for core, jobs in cores.items() if jobs} for rank, cores in self._held.items()}
+
+    @property
+    def ended_count(self) -> int:
+        """How many of the member's jobs have ended."""
+        return len(self._ended)
+
+    def ended(self, after: int, limit: int) -> list[JobInfo]:
+        """At most ``limit`` of the member's jobs in the order they ended, after the ``after``-th."""
+        return [job.info() for job in self._ended[after : after + limit]]
+
+    def has_attempt(self, group: str, index: int, attempt: int) -> bool:
+        """Whether this attempt of the job was submitted already."""
+        return (group, index, attempt) in self._attempts
+
+    def note_attempt(self, group: str, index: int, attempt: int) -> None:
+        """Remember an attempt as submitted (before its journal record arrives)."""
+        self._attempts.add((group, index, attempt))
+        if index >= self.next_index.get(group, 0):
+            self.next_index[group] = index + 1
 
     def key_indices(self, key: str) -> set[int]:
         """Indices (``attributes.user.ensemble_index``) of the jobs submitted with ``key`` seen so far."""
@@ -480,7 +536,13 @@ class JournalState:
             self._move(job, target)
         elif name == "exception" and context.get("severity") == 0:
             job.success = False
-            job.cancelled = job.cancelled or context.get("type") == "cancel"
+            kind = str(context.get("type") or "")
+            job.cancelled = job.cancelled or kind == "cancel"
+            if kind in LOST_EXCEPTIONS:
+                job.lost = True
+                job.reason = f"lost: {kind}: {context.get('note') or 'no note'}"
+            elif not job.reason:
+                job.reason = f"{kind}: {context.get('note') or 'no note'}"
             if _ORDER.index(job.state) < _ORDER.index(JobState.CLEANUP):
                 self._move(job, JobState.CLEANUP)
         elif name in _NEXT_STATE:
@@ -514,6 +576,15 @@ class JournalState:
         self._jobs[job_id] = self._active[job_id] = job
         self._states[JobState.NEW] += 1
         self._group(job.group).submitted += 1
+        job_index, attempt = user.get(JOB_INDEX_ATTRIBUTE), user.get(ATTEMPT_ATTRIBUTE)
+        if isinstance(job_index, int) and not isinstance(job_index, bool) and job_index >= 0:
+            job.index = job_index
+        if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt >= 1:
+            job.attempt = attempt
+        params = user.get(PARAMS_ATTRIBUTE)
+        if isinstance(params, Mapping):
+            job.params = {str(name): str(value) for name, value in params.items()}
+        self.note_attempt(job.group, job.index, job.attempt)
         key, index = user.get(KEY_ATTRIBUTE), user.get(INDEX_ATTRIBUTE)
         if isinstance(key, str) and key and isinstance(index, int):
             self.note_submitted(key, index)
@@ -537,6 +608,8 @@ class JournalState:
                 # ended before it ran (or without a finish): Flux's convention, -128 for a cancel
                 job.returncode = -128 if job.cancelled else 1
             self.finished += 1
+            self._ended.append(job)
+            job.end_seq = len(self._ended)
             if not job.success:
                 self.failed += 1
             self._group(job.group).ended(
@@ -586,15 +659,25 @@ class JobTemplate:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-def build_jobspec(spec: JobSpec, template: JobTemplate, *, key: str = "", index: int = 0) -> dict[str, Any]:
+def build_jobspec(
+    spec: JobSpec,
+    template: JobTemplate,
+    *,
+    key: str = "",
+    index: int = 0,
+    job_index: int = 0,
+    params: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """The RFC 25 (version 1) jobspec of one job of ``spec``: ``spec.nodes`` whole nodes (``exclusive``),
     ``spec.tasks`` tasks spread over them (one per node when 0), the group as the job's name, the
-    template's environment, and the user attributes the journal reads back (group, member, key, index).
+    template's environment, and the user attributes the journal reads back (group, member, key, index
+    in the submit, the job's index in its group, its attempt and its parameters).
 
     Raises :class:`QueueError` naming the field when the command cannot be split into arguments.
     """
+    params = dict(params or {})
     try:
-        command = shlex.split(spec.command)
+        command = shlex.split(job_command(spec, params))
     except ValueError as exc:
         raise QueueError(f"command: cannot be split into arguments: {exc}") from None
     if not command:
@@ -605,7 +688,7 @@ def build_jobspec(spec: JobSpec, template: JobTemplate, *, key: str = "", index:
     count: dict[str, int] = {"per_slot": 1} if per_node * nodes == tasks else {"total": tasks}
     system: dict[str, Any] = {
         "duration": spec.duration,
-        "environment": dict(template.environment),
+        "environment": {**template.environment, **job_environment_params(params)},
         "job": {"name": spec.name},
     }
     workdir = spec.workdir or template.workdir
@@ -613,7 +696,14 @@ def build_jobspec(spec: JobSpec, template: JobTemplate, *, key: str = "", index:
         system["cwd"] = workdir
     if template.ranks is not None:
         system["constraints"] = {"ranks": [template.ranks]}
-    user: dict[str, Any] = {GROUP_ATTRIBUTE: spec.name, **template.extra}
+    user: dict[str, Any] = {
+        GROUP_ATTRIBUTE: spec.name,
+        **template.extra,
+        JOB_INDEX_ATTRIBUTE: job_index,
+        ATTEMPT_ATTRIBUTE: spec.attempt,
+    }
+    if params:
+        user[PARAMS_ATTRIBUTE] = params
     if template.member:
         user[MEMBER_ATTRIBUTE] = template.member
     if key:

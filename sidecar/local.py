@@ -31,6 +31,7 @@ import msgspec
 
 from ensemble_core.messages import JobSpec
 from ensemble_core.wire import (
+    EndedResult,
     JobInfo,
     Order,
     ResizeResult,
@@ -86,6 +87,8 @@ class Opened(_Record, tag="open"):
     nodes: int
     cores: int
     max_nodes: int
+    #: The queue's name (``StatusPayload.instance``), the same for every backend that replays this journal.
+    instance: str = ""
 
 
 class Submitted(_Record, tag="submit"):
@@ -324,6 +327,12 @@ class LocalBackend(Listeners):
         """At most ``limit`` jobs in submit order, from the ``offset``-th."""
         return [job.info() for job in self.queue.page(offset, limit)]
 
+    async def ended(self, after: int, limit: int) -> EndedResult:
+        """At most ``limit`` jobs in the order they ended, after the ``after``-th."""
+        queue = self.queue
+        jobs = [job.info() for job in queue.ended(after, limit)]
+        return EndedResult(instance=queue.instance, jobs=jobs, ended=queue.ended_count)
+
     async def grow(self, size: int) -> ResizeResult:
         """Request ``size`` nodes (>= the current size); they come up after the provisioning delay."""
         to_provision = self.queue.grow(size)
@@ -417,7 +426,10 @@ class LocalBackend(Listeners):
         assert self._journal is not None
         path = self._journal.path
         if not records:
-            self._record(Opened(nodes=self.queue.size, cores=self.queue.cores, max_nodes=self.queue.max_nodes))
+            queue = self.queue
+            self._record(
+                Opened(nodes=queue.size, cores=queue.cores, max_nodes=queue.max_nodes, instance=queue.instance)
+            )
             return
         opened = records[0]
         if not isinstance(opened, Opened):
@@ -425,7 +437,11 @@ class LocalBackend(Listeners):
         shape = (opened.nodes, opened.cores, opened.max_nodes)
         if shape != (self.queue.size, self.queue.cores, self.queue.max_nodes):
             log.warning("journal: keeping the queue's recorded nodes, cores, max_nodes %s", shape)
-        self.queue = queue = Queue(nodes=opened.nodes, cores=opened.cores, max_nodes=opened.max_nodes)
+        # a journal written before queues had names: one derived from where it lies, stable across restarts
+        instance = opened.instance or f"journal:{path.resolve()}"
+        self.queue = queue = Queue(
+            nodes=opened.nodes, cores=opened.cores, max_nodes=opened.max_nodes, instance=instance
+        )
         pids: dict[int, Spawned] = {}
         for number, record in enumerate(records[1:], 2):
             try:

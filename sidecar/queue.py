@@ -38,6 +38,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
+import uuid
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,17 @@ class Job:
     returncode: int | None = None
     success: bool | None = None
     output: str = ""
+    #: Identity: the job's index in its group and the attempt this is.
+    index: int = 0
+    attempt: int = 1
+    params: dict[str, str] = field(default_factory=dict)
+    #: How it ended (``succeeded``, ``failed``, ``lost``, ``cancelled``), why, and its place in the end order.
+    result: str = ""
+    reason: str = ""
+    end_seq: int = 0
+    #: Files holding its whole stdout / stderr (the local backend with an output directory).
+    stdout: str = ""
+    stderr: str = ""
 
     def info(self) -> JobInfo:
         """This job as ``jobinfo`` reports it."""
@@ -126,6 +138,14 @@ class Job:
             returncode=self.returncode,
             success=self.success,
             output=self.output,
+            index=self.index,
+            attempt=self.attempt,
+            result=self.result,
+            reason=self.reason,
+            end_seq=self.end_seq,
+            stdout=self.stdout,
+            stderr=self.stderr,
+            params=self.params,
         )
 
 
@@ -188,14 +208,43 @@ def order_jobs(specs: Sequence[JobSpec], order: Order, seed: int) -> list[JobSpe
     sort by ``nodes`` (stable: equal widths keep their given order); ``random`` shuffles with
     ``random.Random(seed)``, so the same seed gives the same order.
     """
-    jobs = [spec for spec in specs for _ in range(spec.count)]
+    return [spec for spec, _ in expand_jobs(specs, order, seed, {})]
+
+
+def expand_jobs(
+    specs: Sequence[JobSpec], order: Order, seed: int, next_index: Mapping[str, int]
+) -> list[tuple[JobSpec, int]]:
+    """:func:`order_jobs` with each job's index in its group: ``spec.start`` onwards, or when the spec
+    names no start, onwards from ``next_index[group]`` (the group's next unused index; 0 for a new
+    group), counting on across the specs of one group in this submit."""
+    following = dict(next_index)
+    jobs: list[tuple[JobSpec, int]] = []
+    for spec in specs:
+        first = following.get(spec.name, 0) if spec.start is None else spec.start
+        jobs.extend((spec, first + k) for k in range(spec.count))
+        following[spec.name] = max(following.get(spec.name, 0), first + spec.count)
     if order == "ascending":
-        jobs.sort(key=lambda spec: spec.nodes)
+        jobs.sort(key=lambda job: job[0].nodes)
     elif order == "descending":
-        jobs.sort(key=lambda spec: -spec.nodes)
+        jobs.sort(key=lambda job: -job[0].nodes)
     elif order == "random":
         random.Random(seed).shuffle(jobs)
     return jobs
+
+
+def job_params(spec: JobSpec, index: int) -> dict[str, str]:
+    """The parameters of job ``index`` of a group (its ``matrix`` combination); none without a matrix."""
+    return {}
+
+
+def job_command(spec: JobSpec, params: Mapping[str, str]) -> str:
+    """The command job with these parameters runs (placeholders filled in); the group's own without any."""
+    return spec.command
+
+
+def job_environment_params(params: Mapping[str, str]) -> dict[str, str]:
+    """The environment variables that carry a job's parameters (``ENSEMBLE_PARAM_<NAME>``)."""
+    return {}
 
 
 def validate_specs(specs: Sequence[JobSpec], max_nodes: int) -> None:
@@ -233,8 +282,12 @@ class Queue:
         max_nodes: int | None = None,
         keep_keys: int = KEEP_KEYS,
         keep_outputs: int = KEEP_OUTPUTS,
+        instance: str = "",
     ) -> None:
         """Start with ``nodes`` nodes up and requested; ``max_nodes`` (default ``nodes``) caps growth.
+
+        ``instance`` names this queue (:attr:`StatusPayload.instance`); empty: a new random name.
+        Whoever keeps the queue across restarts (the local backend's journal) passes the same name again.
 
         The ``keep_keys`` most recent idempotency keys are remembered, and the outputs of the
         ``keep_outputs`` most recently finished jobs are kept (older ones are dropped).
@@ -267,6 +320,13 @@ class Queue:
         self._failed = 0
         self._lost = 0
         self._keys: dict[str, SubmitResult] = {}
+        self.instance = instance or uuid.uuid4().hex
+        #: Per group, the next index a job submitted without ``start`` gets.
+        self._next_index: dict[str, int] = {}
+        #: Every (group, index, attempt) queued: an attempt is queued once, whatever submits carry it.
+        self._attempts: set[tuple[str, int, int]] = set()
+        #: Jobs in the order they ended (``ended``).
+        self._ended: list[Job] = []
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -310,6 +370,15 @@ class Queue:
         newest.reverse()
         return newest
 
+    @property
+    def ended_count(self) -> int:
+        """How many jobs have ended (succeeded, failed, lost or cancelled)."""
+        return len(self._ended)
+
+    def ended(self, after: int, limit: int) -> list[Job]:
+        """At most ``limit`` jobs in the order they ended, after the ``after``-th (0: from the first)."""
+        return self._ended[after : after + limit]
+
     def status(self, now: float) -> StatusPayload:
         """A snapshot of nodes, queue and groups at ``now`` (O(groups + NEXT_JOBS))."""
         free = self.nodes_free
@@ -334,6 +403,7 @@ class Queue:
             groups={name: group.stats() for name, group in self._groups.items()},
             time=now,
             terminated=self.terminated,
+            instance=self.instance,
         )
 
     # -- jobs ------------------------------------------------------------------------------------
@@ -348,7 +418,8 @@ class Queue:
         """Queue the job groups in ``order`` (see :func:`order_jobs`); all or nothing.
 
         A non-empty ``key`` seen before returns the first submit's result with ``duplicate=True``
-        and queues nothing, so a client may retry a submit whose answer it lost.
+        and queues nothing, so a client may retry a submit whose answer it lost. An attempt (group,
+        index, attempt) already queued is left out, whichever submit carries it again.
         Raises :class:`QueueError` (naming the field) for invalid jobs, :class:`QueueTerminated`
         after :meth:`terminate`. Call :meth:`schedule` afterwards to start what fits.
         """
@@ -356,29 +427,40 @@ class Queue:
             raise QueueError(f"key: {len(key)} characters exceeds the limit of {MAX_KEY_LENGTH}")
         if key and key in self._keys:
             first = self._keys[key]
-            return SubmitResult(submitted=first.submitted, duplicate=True)
+            return SubmitResult(submitted=first.submitted, duplicate=True, instance=self.instance)
         if self.terminated:
             raise QueueTerminated("action: the queue is terminated and accepts no more jobs")
         self.validate(specs)
-        ordered = order_jobs(specs, order, seed)
-        for spec in ordered:
+        queued = 0
+        for spec, index in expand_jobs(specs, order, seed, self._next_index):
+            identity = (spec.name, index, spec.attempt)
+            if identity in self._attempts:
+                continue
+            self._attempts.add(identity)
+            if index >= self._next_index.get(spec.name, 0):
+                self._next_index[spec.name] = index + 1
+            params = job_params(spec, index)
             job = Job(
                 id=next(self._ids),
                 group=spec.name,
-                command=spec.command,
+                command=job_command(spec, params),
                 nodes=spec.nodes,
                 tasks=spec.tasks,
                 workdir=spec.workdir,
                 duration=spec.duration,
                 t_submit=now,
                 state=JobState.SCHED,
+                index=index,
+                attempt=spec.attempt,
+                params=params,
             )
             self._jobs[job.id] = job
             self._waiting.append(job)
             self._waiting_by_nodes[job.nodes] += 1
             self._group(job.group).submitted += 1
-        self._states[JobState.SCHED] += len(ordered)
-        result = SubmitResult(submitted=len(ordered))
+            queued += 1
+        self._states[JobState.SCHED] += queued
+        result = SubmitResult(submitted=queued, instance=self.instance)
         if key:
             self._keys[key] = result
             if len(self._keys) > self.keep_keys:
@@ -414,9 +496,11 @@ class Queue:
         self.nodes_up -= min(job.nodes, self.draining)
         job.returncode = returncode
         job.success = returncode == 0
+        job.result = "succeeded" if job.success else "failed"
         self._keep_output(job, output)
         job.t_inactive = now
         self._move(job, JobState.INACTIVE)
+        self._end(job)
         group = self._group(job.group)
         self._finished += 1
         if not job.success:
@@ -437,8 +521,11 @@ class Queue:
         self.nodes_up -= min(job.nodes, self.draining)
         job.success = False
         job.output = reason
+        job.result = "lost"
+        job.reason = reason
         job.t_inactive = now
         self._move(job, JobState.INACTIVE)
+        self._end(job)
         self._finished += 1
         self._failed += 1
         self._lost += 1
@@ -463,6 +550,9 @@ class Queue:
             job.t_inactive = now
             job.success = False
             job.output = "cancelled"
+            job.result = "cancelled"
+            job.reason = "cancelled while waiting"
+            self._end(job)
         stats.finished += len(cancelled)
         stats.failed += len(cancelled)
         self._finished += len(cancelled)
@@ -523,6 +613,10 @@ class Queue:
         if group is None:
             group = self._groups[name] = GroupTally()
         return group
+
+    def _end(self, job: Job) -> None:
+        self._ended.append(job)
+        job.end_seq = len(self._ended)
 
     def _keep_output(self, job: Job, output: str) -> None:
         """Give ``job`` its output, dropping the output of the oldest finished job beyond ``keep_outputs``."""

@@ -56,7 +56,7 @@ from ensemble_core.messages import decode
 from ensemble_core.rpc import ensemble_service_pb2 as pb
 from ensemble_core.rpc import ensemble_service_pb2_grpc as pb_grpc
 from ensemble_core.tokens import status_token
-from ensemble_core.wire import ResizePayload, SubmitPayload
+from ensemble_core.wire import EndedRequest, ResizePayload, SubmitPayload
 from sidecar.backend import Backend
 from sidecar.local import LocalBackend
 from sidecar.queue import QueueError, QueueTerminated, QueueUnavailable
@@ -147,6 +147,7 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
             "cancel": self._cancel,
             "terminate": self._terminate,
             "resetCounter": self._reset_counter,
+            "ended": self._ended,
         }
 
     async def RequestStatus(self, request: pb.StatusRequest, context: Any) -> pb.Response:
@@ -180,6 +181,17 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
             # The server keeps serving; the details go to the log, not to the client.
             log.exception("action %r failed", request.action)
             return _error(f"action: {request.action} failed inside the sidecar (see its log)")
+
+    async def RequestJobs(self, request: pb.ActionRequest, context: Any) -> pb.Response:
+        """The jobs that ended after the ``after``-th end (:class:`~ensemble_core.wire.EndedResult`); a read."""
+        await self._delay()
+        try:
+            return await self._ended(request.payload)
+        except QueueUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise  # unreachable: abort raises
+        except (_Refused, QueueError) as exc:
+            return _error(str(exc))
 
     async def RequestUpdate(self, request: pb.UpdateRequest, context: Any) -> pb.Response:
         """Reserved: accepts any payload, changes nothing, answers ``SUCCESS`` with ``{}``."""
@@ -236,6 +248,12 @@ class SidecarServicer(pb_grpc.EnsembleOperatorServicer):
         else:
             listed = await self.backend.recent_jobs(wanted.limit)
         return _reply([msgspec.structs.replace(job, output=job.output[-LIST_OUTPUT:]) for job in listed])
+
+    async def _ended(self, payload: str) -> pb.Response:
+        wanted = _decode(payload, EndedRequest, "ended", optional=True)
+        result = await self.backend.ended(wanted.after, wanted.limit)
+        result.jobs = [msgspec.structs.replace(job, output=job.output[-LIST_OUTPUT:]) for job in result.jobs]
+        return _reply(result)
 
     async def _grow(self, payload: str) -> pb.Response:
         return _reply(await self.backend.grow(_decode(payload, ResizePayload, "grow").size))
@@ -298,9 +316,12 @@ class TokenInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]  # one 
 
 
 _DENIED = "missing or wrong token: send metadata 'authorization: Bearer <token>'"
-_READONLY = "the status token reads the status only (RequestStatus, WatchStatus); actions need the ensemble's token"
+_READONLY = (
+    "the status token reads the status and ended jobs only (RequestStatus, WatchStatus, RequestJobs); "
+    "actions need the ensemble's token"
+)
 #: The methods the status token opens.
-_STATUS_METHODS = (f"/{SERVICE_NAME}/RequestStatus", f"/{SERVICE_NAME}/WatchStatus")
+_STATUS_METHODS = tuple(f"/{SERVICE_NAME}/{name}" for name in ("RequestStatus", "WatchStatus", "RequestJobs"))
 
 
 async def _deny(request: Any, context: aio.ServicerContext[Any, Any]) -> None:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ensemble_core.messages import JobSpec
-from ensemble_core.wire import JobInfo, ResizeResult, StatusPayload, SubmitPayload, SubmitResult
+from ensemble_core.wire import EndedResult, JobInfo, ResizeResult, StatusPayload, SubmitPayload, SubmitResult
 from sidecar.backend import Listeners
 from sidecar.queue import Queue, QueueError
 
@@ -314,6 +314,11 @@ class SimQueue:
         """At most ``limit`` jobs in submit order, from the ``offset``-th."""
         return [job.info() for job in self.queue.page(offset, limit)]
 
+    def ended(self, after: int, limit: int) -> EndedResult:
+        """At most ``limit`` jobs in the order they ended, after the ``after``-th."""
+        jobs = [job.info() for job in self.queue.ended(after, limit)]
+        return EndedResult(instance=self.queue.instance, jobs=jobs, ended=self.queue.ended_count)
+
     def grow(self, size: int) -> ResizeResult:
         """Request ``size`` nodes (>= the current size); each new node comes up after its provisioning delay."""
         self._provision(self.queue.grow(size))
@@ -423,6 +428,11 @@ class SimBackend(Listeners):
         """:meth:`SimQueue.job_page` at the current virtual time."""
         self._catch_up()
         return self.sim.job_page(offset, limit)
+
+    async def ended(self, after: int, limit: int) -> EndedResult:
+        """:meth:`SimQueue.ended` at the current virtual time."""
+        self._catch_up()
+        return self.sim.ended(after, limit)
 
     async def grow(self, size: int) -> ResizeResult:
         """:meth:`SimQueue.grow` at the current virtual time."""

@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 import psutil
+import msgspec
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -108,13 +109,21 @@ async def test_a_retried_submit_is_queued_once_in_flux_also_by_a_restarted_sidec
     jobs = (JobSpec(name="a", command="sleep 60", count=4), JobSpec(name="b", command="true", count=3))
     async with flux_instance(tmp_path / "flux", 2) as uri:
         async with flux_sidecar(uri, tmp_path / "sidecar.log") as sidecar:
-            assert await submit(sidecar, *jobs, key="decision-1") == SubmitResult(submitted=7)
-            assert await submit(sidecar, *jobs, key="decision-1") == SubmitResult(submitted=7, duplicate=True)
+            first = await submit(sidecar, *jobs, key="decision-1")
+            assert (first.submitted, first.duplicate) == (7, False) and first.instance.startswith("flux:")
+            retried = await submit(sidecar, *jobs, key="decision-1")
+            assert (retried.submitted, retried.duplicate, retried.instance) == (7, True, first.instance)
             assert len(await flux_jobs(uri)) == 7
-        # a new sidecar learns the keys from the journal's replay
+        # a new sidecar learns the keys (and the attempts) from the journal's replay; same instance, same name
         async with flux_sidecar(uri, tmp_path / "sidecar2.log") as again:
-            assert await submit(again, *jobs, key="decision-1") == SubmitResult(submitted=7, duplicate=True)
-            assert await submit(again, *jobs, key="decision-2") == SubmitResult(submitted=7)
+            retried = await submit(again, *jobs, key="decision-1")
+            assert (retried.submitted, retried.duplicate, retried.instance) == (7, True, first.instance)
+            # the same attempts under another key are not sent again either
+            same = [msgspec.structs.replace(job, start=0) for job in jobs]
+            resent = await submit(again, *same, key="decision-1b")
+            assert (resent.submitted, resent.duplicate) == (7, True)
+            more = await submit(again, *jobs, key="decision-2")
+            assert (more.submitted, more.duplicate) == (7, False)
         assert len(await flux_jobs(uri)) == 14
 
 
@@ -275,7 +284,7 @@ async def test_a_lost_journal_makes_the_sidecar_unhealthy_until_it_reconnects(tm
         assert seen[:3] == [serving, not_serving, serving], seen
         assert helper_of(sidecar).pid != helper.pid
         again = await submit(sidecar, JobSpec(name="g", command="sleep 30", count=3), key="k")
-        assert again == SubmitResult(submitted=3, duplicate=True)
+        assert (again.submitted, again.duplicate) == (3, True)
         log = sidecar.log.read_text()
         assert "unhealthy: lost Flux" in log and "healthy again" in log
 

@@ -247,6 +247,7 @@ def test_jobspecs_ask_for_whole_nodes_name_the_group_and_carry_no_secret() -> No
     assert "s3cret" not in json.dumps(jobspec)
     assert jobspec["attributes"]["user"] == {
         "group": "lmp", "ensemble_member": "ns/e/0", "ensemble_key": "d-1", "ensemble_index": 5,
+        "ensemble_job": 0, "ensemble_attempt": 1,
     }  # fmt: skip
     # what the journal reads back from it
     assert (jobspec_nodes(jobspec), jobspec_group(jobspec)) == (2, "lmp")

@@ -54,6 +54,11 @@ class EnsembleOperatorStub:
                 request_serializer=ensemble__core_dot_rpc_dot_ensemble__service__pb2.StatusRequest.SerializeToString,
                 response_deserializer=ensemble__core_dot_rpc_dot_ensemble__service__pb2.Response.FromString,
                 _registered_method=True)
+        self.RequestJobs = channel.unary_unary(
+                '/convergedcomputing.org.grpc.v1.EnsembleOperator/RequestJobs',
+                request_serializer=ensemble__core_dot_rpc_dot_ensemble__service__pb2.ActionRequest.SerializeToString,
+                response_deserializer=ensemble__core_dot_rpc_dot_ensemble__service__pb2.Response.FromString,
+                _registered_method=True)
 
 
 class EnsembleOperatorServicer:
@@ -88,6 +93,14 @@ class EnsembleOperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestJobs(self, request, context):
+        """New: the jobs that ended, in the order they ended, from a position on (ActionRequest.payload:
+        {"after": N, "limit": M}); a read, so the status token may call it. Absent on an original sidecar.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnsembleOperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_EnsembleOperatorServicer_to_server(servicer, server):
             'WatchStatus': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchStatus,
                     request_deserializer=ensemble__core_dot_rpc_dot_ensemble__service__pb2.StatusRequest.FromString,
+                    response_serializer=ensemble__core_dot_rpc_dot_ensemble__service__pb2.Response.SerializeToString,
+            ),
+            'RequestJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestJobs,
+                    request_deserializer=ensemble__core_dot_rpc_dot_ensemble__service__pb2.ActionRequest.FromString,
                     response_serializer=ensemble__core_dot_rpc_dot_ensemble__service__pb2.Response.SerializeToString,
             ),
     }
@@ -219,6 +237,33 @@ class EnsembleOperator:
             target,
             '/convergedcomputing.org.grpc.v1.EnsembleOperator/WatchStatus',
             ensemble__core_dot_rpc_dot_ensemble__service__pb2.StatusRequest.SerializeToString,
+            ensemble__core_dot_rpc_dot_ensemble__service__pb2.Response.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convergedcomputing.org.grpc.v1.EnsembleOperator/RequestJobs',
+            ensemble__core_dot_rpc_dot_ensemble__service__pb2.ActionRequest.SerializeToString,
             ensemble__core_dot_rpc_dot_ensemble__service__pb2.Response.FromString,
             options,
             channel_credentials,

@@ -47,6 +47,10 @@ class EnsembleOperatorStub:
     """New: pushes a status snapshot whenever the queue or node state changes (coalesced), plus a
     heartbeat. Absent on an original sidecar (UNIMPLEMENTED): clients fall back to RequestStatus.
     """
+    RequestJobs: _grpc.UnaryUnaryMultiCallable[_ensemble_service_pb2.ActionRequest, _ensemble_service_pb2.Response]
+    """New: the jobs that ended, in the order they ended, from a position on (ActionRequest.payload:
+    {"after": N, "limit": M}); a read, so the status token may call it. Absent on an original sidecar.
+    """
 
 @_typing.type_check_only
 class EnsembleOperatorAsyncStub(EnsembleOperatorStub):
@@ -60,6 +64,10 @@ class EnsembleOperatorAsyncStub(EnsembleOperatorStub):
     WatchStatus: _aio.UnaryStreamMultiCallable[_ensemble_service_pb2.StatusRequest, _ensemble_service_pb2.Response]  # type: ignore[assignment]
     """New: pushes a status snapshot whenever the queue or node state changes (coalesced), plus a
     heartbeat. Absent on an original sidecar (UNIMPLEMENTED): clients fall back to RequestStatus.
+    """
+    RequestJobs: _aio.UnaryUnaryMultiCallable[_ensemble_service_pb2.ActionRequest, _ensemble_service_pb2.Response]  # type: ignore[assignment]
+    """New: the jobs that ended, in the order they ended, from a position on (ActionRequest.payload:
+    {"after": N, "limit": M}); a read, so the status token may call it. Absent on an original sidecar.
     """
 
 class EnsembleOperatorServicer(metaclass=_abc_1.ABCMeta):
@@ -95,6 +103,16 @@ class EnsembleOperatorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_ensemble_service_pb2.Response], _abc.AsyncIterator[_ensemble_service_pb2.Response]]:
         """New: pushes a status snapshot whenever the queue or node state changes (coalesced), plus a
         heartbeat. Absent on an original sidecar (UNIMPLEMENTED): clients fall back to RequestStatus.
+        """
+
+    @_abc_1.abstractmethod
+    def RequestJobs(
+        self,
+        request: _ensemble_service_pb2.ActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ensemble_service_pb2.Response, _abc.Awaitable[_ensemble_service_pb2.Response]]:
+        """New: the jobs that ended, in the order they ended, from a position on (ActionRequest.payload:
+        {"after": N, "limit": M}); a read, so the status token may call it. Absent on an original sidecar.
         """
 
 def add_EnsembleOperatorServicer_to_server(servicer: EnsembleOperatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
