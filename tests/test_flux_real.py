@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 import msgspec
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
