@@ -27,7 +27,7 @@ import msgspec
 from ensemble_core import algorithms
 from ensemble_core.messages import AlgorithmSpec, Applied, Decision, JobSpec, MemberSpec, Metrics
 from ensemble_core.spec import Ensemble, Member
-from ensemble_core.wire import ResizeResult, SubmitPayload
+from ensemble_core.wire import ResizeResult, SubmitPayload, SubmitResult
 from services.actuator.drivers import DriverError
 from services.actuator.effects import CooldownPending, InvalidDecision, apply
 from sidecar.queue import QueueError
@@ -171,10 +171,10 @@ class SimDriver:
         result: ResizeResult = self.sim.grow(target) if target > current else self.sim.shrink(target)
         return result.size
 
-    async def submit(self, member: MemberSpec, decision: Decision) -> int:
+    async def submit(self, member: MemberSpec, decision: Decision) -> SubmitResult:
         payload = SubmitPayload(jobs=decision.jobs, order=decision.order, seed=decision.seed, key=decision.id)  # type: ignore[arg-type]
         try:
-            return self.sim.submit(payload).submitted
+            return self.sim.submit(payload)
         except QueueError as exc:
             raise DriverError(str(exc), transient=False) from exc
 

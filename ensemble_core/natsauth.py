@@ -28,13 +28,18 @@ MONITOR = "monitor"
 READER = "reader"
 
 #: Our streams, and the streams behind the KV buckets.
-STREAMS = (subjects.EVENTS_STREAM, subjects.METRICS_STREAM, subjects.DECISIONS_STREAM)
+STREAMS = (subjects.EVENTS_STREAM, subjects.METRICS_STREAM, subjects.DECISIONS_STREAM, subjects.JOBS_STREAM)
 KV_STREAMS = tuple(
-    f"KV_{bucket}" for bucket in (subjects.MEMBERS_BUCKET, subjects.DECIDER_BUCKET, subjects.ACTUATOR_BUCKET)
+    f"KV_{bucket}"
+    for bucket in (subjects.MEMBERS_BUCKET, subjects.DECIDER_BUCKET, subjects.ACTUATOR_BUCKET, subjects.JOBS_BUCKET)
 )
 
 #: The durable consumer each consuming service owns, on its stream (``natsio.DECIDER``, ``natsio.ACTUATOR``).
-DURABLES = {"decider": (subjects.METRICS_STREAM, "decider"), "actuator": (subjects.DECISIONS_STREAM, "actuator")}
+DURABLES = {
+    "decider": (subjects.METRICS_STREAM, "decider"),
+    "actuator": (subjects.DECISIONS_STREAM, "actuator"),
+    "ledger": (subjects.JOBS_STREAM, "ledger"),
+}
 
 
 def _kv(bucket: str, *, write: bool) -> list[str]:
@@ -76,26 +81,31 @@ _DECLARE = [
 def publish_allowed(service: str) -> list[str]:
     """The subjects ``service``'s user may publish to (see the module docstring)."""
     members, decider, actuator = subjects.MEMBERS_BUCKET, subjects.DECIDER_BUCKET, subjects.ACTUATOR_BUCKET
+    jobs = subjects.JOBS_BUCKET
     own = {
         # member records and their events; a member's last metrics, for its status
         "creator": [
             *_kv(members, write=True), "ensemble.events.>", subjects.deadletter("creator"),
             f"$JS.API.STREAM.MSG.GET.{subjects.METRICS_STREAM}",
         ],
-        # metrics and reachability events; the member records watched; its last seq per member
+        # metrics, job reports and reachability events; the member records watched; its last seq and last
+        # job report per member; the ledger read for each member's outstanding jobs
         "poller": [
-            "ensemble.metrics.>", "ensemble.events.>", subjects.deadletter("poller"), *_kv(members, write=False),
-            f"$JS.API.STREAM.MSG.GET.{subjects.METRICS_STREAM}",
+            "ensemble.metrics.>", "ensemble.jobs.>", "ensemble.events.>", subjects.deadletter("poller"),
+            *_kv(members, write=False), *_kv(jobs, write=False),
+            f"$JS.API.STREAM.MSG.GET.{subjects.METRICS_STREAM}", f"$JS.API.STREAM.MSG.GET.{subjects.JOBS_STREAM}",
         ],
         # decisions and its state; the member records watched; the metrics consumed
         "decider": [
             "ensemble.decisions.>", *_kv(decider, write=True), subjects.deadletter("decider"),
             *_kv(members, write=False), *_durable(*DURABLES["decider"]),
         ],
-        # what it did, member events, its records and the members' phases; the decisions consumed
+        # what it did, member events, its records and the members' phases; the decisions consumed; the job
+        # ledger and the job reports it consumes
         "actuator": [
             "ensemble.applied.>", "ensemble.events.>", *_kv(actuator, write=True), *_kv(members, write=True),
-            subjects.deadletter("actuator"), *_durable(*DURABLES["actuator"]),
+            *_kv(jobs, write=True), subjects.deadletter("actuator"), *_durable(*DURABLES["actuator"]),
+            *_durable(*DURABLES["ledger"]),
         ],
     }[service]  # fmt: skip
     # flow control of the ephemeral (KV) consumers' deliveries

@@ -75,10 +75,22 @@ STREAMS = (
         max_age=7 * 24 * 3600,
         duplicate_window=120,
     ),
+    StreamConfig(
+        name=subjects.JOBS_STREAM,
+        subjects=[subjects.ALL_JOBS],
+        storage=StorageType.FILE,
+        max_age=7 * 24 * 3600,
+        duplicate_window=120,
+    ),
 )
 
 #: Buckets and how many revisions of a key each keeps.
-BUCKETS = {subjects.MEMBERS_BUCKET: 1, subjects.DECIDER_BUCKET: 1, subjects.ACTUATOR_BUCKET: 1}
+BUCKETS = {
+    subjects.MEMBERS_BUCKET: 1,
+    subjects.DECIDER_BUCKET: 1,
+    subjects.ACTUATOR_BUCKET: 1,
+    subjects.JOBS_BUCKET: 1,
+}
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,8 @@ class Durable:
 
 DECIDER = Durable("decider", subjects.METRICS_STREAM, subjects.ALL_METRICS)
 ACTUATOR = Durable("actuator", subjects.DECISIONS_STREAM, subjects.ALL_DECISIONS)
+#: The actuator's ledger: job reports, to submit failed and lost attempts again.
+LEDGER = Durable("ledger", subjects.JOBS_STREAM, subjects.ALL_JOBS)
 
 
 async def connect(settings: Settings, name: str) -> Client:
@@ -555,7 +569,14 @@ def _decode(decoder: msgspec.json.Decoder[M], msg: Msg) -> M:
 
 
 #: The subject kind (second token) each kind of message is published under.
-_SUBJECT_KINDS = {"metrics": "metrics", "decision": "decisions", "applied": "applied", "event": "events"}
+_SUBJECT_KINDS = {
+    "metrics": "metrics",
+    "decision": "decisions",
+    "applied": "applied",
+    "event": "events",
+    "job": "jobs",
+    "instance": "jobs",
+}
 
 
 def _check_subject(message: Addressed, msg: Msg) -> None:

@@ -37,7 +37,7 @@ _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "spec", "status"}
 _SPEC_KEYS = {"members", "algorithm", "checkSeconds"}
 _MEMBER_KEYS = {"minicluster", "jobs", "algorithm", "sidecar"}
-_JOB_KEYS = {"name", "command", "count", "nodes", "tasks", "workdir", "duration"}
+_JOB_KEYS = {"name", "command", "count", "nodes", "tasks", "workdir", "duration", "retries", "lostRetries"}
 _ALGORITHM_KEYS = {"name", "options", "rules"}
 _SIDECAR_KEYS = {"image", "pullAlways", "port", "workers", "runAsUser"}
 
@@ -259,18 +259,29 @@ def _jobs(check: _Checker, value: object, path: str, max_size: int | None) -> tu
         tasks = check.integer(data, "tasks", where, 0, 0, 10_000_000)
         duration = check.integer(data, "duration", where, 0, 0, 10**9)
         workdir = check.string(data, "workdir", where, required=False)
+        retries = check.integer(data, "retries", where, 0, 0, 100)
+        lost_retries = check.integer(data, "lostRetries", where, 3, 0, 100)
         if nodes is not None and max_size is not None and nodes > max_size:
             check.error(f"{where}.nodes", f"{nodes} exceeds maxSize {max_size}; raise maxSize or use fewer nodes")
         if nodes is not None and tasks and tasks < nodes:
             check.error(f"{where}.tasks", f"{tasks} is fewer than nodes {nodes}; give each node at least one task")
         if count is not None:
             total += count
-        if None in (count, nodes, tasks, duration) or not name or not command:
+        if None in (count, nodes, tasks, duration, retries, lost_retries) or not name or not command:
             continue
         assert count is not None and nodes is not None and tasks is not None and duration is not None
+        assert retries is not None and lost_retries is not None
         jobs.append(
             JobSpec(
-                name=name, command=command, count=count, nodes=nodes, tasks=tasks, workdir=workdir, duration=duration
+                name=name,
+                command=command,
+                count=count,
+                nodes=nodes,
+                tasks=tasks,
+                workdir=workdir,
+                duration=duration,
+                retries=retries,
+                lost_retries=lost_retries,
             )
         )
     if total > MAX_JOBS_PER_MEMBER:

@@ -14,10 +14,13 @@ from typing import NamedTuple
 EVENTS_STREAM = "ENSEMBLE_EVENTS"
 METRICS_STREAM = "ENSEMBLE_METRICS"
 DECISIONS_STREAM = "ENSEMBLE_DECISIONS"
+JOBS_STREAM = "ENSEMBLE_JOBS"
 
 MEMBERS_BUCKET = "ensemble-members"
 DECIDER_BUCKET = "ensemble-decider"
 ACTUATOR_BUCKET = "ensemble-actuator"
+#: The ledger of every member's jobs and their attempts (``services/actuator/ledger.py``).
+JOBS_BUCKET = "ensemble-jobs"
 
 _SAFE = re.compile(rb"[A-Za-z0-9-]")
 _TOKEN = re.compile(r"(?:[A-Za-z0-9-]|_[0-9A-F]{2})+")
@@ -99,6 +102,11 @@ def applied(address: MemberAddress) -> str:
     return f"ensemble.applied.{address.key}"
 
 
+def jobs(address: MemberAddress) -> str:
+    """Subject of a member's job reports: attempts that ended, its queue replaced (stream ``ENSEMBLE_JOBS``)."""
+    return f"ensemble.jobs.{address.key}"
+
+
 def deadletter(service: str) -> str:
     """Subject where a service puts the messages it could not decode or validate."""
     return f"ensemble.deadletter.{escape(service)}"
@@ -109,3 +117,4 @@ ALL_METRICS = "ensemble.metrics.>"
 ALL_DECISIONS = "ensemble.decisions.>"
 ALL_APPLIED = "ensemble.applied.>"
 ALL_DEADLETTER = "ensemble.deadletter.>"
+ALL_JOBS = "ensemble.jobs.>"

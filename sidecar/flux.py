@@ -136,7 +136,7 @@ class _Session:
     def instance(self) -> str:
         """The Flux instance's name for ``StatusPayload.instance``: its URI and broker start time, the same
         for every sidecar that reaches it (its jobs outlive a sidecar), another once the broker restarted."""
-        return f"flux:{self.hello.get('uri', '')}@{self.hello.get('starttime', '')}"
+        return f"{self.hello.get('starttime', 0)}/flux/{self.hello.get('uri', '')}"
 
     def on_push(self, message: Mapping[str, Any]) -> None:
         kind = message.get("push")

@@ -438,7 +438,7 @@ class LocalBackend(Listeners):
         if shape != (self.queue.size, self.queue.cores, self.queue.max_nodes):
             log.warning("journal: keeping the queue's recorded nodes, cores, max_nodes %s", shape)
         # a journal written before queues had names: one derived from where it lies, stable across restarts
-        instance = opened.instance or f"journal:{path.resolve()}"
+        instance = opened.instance or f"0/journal/{path.resolve()}"
         self.queue = queue = Queue(
             nodes=opened.nodes, cores=opened.cores, max_nodes=opened.max_nodes, instance=instance
         )

@@ -38,6 +38,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
+import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
@@ -286,7 +287,8 @@ class Queue:
     ) -> None:
         """Start with ``nodes`` nodes up and requested; ``max_nodes`` (default ``nodes``) caps growth.
 
-        ``instance`` names this queue (:attr:`StatusPayload.instance`); empty: a new random name.
+        ``instance`` names this queue (:attr:`StatusPayload.instance`); empty: a new name,
+        ``<unix time>/local/<random>`` (names start with the time the queue began: see ``ensemble_core.ledger``).
         Whoever keeps the queue across restarts (the local backend's journal) passes the same name again.
 
         The ``keep_keys`` most recent idempotency keys are remembered, and the outputs of the
@@ -320,7 +322,7 @@ class Queue:
         self._failed = 0
         self._lost = 0
         self._keys: dict[str, SubmitResult] = {}
-        self.instance = instance or uuid.uuid4().hex
+        self.instance = instance or f"{time.time():.6f}/local/{uuid.uuid4().hex}"
         #: Per group, the next index a job submitted without ``start`` gets.
         self._next_index: dict[str, int] = {}
         #: Every (group, index, attempt) queued: an attempt is queued once, whatever submits carry it.

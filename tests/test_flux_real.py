@@ -110,7 +110,7 @@ async def test_a_retried_submit_is_queued_once_in_flux_also_by_a_restarted_sidec
     async with flux_instance(tmp_path / "flux", 2) as uri:
         async with flux_sidecar(uri, tmp_path / "sidecar.log") as sidecar:
             first = await submit(sidecar, *jobs, key="decision-1")
-            assert (first.submitted, first.duplicate) == (7, False) and first.instance.startswith("flux:")
+            assert (first.submitted, first.duplicate) == (7, False) and "/flux/" in first.instance
             retried = await submit(sidecar, *jobs, key="decision-1")
             assert (retried.submitted, retried.duplicate, retried.instance) == (7, True, first.instance)
             assert len(await flux_jobs(uri)) == 7

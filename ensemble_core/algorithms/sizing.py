@@ -89,9 +89,11 @@ def idle(metrics: Metrics, submitted: int) -> bool:
     """No job active and every one of the ``submitted`` jobs finished (or failed).
 
     The second half keeps an empty queue from counting as idle before the sidecar has even queued a
-    submission.
+    submission. A member whose job ledger still counts jobs outstanding (``Metrics.outstanding``: a
+    failed or lost attempt about to be queued again) is not idle either; a snapshot that does not say
+    (a recording made before the ledger) is judged on the queue alone.
     """
-    return metrics.queue.active() == 0 and finished_jobs(metrics) >= submitted
+    return metrics.queue.active() == 0 and finished_jobs(metrics) >= submitted and not metrics.outstanding
 
 
 def visible(metrics: Metrics, submitted: int) -> bool:

@@ -39,8 +39,8 @@ class Driver(Protocol):
         """Request ``target`` nodes (already clamped to the member's bounds); return the size now requested."""
         ...
 
-    async def submit(self, member: MemberSpec, decision: Decision) -> int:
-        """Queue the decision's jobs (idempotent on ``decision.id``); return how many were newly queued."""
+    async def submit(self, member: MemberSpec, decision: Decision) -> SubmitResult:
+        """Queue the decision's jobs (idempotent on ``decision.id``); the sidecar's answer (its queue's name)."""
         ...
 
     async def terminate(self, member: MemberSpec) -> None:
@@ -95,10 +95,9 @@ class LocalDriver:
         result = await _call(self.client(member).action(action, ResizePayload(size=target), ResizeResult))
         return result.size
 
-    async def submit(self, member: MemberSpec, decision: Decision) -> int:
+    async def submit(self, member: MemberSpec, decision: Decision) -> SubmitResult:
         payload = SubmitPayload(jobs=decision.jobs, order=_order(decision.order), seed=decision.seed, key=decision.id)
-        result = await _call(self.client(member).action("submit", payload, SubmitResult))
-        return 0 if result.duplicate else result.submitted
+        return await _call(self.client(member).action("submit", payload, SubmitResult))
 
     async def terminate(self, member: MemberSpec) -> None:
         await _call(self.client(member).action("terminate", {}, dict))

@@ -34,6 +34,7 @@ from ensemble_core.kube import (
     set_condition,
 )
 from ensemble_core.messages import Applied, Decision, MemberSpec
+from ensemble_core.wire import SubmitResult
 from services.actuator.drivers import DriverError, LocalDriver
 
 T = TypeVar("T")
@@ -93,7 +94,7 @@ class KubernetesDriver:
             )
         return after
 
-    async def submit(self, member: MemberSpec, decision: Decision) -> int:
+    async def submit(self, member: MemberSpec, decision: Decision) -> SubmitResult:
         """Queue the decision's jobs through the member's sidecar (idempotent on the decision id)."""
         return await self.sidecar.submit(member, decision)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import cast
 
 import msgspec
 from nats.aio.msg import Msg
@@ -28,15 +29,19 @@ from nats.js.kv import KeyValue
 
 from ensemble_core import natsio, subjects
 from ensemble_core.kube import Kube, api_client
-from ensemble_core.messages import Applied, Decision, EventKind, MemberEvent, MemberSpec, decode, encode
+from ensemble_core.messages import Applied, Decision, EventKind, JobReport, MemberEvent, MemberSpec, decode, encode
 from ensemble_core.settings import Settings
 from ensemble_core.sidecar_client import client_tls
 from ensemble_core.subjects import MemberAddress
 from services.actuator.drivers import Driver, DriverError, LocalDriver
 from services.actuator.effects import CooldownPending, InvalidDecision, apply
 from services.actuator.kubernetes import KubernetesDriver
+from services.actuator.ledger import Ledger, LedgerDriver
 
 log = logging.getLogger("actuator")
+
+#: What the ledger's consumer decodes: either kind of job report (a union of tagged structs).
+REPORTS = cast(type[JobReport], JobReport)
 
 #: Applied decisions remembered per member (older ones have long left the redelivery window).
 REMEMBER = 256
@@ -212,17 +217,33 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     try:
         js = nc.jetstream()
         await natsio.declare(js)
+        members = await natsio.bucket(js, subjects.MEMBERS_BUCKET)
+        jobs = Ledger(await natsio.bucket(js, subjects.JOBS_BUCKET), members, driver)
         actuator = Actuator(
             js,
-            await natsio.bucket(js, subjects.MEMBERS_BUCKET),
+            members,
             await natsio.bucket(js, subjects.ACTUATOR_BUCKET),
-            driver,
+            LedgerDriver(driver, jobs),
             settings.scale_cooldown,
         )
         subscription = await natsio.durable_subscription(js, natsio.ACTUATOR, settings)
-        await natsio.consume(
-            js, subscription, Decision, actuator.handle, service="actuator", stop=stop, batch=settings.fetch_batch
-        )
+        reports = await natsio.durable_subscription(js, natsio.LEDGER, settings)
+        batch = settings.fetch_batch
+        # the decisions, the job reports and the ledger's sweep: when one ends (a lost connection), all do
+        tasks = [
+            asyncio.create_task(
+                natsio.consume(js, subscription, Decision, actuator.handle, service="actuator", stop=stop, batch=batch)
+            ),
+            asyncio.create_task(
+                natsio.consume(js, reports, REPORTS, jobs.handle, service="actuator", stop=stop, batch=batch)
+            ),
+            asyncio.create_task(jobs.run_sweeps(stop)),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
     finally:
         await driver.close()
         await nc.drain()

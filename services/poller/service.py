@@ -42,11 +42,14 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge, Histogram
 
-from ensemble_core import minicluster, natsio, subjects
+from ensemble_core import ledger, minicluster, natsio, subjects
 from ensemble_core.kube import Kube, api_client
 from ensemble_core.kube_watch import Watcher
 from ensemble_core.messages import (
     EventKind,
+    InstanceChanged,
+    JobEnded,
+    JobReport,
     MemberEvent,
     MemberSpec,
     Metrics,
@@ -66,7 +69,7 @@ from ensemble_core.sidecar_client import (
 )
 from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token
-from ensemble_core.wire import StatusPayload
+from ensemble_core.wire import MAX_ENDED_PAGE, JobInfo, StatusPayload
 
 log = logging.getLogger("poller")
 
@@ -88,10 +91,17 @@ LAG = Histogram(
 )
 PUBLISHED = Counter("ensemble_poller_metrics_total", "Metrics published, by how the snapshot was got", ["source"])
 UNREACHABLE = Gauge("ensemble_poller_unreachable_members", "Members whose sidecar does not answer")
+JOBS_REPORTED = Counter("ensemble_poller_jobs_reported_total", "Ended job attempts reported, by result", ["result"])
 
 
 def to_metrics(
-    address: MemberAddress, seq: int, checked: float, status: StatusPayload, *, requested: int | None = None
+    address: MemberAddress,
+    seq: int,
+    checked: float,
+    status: StatusPayload,
+    *,
+    requested: int | None = None,
+    outstanding: int | None = None,
 ) -> Metrics:
     """The ``Metrics`` of one check made at ``checked`` (works for an original sidecar's payload too).
 
@@ -116,7 +126,56 @@ def to_metrics(
         finished=status.finished if status.finished is not None else status.queue.inactive,
         failed=status.failed or 0,
         groups=status.groups,
+        outstanding=outstanding,
     )
+
+
+_RESULTS = frozenset({"succeeded", "failed", "lost", "cancelled"})
+
+
+def to_job_ended(address: MemberAddress, instance: str, job: JobInfo, now: float) -> JobEnded:
+    """The report of one ended job as the sidecar lists it."""
+    result = job.result if job.result in _RESULTS else ("succeeded" if job.success else "failed")
+    return JobEnded(
+        namespace=address.namespace,
+        ensemble=address.ensemble,
+        member=address.member,
+        instance=instance,
+        seq=max(1, job.end_seq),
+        id=job.id,
+        group=job.group,
+        index=max(0, job.index),
+        attempt=max(1, job.attempt),
+        result=result,  # type: ignore[arg-type]  # one of _RESULTS
+        time=now,
+        nodes=max(1, job.nodes),
+        command=job.command,
+        returncode=job.returncode,
+        t_submit=job.t_submit,
+        t_run=job.t_run,
+        t_end=job.t_inactive or 0.0,
+        reason=job.reason,
+        output=job.output,
+        stdout=job.stdout,
+        stderr=job.stderr,
+        params=job.params,
+    )
+
+
+async def last_report(js: JetStreamContext, address: MemberAddress) -> tuple[str, int]:
+    """Where this member's job reports stand in the stream: the queue last reported and how many of its
+    ends were reported (``("", 0)`` for a member with none)."""
+    try:
+        last = await js.get_last_msg(subjects.JOBS_STREAM, subjects.jobs(address))
+    except NotFoundError:
+        return "", 0
+    try:
+        report: JobReport = msgspec.json.decode(last.data or b"", type=JobReport)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return "", 0
+    if isinstance(report, JobEnded):
+        return report.instance, report.seq
+    return report.instance, 0
 
 
 async def next_seq(js: JetStreamContext, address: MemberAddress) -> int:
@@ -145,10 +204,18 @@ class MemberLoop:
         watch_silence: float = WATCH_SILENCE,
         tls: ClientTls | None = None,
         sizes: RequestedSizes | None = None,
+        ledgers: KeyValue | None = None,
     ) -> None:
         """``max_backoff``: longest wait between attempts; ``watch_silence``: a quiet stream's limit;
-        ``tls``: reach the sidecar over TLS; ``sizes``: the requested sizes (Kubernetes mode)."""
+        ``tls``: reach the sidecar over TLS; ``sizes``: the requested sizes (Kubernetes mode);
+        ``ledgers``: the job ledgers (``ensemble-jobs``), for the member's outstanding jobs."""
         self.js = js
+        self.ledgers = ledgers
+        #: where the member's job reports stand: (queue, ends reported); None: read it from the stream first
+        self._reported: tuple[str, int] | None = None
+        #: the sidecar lists no ended jobs (an original one): job reports are not made
+        self._no_jobs = False
+        self._client: SidecarClient | None = None
         self.sizes = sizes
         self.settings = settings
         self.tls = tls
@@ -180,6 +247,7 @@ class MemberLoop:
             reconnect=(self.spec.check_seconds, self.max_backoff),
             tls=self.tls,
         )
+        self._client = client
         try:
             async with client:
                 while True:
@@ -277,12 +345,15 @@ class MemberLoop:
                     extra={"member": str(self.address)},
                 )  # fmt: skip
                 return
+        await self._report_jobs(status)
+        outstanding = await self._outstanding()
         try:
             if self.seq is None:
                 self.seq = await next_seq(self.js, self.address)
+            metrics = to_metrics(self.address, self.seq, checked, status, requested=requested, outstanding=outstanding)
             ack = await self.js.publish(
                 subjects.metrics(self.address),
-                encode(to_metrics(self.address, self.seq, checked, status, requested=requested)),
+                encode(metrics),
                 headers={"Nats-Msg-Id": f"{self.address.key}:{self.seq}"},
             )
         except Exception as exc:
@@ -301,6 +372,77 @@ class MemberLoop:
         LAG.observe(time.time() - checked)
         PUBLISHED.labels(source).inc()
         self.seq += 1
+
+    async def _report_jobs(self, status: StatusPayload) -> None:
+        """Publish a report of each job that ended since the last one reported, and of a replaced queue.
+
+        Reports carry ``Nats-Msg-Id`` (``job:<member>:<queue>:<end>``, ``instance:<member>:<queue>``), and
+        where they stand is read back from the stream after a restart or a failed publish, so each is
+        published once. A sidecar that lists no ended jobs (an original one) gets none.
+        """
+        client = self._client
+        if self._no_jobs or client is None or not status.instance:
+            return
+        key = self.address.key
+        try:
+            if self._reported is None:
+                self._reported = await last_report(self.js, self.address)
+            instance, after = self._reported
+            if instance != status.instance:
+                if instance and ledger.instance_started(status.instance) < ledger.instance_started(instance):
+                    return  # a snapshot of a queue older than the one reported: stale, nothing to say
+                changed = InstanceChanged(
+                    namespace=self.address.namespace,
+                    ensemble=self.address.ensemble,
+                    member=self.address.member,
+                    previous=instance,
+                    instance=status.instance,
+                    time=time.time(),
+                )
+                await self.js.publish(
+                    subjects.jobs(self.address),
+                    encode(changed),
+                    headers={"Nats-Msg-Id": f"instance:{key}:{status.instance}"},
+                )
+                if instance:
+                    log.warning("sidecar answers from a new queue %s (was %s)", status.instance, instance,
+                                extra={"member": str(self.address)})  # fmt: skip
+                self._reported = instance, after = status.instance, 0
+            while True:
+                page = await client.ended(after)
+                if page.instance != instance:
+                    return  # replaced since the snapshot: the next check reports it
+                for job in page.jobs:
+                    report = to_job_ended(self.address, instance, job, time.time())
+                    await self.js.publish(
+                        subjects.jobs(self.address),
+                        encode(report),
+                        headers={"Nats-Msg-Id": f"job:{key}:{instance}:{report.seq}"},
+                    )
+                    after = report.seq
+                    self._reported = instance, after
+                    JOBS_REPORTED.labels(report.result).inc()
+                if len(page.jobs) < MAX_ENDED_PAGE:
+                    return
+        except SidecarUnimplemented:
+            log.info("sidecar lists no ended jobs (RequestJobs); no job reports", extra={"member": str(self.address)})
+            self._no_jobs = True
+        except (SidecarUnavailable, SidecarError) as exc:
+            log.warning("ended jobs not read: %s", exc, extra={"member": str(self.address)})
+        except Exception as exc:
+            # NATS away, or an ack lost after the report was stored: read where reports stand again
+            log.warning("job report not published: %s", exc, extra={"member": str(self.address)})
+            self._reported = None
+
+    async def _outstanding(self) -> int | None:
+        """The member's jobs its ledger counts as not done; None when unknown (no ledger, none yet, unreadable)."""
+        if self.ledgers is None:
+            return None
+        try:
+            entry = await self.ledgers.get(self.address.key)
+            return ledger.decode_record(entry.value).outstanding if entry.value else None
+        except Exception:  # no record yet (KeyNotFoundError), NATS away, or an unreadable record
+            return None
 
     async def _answered(self) -> None:
         self.backoff = self.spec.check_seconds
@@ -389,13 +531,15 @@ class Members:
         settings: Settings,
         tls: ClientTls | None = None,
         sizes: RequestedSizes | None = None,
+        ledgers: KeyValue | None = None,
     ) -> None:
-        """Loops publish through ``js`` with ``settings``, reach sidecars with ``tls`` and take requested sizes
-        from ``sizes`` (Kubernetes mode)."""
+        """Loops publish through ``js`` with ``settings``, reach sidecars with ``tls``, take requested sizes
+        from ``sizes`` (Kubernetes mode) and outstanding jobs from ``ledgers``."""
         self.js = js
         self.settings = settings
         self.tls = tls
         self.sizes = sizes
+        self.ledgers = ledgers
         self.loops: dict[str, tuple[MemberSpec, asyncio.Task[None]]] = {}
 
     async def update(self, key: str, spec: MemberSpec | None) -> None:
@@ -409,7 +553,7 @@ class Members:
             log.info("stopped polling", extra={"member": key})
         if wanted is not None:
             # started only once the old loop is gone, so two loops of a member never publish at once
-            loop = MemberLoop(self.js, self.settings, wanted, tls=self.tls, sizes=self.sizes)
+            loop = MemberLoop(self.js, self.settings, wanted, tls=self.tls, sizes=self.sizes, ledgers=self.ledgers)
             self.loops[key] = (wanted, asyncio.create_task(loop.run()))
             log.info("polling", extra={"member": key, "endpoint": wanted.endpoint})
 
@@ -471,6 +615,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     members = Members(js, settings, tls, sizes)
     try:
         await natsio.declare(js)
+        members.ledgers = await natsio.bucket(js, subjects.JOBS_BUCKET)
         await _follow_records(members, await natsio.bucket(js, subjects.MEMBERS_BUCKET), stop)
     finally:
         await members.close()
