@@ -34,7 +34,15 @@ from typing import Any
 
 from ensemble_core.messages import JobSpec, NodeCounts, QueueCounts
 from ensemble_core.wire import JobInfo, StatusPayload
-from sidecar.queue import NEXT_JOBS, GroupTally, JobState, QueueError, job_command, job_environment_params
+from sidecar.queue import (
+    NEXT_JOBS,
+    GroupTally,
+    JobState,
+    QueueError,
+    job_command,
+    job_environment_params,
+    job_identity_environment,
+)
 
 #: The journal's sentinel record id: the replay of past jobs ends here.
 SENTINEL_ID = -1
@@ -688,7 +696,11 @@ def build_jobspec(
     count: dict[str, int] = {"per_slot": 1} if per_node * nodes == tasks else {"total": tasks}
     system: dict[str, Any] = {
         "duration": spec.duration,
-        "environment": {**template.environment, **job_environment_params(params)},
+        "environment": {
+            **template.environment,
+            **job_identity_environment(spec.name, job_index, spec.attempt),
+            **job_environment_params(params),
+        },
         "job": {"name": spec.name},
     }
     workdir = spec.workdir or template.workdir

@@ -40,7 +40,14 @@ from ensemble_core.wire import (
     SubmitResult,
 )
 from sidecar.backend import Listeners
-from sidecar.queue import Job, Queue, QueueError, job_environment
+from sidecar.queue import (
+    Job,
+    Queue,
+    QueueError,
+    job_environment,
+    job_environment_params,
+    job_identity_environment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -561,6 +568,8 @@ class LocalBackend(Listeners):
         env = job_environment(os.environ)
         env["FLUX_JOB_ID"] = str(job.id)
         env["FLUX_JOB_NNODES"] = str(job.nodes)
+        env.update(job_identity_environment(job.group, job.index, job.attempt))
+        env.update(job_environment_params(job.params))
         try:
             proc = await asyncio.create_subprocess_exec(
                 *shlex.split(job.command),

@@ -248,6 +248,12 @@ def job_environment_params(params: Mapping[str, str]) -> dict[str, str]:
     return {}
 
 
+def job_identity_environment(group: str, index: int, attempt: int) -> dict[str, str]:
+    """What tells a job which job it is: ``ENSEMBLE_JOB_GROUP``, ``ENSEMBLE_JOB_INDEX`` (0, 1, ... in its
+    group) and ``ENSEMBLE_JOB_ATTEMPT`` (1 for the first run, 2 for its first retry or resubmission)."""
+    return {"ENSEMBLE_JOB_GROUP": group, "ENSEMBLE_JOB_INDEX": str(index), "ENSEMBLE_JOB_ATTEMPT": str(attempt)}
+
+
 def validate_specs(specs: Sequence[JobSpec], max_nodes: int) -> None:
     """Raise :class:`QueueError` naming the field if these job groups cannot be queued on ``max_nodes`` nodes.
 
