@@ -36,22 +36,22 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import msgspec
 import nats
 from nats.aio.msg import Msg
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ensemble_core import natsauth
+from ensemble_cli import results
+from ensemble_core import natsauth, subjects
 from ensemble_core.messages import Applied, Decision, MemberEvent, Metrics, decode
-from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.spec import Ensemble, Member, SpecError, load
 from ensemble_core.tokens import ensemble_token
-from ensemble_core.wire import JobInfo
 
 EXIT_OK, EXIT_JOBS_FAILED, EXIT_INVALID, EXIT_INCOMPLETE = 0, 1, 2, 3
 SERVICES = ("creator", "poller", "decider", "actuator")
@@ -74,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--logs",
         help="keep the logs and state of every part in this directory, replacing a previous run's "
         "(default: a temporary directory, removed at the end)",
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        metavar="DIR",
+        help="write the results folder here: jobs.csv, jobs.jsonl (one row per attempt), outputs/ and summary.json "
+        "(default: <--logs>/results, else ./ensemble-results/<name>-<time>)",
     )
     parser.add_argument("--quiet", action="store_true", help="no live view; print only the summary")
     parser.add_argument(
@@ -217,13 +224,17 @@ async def start_nats(stack: Stack) -> NatsAccess:
     read-only one for the live view — with passwords made for the run, in a configuration file and a
     port file only the user who runs ``ensemble up`` can read.
     """
-    users = [*natsauth.SERVICES, natsauth.MONITOR]
+    users = [*natsauth.SERVICES, natsauth.MONITOR, natsauth.READER]
     passwords = {user: secrets.token_hex(24) for user in users}
     config = stack.workdir / "nats-auth.conf"
     config.touch(mode=0o600)
     config.chmod(0o600)
     config.write_text(
-        natsauth.authorization({s: passwords[s] for s in natsauth.SERVICES}, monitor=passwords[natsauth.MONITOR])
+        natsauth.authorization(
+            {s: passwords[s] for s in natsauth.SERVICES},
+            monitor=passwords[natsauth.MONITOR],
+            reader=passwords[natsauth.READER],
+        )
     )
     ports = stack.workdir / "ports"
     ports.mkdir(mode=0o700)
@@ -373,63 +384,106 @@ def node_seconds(sizes: list[tuple[float, int]], end: float) -> float:
     return total
 
 
-#: Jobs per page of ``jobinfo`` (the sidecar's most).
-PAGE = 1000
+#: Jobs that did not succeed printed with their output at the end; the others are left to jobs.csv.
+SHOW_FAILURES = 10
+#: Characters of a failed job's output printed.
+SHOW_OUTPUT = 300
 
 
-async def collect_jobs(endpoints: dict[int, str], token: str) -> dict[int, list[JobInfo]]:
-    """Every member's job records, all of them, from its sidecar (page by page)."""
-    jobs: dict[int, list[JobInfo]] = {}
-    for index, endpoint in endpoints.items():
-        records: list[JobInfo] = []
-        async with SidecarClient(endpoint, token) as client:
-            while True:
-                page = await client.action("jobinfo", {"offset": len(records), "limit": PAGE}, list[JobInfo])
-                records += page
-                if len(page) < PAGE:
-                    break
-        jobs[index] = records
-    return jobs
+def results_folder(args: argparse.Namespace, ensemble: Ensemble) -> Path:
+    """Where the results go: ``--results``, else ``<--logs>/results``, else ``./ensemble-results/<name>-<time>``."""
+    if args.results:
+        return Path(args.results)
+    if args.logs:
+        return Path(args.logs) / "results"
+    return Path("ensemble-results") / f"{ensemble.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def summary(monitor: Monitor, jobs: dict[int, list[JobInfo]], console: Console, *, available: bool = False) -> int:
-    """Print the summary table; return the exit code it implies.
+async def collect_results(access: NatsAccess, ensemble: Ensemble) -> list[results.MemberResults]:
+    """Every member's jobs and attempts, from the job reports and the ledgers (read as the ``reader`` user)."""
+    nc = await nats.connect(access.url_for(natsauth.READER))
+    try:
+        js = nc.jetstream()
+        bucket = await js.key_value(subjects.JOBS_BUCKET)
+        members = [member.index for member in ensemble.members]
+        return await results.collect(js, bucket, ensemble.namespace, ensemble.name, members)
+    finally:
+        await nc.close()
 
-    Node-seconds integrate the requested size over the run, or with ``available`` the nodes up (on
-    Flux: the ranks the member could use), sampled at each metrics snapshot.
+
+def summary(
+    monitor: Monitor,
+    found: list[results.MemberResults],
+    console: Console,
+    *,
+    available: bool = False,
+    folder: Path | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Print the summary table and the jobs that did not succeed; return the exit code and the figures.
+
+    Every figure comes from the job ledgers and reports, so it holds at any number of jobs. Node-seconds
+    integrate the requested size over the run, or with ``available`` the nodes up (on Flux: the ranks the
+    member could use), sampled at each metrics snapshot.
     """
+    columns = (
+        "member", "jobs", "succeeded", "failed", "lost", "unfinished", "attempts", "retried", "makespan s",
+        "node-seconds", "scale up/down", "peak",
+    )  # fmt: skip
     table = Table(title="summary")
-    for column in ("member", "jobs", "succeeded", "failed", "makespan s", "node-seconds", "scale up/down", "peak"):
+    for column in columns:
         table.add_column(column, justify="right")
-    failed_total = 0
-    for index, view in monitor.members.items():
-        records = jobs.get(index, [])
-        succeeded = sum(1 for job in records if job.success)
-        failed = sum(1 for job in records if job.success is False)
-        failed_total += failed
-        starts = [job.t_submit for job in records]
-        ends = [job.t_inactive for job in records if job.t_inactive is not None]
-        makespan = (max(ends) - min(starts)) if starts and ends else 0.0
-        end = view.ended or time.time()
+    figures: dict[str, Any] = {"members": []}
+    totals = dict.fromkeys(("jobs", "succeeded", "failed", "lost", "cancelled", "unfinished", "attempts", "retried"), 0)
+    for member in found:
+        view = monitor.members[member.index]
+        counts = member.counts()
+        row: dict[str, int | float] = {
+            "member": member.index,
+            "jobs": member.jobs,
+            "succeeded": counts["succeeded"],
+            "failed": counts["failed"],
+            "lost": counts["lost"],
+            "cancelled": counts["cancelled"],
+            "unfinished": counts["open"],
+            "attempts": len(member.rows),
+            "retried": member.retried(),
+            "makespan_s": round(member.makespan(), 3),
+            "node_seconds": round(
+                node_seconds(view.available if available else view.sizes, view.ended or time.time()), 3
+            ),
+            "scale_ups": view.scale_ups,
+            "scale_downs": view.scale_downs,
+            "peak": view.peak,
+        }
+        figures["members"].append(row)
+        for key in totals:
+            totals[key] += int(row[key])
+        counted = ("member", "jobs", "succeeded", "failed", "lost", "unfinished", "attempts", "retried")
         table.add_row(
-            str(index),
-            str(len(records)),
-            str(succeeded),
-            str(failed),
-            f"{makespan:.1f}",
-            f"{node_seconds(view.available if available else view.sizes, end):.1f}",
+            *(str(row[key]) for key in counted),
+            f"{row['makespan_s']:.1f}",
+            f"{row['node_seconds']:.1f}",
             f"{view.scale_ups}/{view.scale_downs}",
             str(view.peak),
         )
     console.print(table)
-    for index, records in jobs.items():
-        for job in records:
-            if job.success is False:
-                console.print(
-                    f"[red]member {index} job {job.id} ({job.group}) failed[/red] "
-                    f"(exit {job.returncode}): {job.output.strip()[-300:]}"
-                )
-    return EXIT_JOBS_FAILED if failed_total else EXIT_OK
+    failures = results.not_succeeded(found)
+    figures["total"] = totals
+    figures["not_succeeded"] = [
+        {"member": r.member, "group": r.group, "index": r.index, "attempt": r.attempt, "result": r.result,
+         "exit_code": r.exit_code, "reason": r.reason}
+        for r in failures
+    ]  # fmt: skip
+    for row_ in failures[:SHOW_FAILURES]:
+        exit_code = f"exit {row_.exit_code}" if row_.exit_code is not None else row_.reason or "no exit code"
+        tries = f"{row_.attempt} attempt{'s' if row_.attempt != 1 else ''}"
+        what = escape(f"member {row_.member} job {row_.group}[{row_.index}] {row_.result}")
+        tail = escape(row_.tail.strip()[-SHOW_OUTPUT:])
+        console.print(f"[red]{what}[/red] after {tries} ({escape(exit_code)}): {tail}", highlight=False)
+    if len(failures) > SHOW_FAILURES:
+        where = f"{folder}/jobs.csv" if folder is not None else "the results' jobs.csv"
+        console.print(f"[red]and {len(failures) - SHOW_FAILURES} more: see {escape(where)}[/red]", highlight=False)
+    return (EXIT_JOBS_FAILED if failures else EXIT_OK), figures
 
 
 @contextlib.contextmanager
@@ -451,6 +505,8 @@ def _workdir(keep: str | None) -> Iterator[Path]:
 async def run(args: argparse.Namespace) -> int:
     """Run ``ensemble up``; returns the exit code."""
     console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 132)  # a log or a pipe: the whole summary table, not 80 columns of it
     try:
         ensemble = load(args.file)
     except SpecError as exc:
@@ -509,9 +565,10 @@ def flux_partitions(ensemble: Ensemble, flux: str = "flux") -> dict[int, str]:
 
 
 def _sidecar_command(
-    args: argparse.Namespace, ensemble: Ensemble, member: Member, stack: Stack, ranks: str
+    args: argparse.Namespace, ensemble: Ensemble, member: Member, stack: Stack, ranks: str, outputs: Path
 ) -> list[str]:
     common = ["sidecar", "--backend", args.backend, "--port", "0", "--nodes", str(member.size)]
+    common += ["--output-dir", str(outputs.resolve() / f"member-{member.index}")]
     if args.backend == "flux":
         return [
             *common,
@@ -543,12 +600,13 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
         for index, ranks in partitions.items():
             console.print(f"member {index}: Flux ranks {ranks}", highlight=False)
     access = await start_nats(stack)
+    outputs = results_folder(args, ensemble) / "outputs"
     endpoints: dict[int, str] = {}
     cli = [sys.executable, "-m", "ensemble_cli"]
     for member in ensemble.members:
         part = stack.start(
             f"sidecar-{member.index}",
-            [*cli, *_sidecar_command(args, ensemble, member, stack, partitions.get(member.index, ""))],
+            [*cli, *_sidecar_command(args, ensemble, member, stack, partitions.get(member.index, ""), outputs)],
             env={"ENSEMBLE_SIDECAR_TOKEN": ensemble_token(token, ensemble.namespace, ensemble.name)},
         )
         endpoints[member.index] = f"127.0.0.1:{await _first_line(part, START_TIMEOUT)}"
@@ -602,7 +660,10 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
         await nc.flush()
     finally:
         await nc.drain()
-    jobs = await collect_jobs(endpoints, ensemble_token(token, ensemble.namespace, ensemble.name))
-    code = summary(monitor, jobs, console, available=args.backend == "flux")
-    console.print(f"finished in {time.time() - monitor.started:.1f}s", highlight=False)
+    folder = results_folder(args, ensemble)
+    found = await collect_results(access, ensemble)
+    code, figures = summary(monitor, found, console, available=args.backend == "flux", folder=folder)
+    figures["seconds"] = round(time.time() - monitor.started, 3)
+    results.write(folder, found, figures)
+    console.print(f"finished in {figures['seconds']:.1f}s; results in {folder}", highlight=False)
     return code

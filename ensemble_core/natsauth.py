@@ -149,6 +149,8 @@ def authorization(
     if reader is not None:
         reads = [f"$JS.API.STREAM.INFO.{stream}" for stream in STREAMS]
         reads += [f"$JS.API.STREAM.MSG.GET.{stream}" for stream in STREAMS]
+        # the job ledgers (``ensemble up``'s results): the bucket looked up, its keys read
+        reads += [f"$JS.API.STREAM.INFO.KV_{subjects.JOBS_BUCKET}", *_kv(subjects.JOBS_BUCKET, write=False)[:3]]
         lines += [
             f'    {{user: {READER}, password: "{reader}", permissions: {{',
             f'      publish: {{allow: ["$JS.API.INFO", {_quoted(reads)}]}},',

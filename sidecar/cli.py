@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         default=[0.0],
         help="seconds before grown nodes come up (default 0); sim: a comma-separated list to draw from",
     )
+    parser.add_argument(
+        "--output-dir",
+        default="",
+        help="write each attempt's stdout and stderr to <dir>/<group>/<index>.<attempt>.out and .err (local and "
+        "flux; flux: a directory the job's first node writes to); default: the last 64 KiB kept in memory "
+        "(local) or Flux's KVS (flux)",
+    )
     local = parser.add_argument_group("local backend")
     local.add_argument(
         "--state-dir",
@@ -205,6 +212,7 @@ async def _backend(args: argparse.Namespace) -> Backend:
             workdir=args.job_workdir,
             wait=args.wait_for_broker,
             release_on_exit=args.release_on_exit,
+            output_dir=args.output_dir,
         )
         try:
             return await FluxBackend.connect(options)
@@ -230,6 +238,7 @@ async def _backend(args: argparse.Namespace) -> Backend:
             max_nodes=args.max_nodes,
             provision_delay=args.provision_delay[0],
             state_dir=args.state_dir,
+            output_dir=Path(args.output_dir) if args.output_dir else None,
         )
     except JournalBusy as exc:
         raise BackendUnavailable(str(exc)) from None

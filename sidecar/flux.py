@@ -65,6 +65,7 @@ from sidecar.queue import (
     expand_jobs,
     job_environment,
     job_params,
+    output_paths,
     validate_specs,
 )
 
@@ -116,6 +117,9 @@ class FluxOptions:
     wait: float = 0.0
     release_on_exit: bool = False
     environment: Mapping[str, str] = field(default_factory=lambda: job_environment(os.environ))
+    #: each attempt's stdout and stderr in files under this directory (empty: in Flux's KVS only); it must be
+    #: where the job's first node writes (the same machine, or a shared file system)
+    output_dir: str = ""
 
 
 class _Session:
@@ -380,6 +384,7 @@ class FluxBackend(Listeners):
             workdir=self.options.workdir,
             member=self.options.member,
             ranks=None if whole else self._partition.idset(),
+            output_dir=self.options.output_dir,
         )
 
     async def _open(self) -> _Session:
@@ -528,6 +533,13 @@ class FluxBackend(Listeners):
         ]
         for _, spec, job_index in todo:
             state.note_attempt(spec.name, job_index, spec.attempt)
+        if template.output_dir:
+            for group in {spec.name for _, spec, _ in todo}:
+                folder = os.path.dirname(output_paths(template.output_dir, group, 0, 1)[0])
+                try:
+                    os.makedirs(folder, exist_ok=True)
+                except OSError as exc:
+                    raise QueueError(f"output directory: cannot create {folder}: {exc.strerror}") from None
         sent = 0
         for start in range(0, len(todo), SUBMIT_BATCH):
             batch = todo[start : start + SUBMIT_BATCH]

@@ -42,6 +42,7 @@ from sidecar.queue import (
     job_command,
     job_environment_params,
     job_identity_environment,
+    output_paths,
 )
 
 #: The journal's sentinel record id: the replay of past jobs ends here.
@@ -106,6 +107,8 @@ class _Job:
     reason: str = ""
     end_seq: int = 0
     params: dict[str, str] = field(default_factory=dict)
+    stdout: str = ""
+    stderr: str = ""
 
     def result(self) -> str:
         """How it ended (``succeeded``, ``failed``, ``lost``, ``cancelled``); empty while it has not."""
@@ -137,6 +140,8 @@ class _Job:
             reason=self.reason,
             end_seq=self.end_seq,
             params=self.params,
+            stdout=self.stdout,
+            stderr=self.stderr,
         )
 
 
@@ -589,6 +594,13 @@ class JournalState:
             job.index = job_index
         if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt >= 1:
             job.attempt = attempt
+        output = (((jobspec or {}).get("attributes") or {}).get("system") or {}).get("shell") or {}
+        streams = (output.get("options") or {}).get("output") if isinstance(output, Mapping) else None
+        if isinstance(streams, Mapping):
+            for name in ("stdout", "stderr"):
+                stream = streams.get(name)
+                if isinstance(stream, Mapping) and isinstance(stream.get("path"), str):
+                    setattr(job, name, stream["path"])
         params = user.get(PARAMS_ATTRIBUTE)
         if isinstance(params, Mapping):
             job.params = {str(name): str(value) for name, value in params.items()}
@@ -665,6 +677,8 @@ class JobTemplate:
     member: str = ""
     ranks: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: where each attempt's stdout and stderr go (``sidecar.queue.output_paths``); empty: Flux's KVS only
+    output_dir: str = ""
 
 
 def build_jobspec(
@@ -706,6 +720,13 @@ def build_jobspec(
     workdir = spec.workdir or template.workdir
     if workdir:
         system["cwd"] = workdir
+    if template.output_dir:
+        stdout, stderr = output_paths(template.output_dir, spec.name, job_index, spec.attempt)
+        system["shell"] = {
+            "options": {
+                "output": {"stdout": {"type": "file", "path": stdout}, "stderr": {"type": "file", "path": stderr}}
+            }
+        }
     if template.ranks is not None:
         system["constraints"] = {"ranks": [template.ranks]}
     user: dict[str, Any] = {

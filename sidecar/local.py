@@ -25,7 +25,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeAlias
+from typing import IO, TypeAlias
 
 import msgspec
 
@@ -47,6 +47,7 @@ from sidecar.queue import (
     job_environment,
     job_environment_params,
     job_identity_environment,
+    output_paths,
 )
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,7 @@ class LocalBackend(Listeners):
         output_limit: int = 64 * 1024,
         clock: Callable[[], float] = time.time,
         state_dir: Path | None = None,
+        output_dir: Path | None = None,
     ) -> None:
         """``provision_delay`` seconds pass between a grow and its nodes coming up.
 
@@ -265,6 +267,8 @@ class LocalBackend(Listeners):
         self.queue = Queue(nodes=nodes, cores=cores, max_nodes=max_nodes)
         self.provision_delay = provision_delay
         self.output_limit = output_limit
+        #: with a directory, each attempt's stdout and stderr go to files there (``output_paths``), whole
+        self.output_dir = output_dir
         self._clock = clock
         super().__init__()
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -455,6 +459,11 @@ class LocalBackend(Listeners):
                 self._replay(queue, record, pids)
             except QueueError as exc:
                 raise JournalError(f"{path} line {number}: {exc}") from None
+        if self.output_dir is not None:
+            # the files are where they were written: the same directory, the same names
+            for job in queue.page(0, _last_id(queue)):
+                if job.t_run is not None:
+                    job.stdout, job.stderr = output_paths(str(self.output_dir), job.group, job.index, job.attempt)
         now = self._clock()
         lost = queue.running_jobs()
         for job in lost:
@@ -570,20 +579,26 @@ class LocalBackend(Listeners):
         env["FLUX_JOB_NNODES"] = str(job.nodes)
         env.update(job_identity_environment(job.group, job.index, job.attempt))
         env.update(job_environment_params(job.params))
+        files: tuple[IO[bytes], IO[bytes]] | None = None
         try:
+            if self.output_dir is not None:
+                files = _open_outputs(self.output_dir, job)
             proc = await asyncio.create_subprocess_exec(
                 *shlex.split(job.command),
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+                stdout=asyncio.subprocess.PIPE if files is None else files[0],
+                stderr=asyncio.subprocess.STDOUT if files is None else files[1],
                 cwd=job.workdir or None,
                 env=env,
                 start_new_session=True,
             )
         except FileNotFoundError as exc:
+            _close(files)
             return NOT_FOUND, f"sidecar: cannot start job: {exc}\n"
         except OSError as exc:
+            _close(files)
             return NOT_EXECUTABLE, f"sidecar: cannot start job: {exc}\n"
+        _close(files)  # the job's process holds them now
         self._procs[job.id] = proc
         # not fsync'd: it only helps a restart kill what this process leaves behind, and the page cache
         # outlives a killed sidecar
@@ -592,8 +607,11 @@ class LocalBackend(Listeners):
         if self._closed:
             _signal_group(proc, signal.SIGKILL)
         tail = bytearray()
-        assert proc.stdout is not None  # stdout=PIPE above
-        reader = asyncio.get_running_loop().create_task(self._read(proc.stdout, tail))
+        reader = (
+            asyncio.get_running_loop().create_task(self._read(proc.stdout, tail))
+            if proc.stdout is not None
+            else asyncio.get_running_loop().create_task(asyncio.sleep(0))
+        )
         note = ""
         try:
             async with asyncio.timeout(job.duration or None):  # not wait_for: it can swallow a cancel (3.11)
@@ -610,6 +628,8 @@ class LocalBackend(Listeners):
         if job.id in self._cancelled:
             self._cancelled.discard(job.id)
             note += "sidecar: cancelled\n"
+        if files is not None:
+            tail = bytearray(_tail(job.stdout, self.output_limit // 2) + _tail(job.stderr, self.output_limit // 2))
         output = bytes(tail).decode("utf-8", errors="replace") + note
         assert proc.returncode is not None  # proc.wait() returned
         return proc.returncode, output
@@ -620,6 +640,35 @@ class LocalBackend(Listeners):
             tail += chunk
             if len(tail) > self.output_limit:
                 del tail[: len(tail) - self.output_limit]
+
+
+def _open_outputs(directory: Path, job: Job) -> tuple[IO[bytes], IO[bytes]]:
+    """Open (truncate) the files of an attempt's stdout and stderr, and note their paths on the job."""
+    out, err = output_paths(str(directory), job.group, job.index, job.attempt)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    job.stdout, job.stderr = out, err
+    stdout = open(out, "wb")  # noqa: SIM115  # the caller closes both once the process holds them
+    try:
+        return stdout, open(err, "wb")
+    except OSError:
+        stdout.close()
+        raise
+
+
+def _close(files: tuple[IO[bytes], IO[bytes]] | None) -> None:
+    for file in files or ():
+        file.close()
+
+
+def _tail(path: str, limit: int) -> bytes:
+    """The last ``limit`` bytes of a file (empty when it cannot be read)."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(0, file.tell() - limit))
+            return file.read()
+    except OSError:
+        return b""
 
 
 def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ensemble_core.messages import GroupStats, JobSpec, NodeCounts, QueueCounts
+from ensemble_core.subjects import escape
 from ensemble_core.wire import (
     MAX_SUBMIT_JOBS,
     JobInfo,
@@ -246,6 +247,13 @@ def job_command(spec: JobSpec, params: Mapping[str, str]) -> str:
 def job_environment_params(params: Mapping[str, str]) -> dict[str, str]:
     """The environment variables that carry a job's parameters (``ENSEMBLE_PARAM_<NAME>``)."""
     return {}
+
+
+def output_paths(directory: str, group: str, index: int, attempt: int) -> tuple[str, str]:
+    """Where an attempt's stdout and stderr go under an output directory:
+    ``<directory>/<group>/<index>.<attempt>.out`` and ``.err`` (the group escaped into a file name)."""
+    folder = f"{directory.rstrip('/')}/{escape(group)}"
+    return f"{folder}/{index}.{attempt}.out", f"{folder}/{index}.{attempt}.err"
 
 
 def job_identity_environment(group: str, index: int, attempt: int) -> dict[str, str]:
