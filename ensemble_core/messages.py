@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, TypeAlias, TypeVar
 
 import msgspec
 
+from ensemble_core.matrix import MatrixRange, Scalar
+
 #: The version of the message schema this code writes. Readers accept this version and refuse others
 #: with a message naming the field (a newer writer must bump it only on an incompatible change).
 MESSAGE_VERSION = 1
@@ -39,7 +41,14 @@ class Addressed(Base, kw_only=True):
 
 
 class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One job group of an ensemble member: ``count`` jobs running ``command`` on ``nodes`` nodes."""
+    """One job group of an ensemble member: ``count`` jobs running ``command`` on ``nodes`` nodes.
+
+    ``matrix`` (``ensemble_core.matrix``) makes the group a parameter sweep: parameter name -> listed
+    values or a ``MatrixRange``, in the order written. In a member record a group with a matrix has
+    ``count == matrix.size(matrix)``, and the group's job ``i`` (0-based) runs with
+    ``matrix.params(matrix, i)``. Empty (the default, omitted on the wire): no sweep, ``count`` copies
+    of ``command`` as written.
+    """
 
     name: str
     command: str
@@ -48,6 +57,7 @@ class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     tasks: NonNegative = 0
     workdir: str = ""
     duration: NonNegative = 0
+    matrix: dict[str, list[Scalar] | MatrixRange] = {}
 
 
 class AlgorithmSpec(msgspec.Struct, kw_only=True):
