@@ -224,7 +224,7 @@ def test_validate_command_prints_each_error_or_valid(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 1
-    assert f"{example}: valid" in result.stdout
+    assert f"{example}: valid (1 member, 11 jobs: member 0: wide 2, pair 3, single 6)\n" in result.stdout
     assert f"{path}: spec.members[0].jobs[1].nodes: 12 exceeds maxSize 8" in result.stdout
 
 
@@ -384,3 +384,16 @@ def test_matrix_errors_are_reported_with_the_groups_other_errors() -> None:
         "spec.members[0].jobs[2].nodes",
         "spec.members[0].jobs[2].matrix.x",
     }, errors
+
+
+def test_validate_prints_the_job_count_of_each_group(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(with_matrix_group()))
+    result = subprocess.run(
+        [sys.executable, "-m", "ensemble_cli", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == f"{path}: valid (1 member, 36 jobs: member 0: small 4, big 2, sweep 30)\n"
