@@ -593,6 +593,10 @@ def load(path: str | Path, namespace: str = "default") -> Ensemble:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError([f"{path}: not valid YAML: {exc}"]) from exc
+    except (ValueError, RecursionError) as exc:
+        # the parser's own limits: an integer of more than 4300 digits, nesting deeper than Python's stack
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise SpecError([f"{path}: cannot be read as YAML: {reason}"]) from None
     ensemble, errors = validate(document, namespace)
     if ensemble is None:
         raise SpecError(errors)

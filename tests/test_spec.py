@@ -209,6 +209,15 @@ def test_unreadable_and_broken_files_are_reported(tmp_path: Path) -> None:
     broken.write_text("spec: [unclosed")
     with pytest.raises(SpecError, match="not valid YAML"):
         load(broken)
+    # the parser's own limits are reported too, not raised past `ensemble validate`
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(f"spec: {{checkSeconds: {'1' * 5000}}}")
+    with pytest.raises(SpecError, match="cannot be read as YAML: Exceeds the limit"):
+        load(huge)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SpecError, match="cannot be read as YAML: nested too deeply"):
+        load(deep)
 
 
 def test_validate_command_prints_each_error_or_valid(tmp_path: Path) -> None:
