@@ -419,14 +419,18 @@ def _shape(matrix: sweep.Matrix) -> str:
     return " × ".join(f"{name}: {sweep.count(values)}" for name, values in matrix.items())
 
 
-def _matrix_count(check: _Checker, data: Mapping[str, Any], where: str, matrix: sweep.Matrix) -> int | None:
-    """A matrix group's ``count``: its number of combinations; a ``count`` written must say the same."""
-    total = sweep.size(matrix)
+def _matrix_count(check: _Checker, data: Mapping[str, Any], where: str, matrix: sweep.Matrix | None) -> int | None:
+    """A matrix group's ``count``: its number of combinations; a ``count`` written must say the same.
+
+    None when the matrix (already reported) or the count is wrong. An unset or null ``count`` is the
+    number of combinations; a written one is checked even beside a wrong matrix, so all is said at once.
+    """
     if data.get("count") is None:
-        return total
+        return None if matrix is None else sweep.size(matrix)
     count = check.integer(data, "count", where, None, 0, MAX_JOBS_PER_MEMBER)
-    if count is None:
+    if matrix is None or count is None:
         return None
+    total = sweep.size(matrix)
     if count != total:
         check.error(
             f"{where}.count",
@@ -459,10 +463,11 @@ def _jobs(check: _Checker, value: object, path: str, max_size: int | None) -> tu
             check.error(f"{where}.name", f"{name!r} is used by another job group of this member; names must be unique")
         names.add(name)
         command = check.string(data, "command", where, required=True)
-        matrix = _matrix(check, data.get("matrix"), where, command) if "matrix" in data else {}
-        if matrix:
+        if "matrix" in data:
+            matrix = _matrix(check, data["matrix"], where, command)
             count = _matrix_count(check, data, where, matrix)
         else:
+            matrix = {}
             count = check.integer(data, "count", where, 1, 0, MAX_JOBS_PER_MEMBER)
         nodes = check.integer(data, "nodes", where, 1, 1, MAX_SIZE)
         tasks = check.integer(data, "tasks", where, 0, 0, 10_000_000)

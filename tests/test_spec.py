@@ -393,6 +393,12 @@ def test_matrix_errors_are_reported_with_the_groups_other_errors() -> None:
         "spec.members[0].jobs[2].nodes",
         "spec.members[0].jobs[2].matrix.x",
     }, errors
+    # a null count is an unset one: only the matrix is wrong
+    assert sweep_errors(count=None, matrix={"x": [], "seed": [1]}) == [
+        "spec.members[0].jobs[2].matrix.x: empty list; give at least one value"
+    ]
+    ensemble, errors = validate(with_matrix_group(count=None))
+    assert errors == [] and ensemble is not None and ensemble.members[0].jobs[2].count == 30
 
 
 def test_validate_prints_the_job_count_of_each_group(tmp_path: Path) -> None:
