@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -412,3 +413,17 @@ def test_validate_prints_the_job_count_of_each_group(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == f"{path}: valid (1 member, 36 jobs: member 0: small 4, big 2, sweep 30)\n"
+
+
+def test_the_sweep_example_runs_twelve_jobs_in_product_order() -> None:
+    (member,) = load(REPO / "examples/sweep.yaml").members
+    (job,) = member.jobs
+    assert job.count == 12
+    rendered = [matrix.render(job.command, matrix.params(job.matrix, i)) for i in range(job.count)]
+    assert rendered[0] == "sh -c 'echo \"lj x=$1 seed=$2\"; sleep 1' lj 1 0"
+    assert rendered[5] == "sh -c 'echo \"lj x=$1 seed=$2\"; sleep 1' lj 2 1"
+    assert rendered[11] == "sh -c 'echo \"lj x=$1 seed=$2\"; sleep 1' lj 4 3"
+    output = subprocess.run(
+        shlex.split(rendered[11].replace("sleep 1", "true")), capture_output=True, text=True, check=True
+    )
+    assert output.stdout == "lj x=4 seed=3\n"
