@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import re
 import shlex
 import subprocess
 import sys
@@ -427,3 +428,16 @@ def test_the_sweep_example_runs_twelve_jobs_in_product_order() -> None:
         shlex.split(rendered[11].replace("sleep 1", "true")), capture_output=True, text=True, check=True
     )
     assert output.stdout == "lj x=4 seed=3\n"
+
+
+def test_the_readme_sweep_is_valid_and_in_the_order_it_says() -> None:
+    section = (REPO / "README.md").read_text().split("### Parameter sweeps", 1)[1].split("\n### ", 1)[0]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    document = copy.deepcopy(VALID)
+    document["spec"]["members"][0]["jobs"] = yaml.safe_load(block)["jobs"]
+    ensemble, errors = validate(document)
+    assert errors == [] and ensemble is not None
+    (job,) = ensemble.members[0].jobs
+    assert job.count == 30
+    said = {0: ("1", "0"), 1: ("1", "1"), 10: ("2", "0"), 29: ("4", "9")}
+    assert {i: tuple(matrix.params(job.matrix, i).values()) for i in said} == said
