@@ -2,8 +2,9 @@
 
 The same format serves the Kubernetes custom resource and a local ``ensemble.yaml``: apiVersion
 ``ensemble.flux-framework.org/v1alpha1``, kind ``Ensemble``, ``spec.members[]`` each with a
-``minicluster.spec`` (``size``, ``minSize``, ``maxSize`` and the rest of a MiniCluster spec), a ``jobs``
-matrix, an optional ``algorithm {name, options}`` and ``sidecar``; ``spec.algorithm`` and
+``minicluster.spec`` (``size``, ``minSize``, ``maxSize`` and the rest of a MiniCluster spec), ``jobs``
+(job groups, each of ``count`` jobs or a parameter sweep over a ``matrix``: ``ensemble_core.matrix``),
+an optional ``algorithm {name, options}`` and ``sidecar``; ``spec.algorithm`` and
 ``spec.checkSeconds`` apply to every member. :func:`validate` returns every problem at once, each as
 ``<path>: <problem>`` (``spec.members[0].jobs[1].nodes: 12 exceeds maxSize 8``).
 
