@@ -245,7 +245,7 @@ def _matrix(check: _Checker, value: object, where: str, command: str) -> sweep.M
     and a placeholder inside quotes cannot take a value that needs quoting.
     """
     path = f"{where}.matrix"
-    if value is None or value == {}:
+    if value is None or (isinstance(value, dict) and not value):
         check.error(path, "empty; give each parameter its values (x: [1, 2, 4], seed: {range: [0, 10]}) or remove it")
         return None
     if not isinstance(value, dict):
@@ -320,10 +320,10 @@ def _parameter(check: _Checker, value: object, path: str) -> list[sweep.Scalar] 
                 check.error(path, "empty mapping; write the values as a list ([1, 2]) or as {range: [start, stop]}")
             return None
         return _range(check, data["range"], f"{path}.range")
-    shown = _kind(value) if value is None or isinstance(value, (str, int, float)) else type(value).__name__
+    got = "null" if value is None else f"{_kind(value)} {value!r}"
     check.error(
         path,
-        f"expected a list of values ([1, 2, 4]) or {{range: [start, stop]}}, got {shown} {value!r}; "
+        f"expected a list of values ([1, 2, 4]) or {{range: [start, stop]}}, got {got}; "
         "write one value as a list of one ([value])",
     )
     return None
@@ -410,7 +410,7 @@ def _placeholders(check: _Checker, path: str, command: str, names: list[str], ma
             check.error(
                 path,
                 f"{{{name}}} is inside quotes, but its value {needs[0]!r} needs shell quoting, which would end "
-                f"those quotes; put {{{name}}} outside the quotes (sh -c 'echo \"$1\"' {{{name}}}) or read "
+                f"those quotes; put {{{name}}} outside the quotes (sh -c 'echo \"$1\"' sh {{{name}}}) or read "
                 f"${variable} in the quoted script",
             )
 

@@ -311,7 +311,10 @@ def test_a_matrix_too_large_for_a_member_is_refused() -> None:
             {"x": 3, "seed": [1]},
             "matrix.x: expected a list of values ([1, 2, 4]) or {range: [start, stop]}, got an integer 3",
         ),
-        ({"x": None, "seed": [1]}, "matrix.x: expected a list of values"),
+        (
+            {"x": None, "seed": [1]},
+            "matrix.x: expected a list of values ([1, 2, 4]) or {range: [start, stop]}, got null",
+        ),
         ({"x": [1], "seed": {"range": [0, 10, 0]}}, "matrix.seed.range[2]: step must not be 0"),
         (
             {"x": [1], "seed": {"range": [10, 0]}},
@@ -380,11 +383,15 @@ def test_a_quoted_placeholder_whose_value_needs_quoting_is_refused() -> None:
     errors = sweep_errors(command="sh -c 'echo {label}'", matrix={"label": ["plain", "two words"]})
     assert errors == [
         "spec.members[0].jobs[2].command: {label} is inside quotes, but its value 'two words' needs shell quoting, "
-        "which would end those quotes; put {label} outside the quotes (sh -c 'echo \"$1\"' {label}) or read "
+        "which would end those quotes; put {label} outside the quotes (sh -c 'echo \"$1\"' sh {label}) or read "
         "$ENSEMBLE_PARAM_LABEL in the quoted script"
     ]
     # values that need no quoting may sit inside quotes, and a quoting value may sit outside them
-    for command, values in [("sh -c 'echo {label}'", ["plain", "run-1.txt", 0.5, True]), ("echo {label}", ["a b"])]:
+    for command, values in [
+        ("sh -c 'echo {label}'", ["plain", "run-1.txt", 0.5, True]),
+        ("echo {label}", ["a b"]),
+        ("sh -c 'echo \"$1\"' sh {label}", ["a b"]),
+    ]:
         assert validate(with_matrix_group(command=command, matrix={"label": values}))[1] == [], command
 
 
