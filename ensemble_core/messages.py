@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, TypeAlias, TypeVar
 
 import msgspec
 
+from ensemble_core.matrix import MatrixRange, Scalar
+
 #: The version of the message schema this code writes. Readers accept this version and refuse others
 #: with a message naming the field (a newer writer must bump it only on an incompatible change).
 MESSAGE_VERSION = 1
@@ -46,6 +48,11 @@ class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     gone, or killed by a shrink) are submitted again; the operator's ledger (``services/actuator/ledger.py``)
     owns that. In a submit to a sidecar, ``start`` is the index of the first of these ``count`` jobs and
     ``attempt`` their attempt number (None: the sidecar numbers them after the group's last).
+    ``matrix`` (``ensemble_core.matrix``) makes the group a parameter sweep: parameter name -> listed
+    values or a ``MatrixRange``, in the order written. In a member record a group with a matrix has
+    ``count == matrix.size(matrix)``, and the group's job ``i`` (0-based) runs with
+    ``matrix.params(matrix, i)``. Empty (the default, omitted on the wire): no sweep, ``count`` copies
+    of ``command`` as written.
     """
 
     name: str
@@ -59,6 +66,7 @@ class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     lost_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
     start: NonNegative | None = None
     attempt: Positive = 1
+    matrix: dict[str, list[Scalar] | MatrixRange] = {}
 
 
 class AlgorithmSpec(msgspec.Struct, kw_only=True):

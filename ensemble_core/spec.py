@@ -2,8 +2,9 @@
 
 The same format serves the Kubernetes custom resource and a local ``ensemble.yaml``: apiVersion
 ``ensemble.flux-framework.org/v1alpha1``, kind ``Ensemble``, ``spec.members[]`` each with a
-``minicluster.spec`` (``size``, ``minSize``, ``maxSize`` and the rest of a MiniCluster spec), a ``jobs``
-matrix, an optional ``algorithm {name, options}`` and ``sidecar``; ``spec.algorithm`` and
+``minicluster.spec`` (``size``, ``minSize``, ``maxSize`` and the rest of a MiniCluster spec), ``jobs``
+(job groups, each of ``count`` jobs or a parameter sweep over a ``matrix``: ``ensemble_core.matrix``),
+an optional ``algorithm {name, options}`` and ``sidecar``; ``spec.algorithm`` and
 ``spec.checkSeconds`` apply to every member. :func:`validate` returns every problem at once, each as
 ``<path>: <problem>`` (``spec.members[0].jobs[1].nodes: 12 exceeds maxSize 8``).
 
@@ -15,7 +16,9 @@ can never grow past it; the original instead refused every scale-up when ``maxSi
 from __future__ import annotations
 
 import difflib
+import math
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any
 import yaml
 
 from ensemble_core import algorithms
+from ensemble_core import matrix as sweep
 from ensemble_core.messages import DEFAULT_ALGORITHM, AlgorithmSpec, JobSpec, MemberSpec
 
 API_VERSION = "ensemble.flux-framework.org/v1alpha1"
@@ -37,9 +41,11 @@ _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "spec", "status"}
 _SPEC_KEYS = {"members", "algorithm", "checkSeconds"}
 _MEMBER_KEYS = {"minicluster", "jobs", "algorithm", "sidecar"}
-_JOB_KEYS = {"name", "command", "count", "nodes", "tasks", "workdir", "duration", "retries", "lostRetries"}
+_JOB_KEYS = {"name", "command", "count", "nodes", "tasks", "workdir", "duration", "matrix", "retries", "lostRetries"}
 _ALGORITHM_KEYS = {"name", "options", "rules"}
 _SIDECAR_KEYS = {"image", "pullAlways", "port", "workers", "runAsUser"}
+#: Integers of a matrix (listed or range bounds) are 64-bit, so every JSON reader holds them exactly.
+_INT64 = 2**63
 
 
 class SpecError(ValueError):
@@ -232,6 +238,210 @@ def _sidecar(check: _Checker, value: object, path: str) -> SidecarSpec:
     return SidecarSpec(image=image, pull_always=pull, port=port, workers=workers, run_as_user=user)
 
 
+def _matrix(check: _Checker, value: object, where: str, command: str) -> sweep.Matrix | None:
+    """The job group's validated matrix, or None when it has an error (each recorded by its path).
+
+    Also checks the group's ``command`` against it: a ``{name}`` that is no parameter is likely a typo,
+    and a placeholder inside quotes cannot take a value that needs quoting.
+    """
+    path = f"{where}.matrix"
+    if value is None or (isinstance(value, dict) and not value):
+        check.error(path, "empty; give each parameter its values (x: [1, 2, 4], seed: {range: [0, 10]}) or remove it")
+        return None
+    if not isinstance(value, dict):
+        check.error(
+            path,
+            f"expected a mapping of parameter names to values (x: [1, 2, 4], seed: {{range: [0, 10]}}), "
+            f"got {_kind(value)}",
+        )
+        return None
+    matrix: sweep.Matrix = {}
+    valid = True
+    by_variable: dict[str, str] = {}
+    for key, raw in value.items():
+        shown = str(key) if str(key).strip() else f'"{key}"'
+        here = f"{path}.{shown}"
+        values = _parameter(check, raw, here)
+        if not isinstance(key, str) or not sweep.NAME.fullmatch(key):
+            hint = (
+                " (YAML reads an unquoted yes, no, on, off as a boolean: quote the name)"
+                if isinstance(key, bool)
+                else ""
+            )
+            check.error(
+                here,
+                "not a parameter name: use letters, digits and _, not starting with a digit, since it is "
+                f"written {{name}} in command and becomes {sweep.ENVIRONMENT_PREFIX}<NAME>{hint}",
+            )
+            valid = False
+            continue
+        variable = sweep.ENVIRONMENT_PREFIX + key.upper()
+        if variable in by_variable:
+            check.error(here, f"{key} and {by_variable[variable]} both become {variable}; rename one of them")
+            valid = False
+        by_variable[variable] = key
+        if values is None:
+            valid = False
+        else:
+            matrix[key] = values
+    names = [key for key in value if isinstance(key, str) and sweep.NAME.fullmatch(key)]
+    _placeholders(check, f"{where}.command", command, names, matrix)
+    if not valid:
+        return None
+    if sweep.size(matrix) > MAX_JOBS_PER_MEMBER:
+        check.error(
+            path,
+            f"{_shape(matrix)} combinations is more than the limit of {MAX_JOBS_PER_MEMBER} jobs per member; "
+            "use fewer values, or split the sweep over several members",
+        )
+        return None
+    return matrix
+
+
+def _parameter(check: _Checker, value: object, path: str) -> list[sweep.Scalar] | sweep.MatrixRange | None:
+    """One parameter's values: a non-empty list of scalars or ``{range: [start, stop(, step)]}``."""
+    if isinstance(value, list):
+        if not value:
+            check.error(path, "empty list; give at least one value")
+            return None
+        values: list[sweep.Scalar] = []
+        for j, item in enumerate(value):
+            problem = _scalar_problem(item)
+            if problem:
+                check.error(f"{path}[{j}]", problem)
+            else:
+                assert isinstance(item, (str, int, float, bool))
+                values.append(item)
+        return values if len(values) == len(value) else None
+    if isinstance(value, dict):
+        data = check.mapping(value, path, {"range"})
+        if "range" not in data:
+            if not data:
+                check.error(path, "empty mapping; write the values as a list ([1, 2]) or as {range: [start, stop]}")
+            return None
+        return _range(check, data["range"], f"{path}.range")
+    got = "null" if value is None else f"{_kind(value)} {value!r}"
+    check.error(
+        path,
+        f"expected a list of values ([1, 2, 4]) or {{range: [start, stop]}}, got {got}; "
+        "write one value as a list of one ([value])",
+    )
+    return None
+
+
+def _range(check: _Checker, value: object, path: str) -> sweep.MatrixRange | None:
+    """``[start, stop]`` or ``[start, stop, step]``: integers, Python's range (stop excluded), not empty."""
+    if not isinstance(value, list) or len(value) not in (2, 3):
+        got = f"a list of {len(value)}" if isinstance(value, list) else f"{_kind(value)} {value!r}"
+        check.error(path, f"expected [start, stop] or [start, stop, step] (integers; stop is excluded), got {got}")
+        return None
+    bounds: list[int] = []
+    for j, bound in enumerate(value):
+        if isinstance(bound, bool) or not isinstance(bound, int):
+            check.error(
+                f"{path}[{j}]",
+                f"expected an integer, got {_kind(bound)} {bound!r}; a range holds integers (list other values)",
+            )
+        elif not -_INT64 <= bound < _INT64:
+            check.error(f"{path}[{j}]", f"{bound} is outside the 64-bit integers (±2**63)")
+        else:
+            bounds.append(bound)
+    if len(bounds) != len(value):
+        return None
+    start, stop, step = (*bounds, 1) if len(bounds) == 2 else bounds
+    if step == 0:
+        check.error(f"{path}[2]", "step must not be 0; use 1 (the default) or another non-zero integer")
+        return None
+    found = sweep.MatrixRange(start=start, stop=stop, step=step)
+    if not sweep.count(found):
+        fix = (
+            f"stop must be above start, and stop is excluded: [{start}, {start + 1}] is the one value {start}"
+            if step > 0
+            else "with a negative step the range counts down: stop must be below start"
+        )
+        check.error(path, f"{value} is empty; {fix}")
+        return None
+    return found
+
+
+def _scalar_problem(value: object) -> str:
+    """Why ``value`` cannot be one value of a parameter (empty when it can)."""
+    if value is None:
+        return 'null is not a value; quote it ("null") to pass the word, or remove it'
+    if isinstance(value, bool):
+        return ""
+    if isinstance(value, int):
+        return (
+            "" if -_INT64 <= value < _INT64 else f"{value} is outside the 64-bit integers; quote it to pass it as text"
+        )
+    if isinstance(value, float):
+        return "" if math.isfinite(value) else f"{value} is not a finite number; quote it to pass it as text"
+    if isinstance(value, str):
+        return "contains a NUL character, which no argument or environment variable can hold" if "\x00" in value else ""
+    if isinstance(value, (list, dict)):
+        return (
+            f"expected a string, a number or a boolean, got {_kind(value)}: list the values directly "
+            "(x: [1, 2]), a range is written x: {range: [0, 10]}"
+        )
+    return (
+        f"expected a string, a number or a boolean, got {type(value).__name__} {value!r}; quote it to pass it as text"
+    )
+
+
+def _placeholders(check: _Checker, path: str, command: str, names: list[str], matrix: sweep.Matrix) -> None:
+    """Refuse a ``{name}`` in ``command`` that names no parameter, and a quoted one whose value needs quoting."""
+    for name in sweep.placeholders(command) if names else []:
+        if name in names:
+            continue
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f"; did you mean {{{close[0]}}}?" if close else "."
+        check.error(
+            path,
+            f"{{{name}}} names no parameter of the matrix ({', '.join(names)}){hint} A bare name in braces is "
+            f"replaced by a parameter's value: write other braces differently, e.g. {{ {name} }} or ${{{name}}}",
+        )
+    for name in sorted(sweep.placeholders_in_quotes(command)):
+        values = matrix.get(name)
+        if not isinstance(values, list):
+            continue  # not a parameter (reported above), or a range: integers never need quoting
+        needs = [text for text in map(sweep.value_text, values) if shlex.quote(text) != text]
+        if needs:
+            variable = sweep.ENVIRONMENT_PREFIX + name.upper()
+            check.error(
+                path,
+                f"{{{name}}} is inside quotes, but its value {needs[0]!r} needs shell quoting, which would end "
+                f"those quotes; put {{{name}}} outside the quotes (sh -c 'echo \"$1\"' sh {{{name}}}) or read "
+                f"${variable} in the quoted script",
+            )
+
+
+def _shape(matrix: sweep.Matrix) -> str:
+    """``x: 3 × seed: 10``: each parameter's number of values."""
+    return " × ".join(f"{name}: {sweep.count(values)}" for name, values in matrix.items())
+
+
+def _matrix_count(check: _Checker, data: Mapping[str, Any], where: str, matrix: sweep.Matrix | None) -> int | None:
+    """A matrix group's ``count``: its number of combinations; a ``count`` written must say the same.
+
+    None when the matrix (already reported) or the count is wrong. An unset or null ``count`` is the
+    number of combinations; a written one is checked even beside a wrong matrix, so all is said at once.
+    """
+    if data.get("count") is None:
+        return None if matrix is None else sweep.size(matrix)
+    count = check.integer(data, "count", where, None, 0, MAX_JOBS_PER_MEMBER)
+    if matrix is None or count is None:
+        return None
+    total = sweep.size(matrix)
+    if count != total:
+        check.error(
+            f"{where}.count",
+            f"{count} does not match the matrix, which gives {total} jobs ({_shape(matrix)}); remove count: "
+            "a group with a matrix runs one job per combination",
+        )
+        return None
+    return total
+
+
 def _jobs(check: _Checker, value: object, path: str, max_size: int | None) -> tuple[JobSpec, ...]:
     if value is None:
         check.error(path, "required; list the member's job groups (name, command, count, nodes)")
@@ -254,7 +464,12 @@ def _jobs(check: _Checker, value: object, path: str, max_size: int | None) -> tu
             check.error(f"{where}.name", f"{name!r} is used by another job group of this member; names must be unique")
         names.add(name)
         command = check.string(data, "command", where, required=True)
-        count = check.integer(data, "count", where, 1, 0, MAX_JOBS_PER_MEMBER)
+        if "matrix" in data:
+            matrix = _matrix(check, data["matrix"], where, command)
+            count = _matrix_count(check, data, where, matrix)
+        else:
+            matrix = {}
+            count = check.integer(data, "count", where, 1, 0, MAX_JOBS_PER_MEMBER)
         nodes = check.integer(data, "nodes", where, 1, 1, MAX_SIZE)
         tasks = check.integer(data, "tasks", where, 0, 0, 10_000_000)
         duration = check.integer(data, "duration", where, 0, 0, 10**9)
@@ -267,10 +482,10 @@ def _jobs(check: _Checker, value: object, path: str, max_size: int | None) -> tu
             check.error(f"{where}.tasks", f"{tasks} is fewer than nodes {nodes}; give each node at least one task")
         if count is not None:
             total += count
-        if None in (count, nodes, tasks, duration, retries, lost_retries) or not name or not command:
+        if None in (count, nodes, tasks, duration, matrix, retries, lost_retries) or not name or not command:
             continue
         assert count is not None and nodes is not None and tasks is not None and duration is not None
-        assert retries is not None and lost_retries is not None
+        assert matrix is not None and retries is not None and lost_retries is not None
         jobs.append(
             JobSpec(
                 name=name,
@@ -282,6 +497,7 @@ def _jobs(check: _Checker, value: object, path: str, max_size: int | None) -> tu
                 duration=duration,
                 retries=retries,
                 lost_retries=lost_retries,
+                matrix=matrix,
             )
         )
     if total > MAX_JOBS_PER_MEMBER:
@@ -387,6 +603,10 @@ def load(path: str | Path, namespace: str = "default") -> Ensemble:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError([f"{path}: not valid YAML: {exc}"]) from exc
+    except (ValueError, RecursionError) as exc:
+        # the parser's own limits: an integer of more than 4300 digits, nesting deeper than Python's stack
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise SpecError([f"{path}: cannot be read as YAML: {reason}"]) from None
     ensemble, errors = validate(document, namespace)
     if ensemble is None:
         raise SpecError(errors)

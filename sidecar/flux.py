@@ -531,6 +531,7 @@ class FluxBackend(Listeners):
             for index, (spec, job_index) in enumerate(ordered)
             if index not in done and not state.has_attempt(spec.name, job_index, spec.attempt)
         ]
+        params_of = {(spec.name, job_index): job_params(spec, job_index) for _, spec, job_index in todo}
         for _, spec, job_index in todo:
             state.note_attempt(spec.name, job_index, spec.attempt)
         if template.output_dir:
@@ -550,7 +551,7 @@ class FluxBackend(Listeners):
                     key=payload.key,
                     index=index,
                     job_index=job_index,
-                    params=job_params(spec, job_index),
+                    params=params_of[(spec.name, job_index)],
                 )
                 for index, spec, job_index in batch
             ]

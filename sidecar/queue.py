@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from ensemble_core import matrix
 from ensemble_core.messages import GroupStats, JobSpec, NodeCounts, QueueCounts
 from ensemble_core.subjects import escape
 from ensemble_core.wire import (
@@ -235,18 +236,25 @@ def expand_jobs(
 
 
 def job_params(spec: JobSpec, index: int) -> dict[str, str]:
-    """The parameters of job ``index`` of a group (its ``matrix`` combination); none without a matrix."""
-    return {}
+    """The parameters of job ``index`` of a group (its ``matrix`` combination); none without a matrix.
+
+    Raises :class:`QueueError` for an index beyond the matrix's combinations."""
+    if not spec.matrix:
+        return {}
+    try:
+        return matrix.params(spec.matrix, index)
+    except ValueError as exc:
+        raise QueueError(f"jobs: group {spec.name!r}: {exc}") from None
 
 
 def job_command(spec: JobSpec, params: Mapping[str, str]) -> str:
     """The command job with these parameters runs (placeholders filled in); the group's own without any."""
-    return spec.command
+    return matrix.render(spec.command, params) if params else spec.command
 
 
 def job_environment_params(params: Mapping[str, str]) -> dict[str, str]:
     """The environment variables that carry a job's parameters (``ENSEMBLE_PARAM_<NAME>``)."""
-    return {}
+    return matrix.environment(params)
 
 
 def output_paths(directory: str, group: str, index: int, attempt: int) -> tuple[str, str]:
@@ -448,14 +456,16 @@ class Queue:
             raise QueueTerminated("action: the queue is terminated and accepts no more jobs")
         self.validate(specs)
         queued = 0
-        for spec, index in expand_jobs(specs, order, seed, self._next_index):
+        expanded = expand_jobs(specs, order, seed, self._next_index)
+        # every job's parameters before any is queued: all or nothing
+        params_of = [job_params(spec, index) for spec, index in expanded]
+        for (spec, index), params in zip(expanded, params_of, strict=True):
             identity = (spec.name, index, spec.attempt)
             if identity in self._attempts:
                 continue
             self._attempts.add(identity)
             if index >= self._next_index.get(spec.name, 0):
                 self._next_index[spec.name] = index + 1
-            params = job_params(spec, index)
             job = Job(
                 id=next(self._ids),
                 group=spec.name,

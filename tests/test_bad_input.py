@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import re
+import shlex
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -33,7 +34,7 @@ from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 from prometheus_client import REGISTRY
 
-from ensemble_core import algorithms, minicluster, subjects
+from ensemble_core import algorithms, matrix, minicluster, subjects
 from ensemble_core.messages import (
     AlgorithmSpec,
     Applied,
@@ -113,7 +114,9 @@ KUBE_ENSEMBLE: dict[str, Any] = {
         ],
     },
 }
-EXAMPLES = [yaml.safe_load((REPO / "examples" / name).read_text()) for name in ("hello-world.yaml", "rules.yaml")]
+EXAMPLES = [
+    yaml.safe_load((REPO / "examples" / name).read_text()) for name in ("hello-world.yaml", "rules.yaml", "sweep.yaml")
+]
 
 #: An error is "<field path>: <problem>".
 ERROR = re.compile(r"^(?P<path>.+?): \S", re.S)
@@ -234,6 +237,82 @@ def test_a_document_that_is_not_an_ensemble_at_all_is_refused_with_a_reason(docu
     ensemble, errors = validate(document)
     assert ensemble is None
     assert errors and all(names_a_field(error, document) for error in errors), errors
+
+
+good_values = st.lists(
+    st.integers(-3, 3)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.booleans()
+    | st.text(max_size=5)
+    | st.text(alphabet="a -'\"$\\{}();*", max_size=5),
+    min_size=1,
+    max_size=4,
+) | st.fixed_dictionaries({"range": st.lists(st.integers(-4, 4), min_size=2, max_size=3)})
+matrix_values = st.one_of(
+    good_values,
+    good_values,
+    odd_values,
+    st.lists(odd_scalars, max_size=4),
+    st.fixed_dictionaries({"range": st.lists(st.integers(-(10**20), 10**20) | odd_scalars, max_size=4)}),
+)
+matrix_names = st.sampled_from(["x", "seed", "X", "_", "a1"])
+
+
+@st.composite
+def hostile_sweeps(draw: st.DrawFn) -> tuple[object, str, object]:
+    """A matrix (half of them of good values), a command using its names in every context, and a count."""
+    sweep = draw(
+        st.one_of(
+            st.dictionaries(matrix_names, good_values, min_size=1, max_size=3),
+            st.dictionaries(matrix_names, matrix_values, min_size=1, max_size=3),
+            st.dictionaries(matrix_names | odd_keys | st.integers() | st.booleans(), matrix_values, max_size=4),
+            odd_values,
+        )
+        if draw(st.booleans())
+        else st.dictionaries(matrix_names, good_values, min_size=1, max_size=3)
+    )
+    count = draw(odd_scalars) if draw(st.integers(0, 4)) == 0 else None
+    names = [key for key in sweep if isinstance(key, str)] if isinstance(sweep, dict) else []
+    words = ["run"]
+    extra = draw(st.lists(matrix_names, max_size=1)) if draw(st.integers(0, 3)) == 0 else []
+    for name in names + extra:
+        words.append(draw(st.sampled_from(["{%s}", "'{%s}'", '"{%s}"', "--%s={%s}", "${%s}"])).replace("%s", name))
+    tail = draw(st.sampled_from(["", "", "awk '{ print $1 }'", "${HOME}", "'{x}{seed}'"]))
+    return sweep, " ".join([*words, tail]), count
+
+
+def values_put_in(word: str, params: dict[str, str]) -> str:
+    """``word`` with each ``{name}`` of a parameter replaced by its value as it is, unquoted."""
+    return re.sub(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda found: params.get(found[1], found[0]), word)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(group=hostile_sweeps())
+def test_a_hostile_matrix_is_refused_naming_the_field_or_puts_each_value_into_its_word(
+    group: tuple[object, str, object],
+) -> None:
+    sweep, command, count = group
+    document = copy.deepcopy(KUBE_ENSEMBLE)
+    job_group = document["spec"]["members"][0]["jobs"][0]
+    job_group.update(matrix=sweep, command=command, count=count)
+    if count is None:
+        del job_group["count"]
+    assert_rejected_by_path_or_usable(document)
+    ensemble, _ = validate(document)
+    if ensemble is None:
+        return
+    job = ensemble.members[0].jobs[0]
+    assert job.count == matrix.size(job.matrix) >= 1
+    for index in {0, job.count // 2, job.count - 1}:
+        params = matrix.params(job.matrix, index)
+        assert list(params) == list(job.matrix)
+        # each value arrives as written, inside the word its placeholder is in, even within quotes (the
+        # spec refused the values that could not): the words are the command's with the values put in
+        words = [values_put_in(word, params) for word in shlex.split(job.command)]
+        assert shlex.split(matrix.render(job.command, params)) == words
+        assert all(re.fullmatch(r"ENSEMBLE_PARAM_[A-Z0-9_]+", name) for name in matrix.environment(params))
+    with pytest.raises(ValueError, match=r"^index: "):
+        matrix.params(job.matrix, job.count)
 
 
 def _member_edit(edit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import yaml
 
 from ensemble_cli.simulation import SimulationConfig, simulate, trace_groups
 from ensemble_core import algorithms
+from ensemble_core.matrix import MatrixRange
 from ensemble_core.messages import Applied, Decision, Metrics
 from ensemble_core.spec import load
 from sidecar.sim import TraceJob, load_trace
@@ -133,3 +135,29 @@ def test_bad_input_is_refused_with_a_message(extra: list[str], message: str) -> 
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
+
+
+def test_a_sweep_runs_one_job_per_combination(tmp_path: Path) -> None:
+    document = yaml.safe_load((REPO / "examples/sweep.yaml").read_text())
+    document["spec"]["members"][0]["jobs"][0]["matrix"]["seed"] = {"range": [0, 100]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(document))
+    result = simulate(SimulationConfig(ensemble=load(path), delay=10, default_duration=5, record=True))
+    summary = result.summary()
+    assert summary["completed"] is True and summary["jobs"] == 3 * 100 and summary["failed_jobs"] == 0
+    submitted = [job for r in result.records if isinstance(r, Decision) and r.action == "submit" for job in r.jobs]
+    assert sum(job.count for job in submitted) == 300
+    assert {job.name for job in submitted} == {"lj"}
+    assert all(job.matrix == {"x": [1, 2, 4], "seed": MatrixRange(start=0, stop=100)} for job in submitted)
+
+
+def test_the_sweep_example_simulates_its_twelve_jobs() -> None:
+    result = subprocess.run(
+        [*CLI, str(REPO / "examples/sweep.yaml"), "--json", "--delay", "10"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["jobs"] == 12

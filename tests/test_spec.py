@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import datetime
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from ensemble_core import matrix
+from ensemble_core.matrix import MatrixRange
 from ensemble_core.spec import SpecError, load, validate
 from tests.conftest import REPO, SHARED
 
@@ -206,6 +211,15 @@ def test_unreadable_and_broken_files_are_reported(tmp_path: Path) -> None:
     broken.write_text("spec: [unclosed")
     with pytest.raises(SpecError, match="not valid YAML"):
         load(broken)
+    # the parser's own limits are reported too, not raised past `ensemble validate`
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(f"spec: {{checkSeconds: {'1' * 5000}}}")
+    with pytest.raises(SpecError, match="cannot be read as YAML: Exceeds the limit"):
+        load(huge)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SpecError, match="cannot be read as YAML: nested too deeply"):
+        load(deep)
 
 
 def test_validate_command_prints_each_error_or_valid(tmp_path: Path) -> None:
@@ -221,5 +235,216 @@ def test_validate_command_prints_each_error_or_valid(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 1
-    assert f"{example}: valid" in result.stdout
+    assert f"{example}: valid (1 member, 11 jobs: member 0: wide 2, pair 3, single 6)\n" in result.stdout
     assert f"{path}: spec.members[0].jobs[1].nodes: 12 exceeds maxSize 8" in result.stdout
+
+
+# --- parameter sweeps (matrix) -----------------------------------------------------------------------
+
+
+def with_matrix_group(**group: Any) -> dict[str, Any]:
+    """VALID with a third job group, ``sweep``, made of ``group`` (a matrix and a command by default)."""
+    document = copy.deepcopy(VALID)
+    job = {"name": "sweep", "command": "lmp -var x {x} -var seed {seed} -in in.lj", "nodes": 1, **group}
+    job.setdefault("matrix", {"x": [1, 2, 4], "seed": {"range": [0, 10]}})
+    document["spec"]["members"][0]["jobs"].append(job)
+    return document
+
+
+def sweep_errors(**group: Any) -> list[str]:
+    ensemble, errors = validate(with_matrix_group(**group))
+    assert ensemble is None and errors
+    return errors
+
+
+def test_a_matrix_group_counts_one_job_per_combination() -> None:
+    ensemble, errors = validate(with_matrix_group())
+    assert errors == [] and ensemble is not None
+    job = ensemble.members[0].jobs[2]
+    assert job.count == 30
+    assert job.matrix == {"x": [1, 2, 4], "seed": MatrixRange(start=0, stop=10)}
+    assert matrix.params(job.matrix, 13) == {"x": "2", "seed": "3"}
+    assert [j.matrix for j in ensemble.members[0].jobs[:2]] == [{}, {}]  # groups without one are as before
+
+
+def test_a_matrix_group_may_state_its_count_when_it_matches() -> None:
+    ensemble, errors = validate(with_matrix_group(count=30))
+    assert errors == [] and ensemble is not None and ensemble.members[0].jobs[2].count == 30
+    ensemble, errors = validate(with_matrix_group(matrix={"x": {"range": [10, 0, -2]}}, command="run {x}"))
+    assert errors == [] and ensemble is not None and ensemble.members[0].jobs[2].count == 5
+
+
+def test_a_count_that_differs_from_the_matrix_is_refused_saying_what_the_matrix_gives() -> None:
+    assert sweep_errors(count=10) == [
+        "spec.members[0].jobs[2].count: 10 does not match the matrix, which gives 30 jobs (x: 3 × seed: 10); "
+        "remove count: a group with a matrix runs one job per combination"
+    ]
+
+
+def test_a_matrix_too_large_for_a_member_is_refused() -> None:
+    errors = sweep_errors(matrix={"x": [1, 2, 4], "seed": {"range": [0, 1_000_000]}})
+    assert errors == [
+        "spec.members[0].jobs[2].matrix: x: 3 × seed: 1000000 combinations is more than the limit of 1000000 jobs "
+        "per member; use fewer values, or split the sweep over several members"
+    ]
+    # the limit is per member: groups together may not pass it either
+    errors = sweep_errors(matrix={"x": [1], "seed": {"range": [0, 1_000_000]}})
+    assert errors == ["spec.members[0].jobs: 1000006 jobs in all exceeds the limit of 1000000 per member"]
+
+
+@pytest.mark.parametrize(
+    ("sweep", "expected"),
+    [
+        ({"x": [], "seed": [1]}, "matrix.x: empty list; give at least one value"),
+        ({"x": [1, None], "seed": [1]}, 'matrix.x[1]: null is not a value; quote it ("null")'),
+        ({"x": [[1, 2]], "seed": [1]}, "matrix.x[0]: expected a string, a number or a boolean, got a list"),
+        ({"x": [{"range": [0, 2]}], "seed": [1]}, "matrix.x[0]: expected a string, a number or a boolean, got a map"),
+        ({"x": [float("nan")], "seed": [1]}, "matrix.x[0]: nan is not a finite number; quote it"),
+        ({"x": [float("inf")], "seed": [1]}, "matrix.x[0]: inf is not a finite number"),
+        ({"x": ["a\x00b"], "seed": [1]}, "matrix.x[0]: contains a NUL character"),
+        ({"x": [2**64], "seed": [1]}, "matrix.x[0]: 18446744073709551616 is outside the 64-bit integers"),
+        (
+            {"x": [datetime.date(2024, 1, 1)], "seed": [1]},
+            "matrix.x[0]: expected a string, a number or a boolean, got date",
+        ),
+        (
+            {"x": 3, "seed": [1]},
+            "matrix.x: expected a list of values ([1, 2, 4]) or {range: [start, stop]}, got an integer 3",
+        ),
+        (
+            {"x": None, "seed": [1]},
+            "matrix.x: expected a list of values ([1, 2, 4]) or {range: [start, stop]}, got null",
+        ),
+        ({"x": [1], "seed": {"range": [0, 10, 0]}}, "matrix.seed.range[2]: step must not be 0"),
+        (
+            {"x": [1], "seed": {"range": [10, 0]}},
+            "matrix.seed.range: [10, 0] is empty; stop must be above start, and stop is excluded: [10, 11]",
+        ),
+        ({"x": [1], "seed": {"range": [0, 10, -1]}}, "matrix.seed.range: [0, 10, -1] is empty; with a negative step"),
+        (
+            {"x": [1], "seed": {"range": [0]}},
+            "matrix.seed.range: expected [start, stop] or [start, stop, step] (integers; stop is excluded), "
+            "got a list of 1",
+        ),
+        ({"x": [1], "seed": {"range": "0..10"}}, "matrix.seed.range: expected [start, stop] or [start, stop, step]"),
+        (
+            {"x": [1], "seed": {"range": [0, 2.5]}},
+            "matrix.seed.range[1]: expected an integer, got float 2.5; a range holds integers",
+        ),
+        ({"x": [1], "seed": {"range": [True, 3]}}, "matrix.seed.range[0]: expected an integer, got a boolean"),
+        ({"x": [1], "seed": {"range": [0, 2**63]}}, "matrix.seed.range[1]: 9223372036854775808 is outside the 64-bit"),
+        ({"x": [1], "seed": {"rnage": [0, 3]}}, "matrix.seed.rnage: unknown field; did you mean range?"),
+        ({"x": [1], "seed": {}}, "matrix.seed: empty mapping; write the values as a list"),
+        ({"x": [1], "seed": [1], "1st": [1]}, "matrix.1st: not a parameter name: use letters, digits and _"),
+        ({"x": [1], "seed": [1], "a-b": [1]}, "matrix.a-b: not a parameter name"),
+        ({"x": [1], "seed": [1], "": [1]}, 'matrix."": not a parameter name'),
+        ({"x": [1], "seed": [1], True: [1]}, "matrix.True: not a parameter name"),
+        ({"x": [1], "seed": [1], 7: [1]}, "matrix.7: not a parameter name"),
+        ({"x": [1], "seed": [1], "X": [2]}, "matrix.X: X and x both become ENSEMBLE_PARAM_X; rename one of them"),
+        ({}, "matrix: empty; give each parameter its values"),
+        (None, "matrix: empty; give each parameter its values"),
+        ([1, 2], "matrix: expected a mapping of parameter names to values"),
+        ("x=1", "matrix: expected a mapping of parameter names to values"),
+    ],
+)
+def test_a_bad_matrix_is_refused_at_its_field(sweep: object, expected: str) -> None:
+    errors = sweep_errors(matrix=sweep)
+    assert any(error.startswith(f"spec.members[0].jobs[2].{expected}") for error in errors), errors
+    assert all(error.startswith("spec.members[0].jobs") for error in errors), errors
+
+
+def test_a_yaml_boolean_parameter_name_is_explained() -> None:
+    (error,) = sweep_errors(matrix=yaml.safe_load("{x: [1], seed: [1], on: [1]}"))
+    assert error.startswith("spec.members[0].jobs[2].matrix.True: not a parameter name")
+    assert "YAML reads an unquoted yes, no, on, off as a boolean: quote the name" in error
+
+
+def test_a_placeholder_that_names_no_parameter_is_refused_with_the_close_name() -> None:
+    assert sweep_errors(command="lmp -var x {x} -var seed {sede}") == [
+        "spec.members[0].jobs[2].command: {sede} names no parameter of the matrix (x, seed); did you mean {seed}? "
+        "A bare name in braces is replaced by a parameter's value: write other braces differently, e.g. "
+        "{ sede } or ${sede}"
+    ]
+    (error,) = sweep_errors(command="awk '{print}' in.{x}.{seed}")
+    assert error.startswith("spec.members[0].jobs[2].command: {print} names no parameter of the matrix (x, seed). A")
+
+
+def test_other_braces_and_unused_parameters_are_fine() -> None:
+    command = "sh -c 'cd ${HOME}; awk \"{ print $1 }\" in.lj' {x}"
+    ensemble, errors = validate(with_matrix_group(command=command))
+    assert errors == [] and ensemble is not None  # seed is unused in the command: the job has it in its environment
+    # without a matrix a command's braces are nobody's business
+    document = copy.deepcopy(VALID)
+    document["spec"]["members"][0]["jobs"][0]["command"] = "echo {anything}"
+    assert validate(document)[1] == []
+
+
+def test_a_quoted_placeholder_whose_value_needs_quoting_is_refused() -> None:
+    errors = sweep_errors(command="sh -c 'echo {label}'", matrix={"label": ["plain", "two words"]})
+    assert errors == [
+        "spec.members[0].jobs[2].command: {label} is inside quotes, but its value 'two words' needs shell quoting, "
+        "which would end those quotes; put {label} outside the quotes (sh -c 'echo \"$1\"' sh {label}) or read "
+        "$ENSEMBLE_PARAM_LABEL in the quoted script"
+    ]
+    # values that need no quoting may sit inside quotes, and a quoting value may sit outside them
+    for command, values in [
+        ("sh -c 'echo {label}'", ["plain", "run-1.txt", 0.5, True]),
+        ("echo {label}", ["a b"]),
+        ("sh -c 'echo \"$1\"' sh {label}", ["a b"]),
+    ]:
+        assert validate(with_matrix_group(command=command, matrix={"label": values}))[1] == [], command
+
+
+def test_matrix_errors_are_reported_with_the_groups_other_errors() -> None:
+    errors = sweep_errors(count="many", nodes=0, matrix={"x": [], "seed": [1]})
+    assert {error.split(":")[0] for error in errors} == {
+        "spec.members[0].jobs[2].count",
+        "spec.members[0].jobs[2].nodes",
+        "spec.members[0].jobs[2].matrix.x",
+    }, errors
+    # a null count is an unset one: only the matrix is wrong
+    assert sweep_errors(count=None, matrix={"x": [], "seed": [1]}) == [
+        "spec.members[0].jobs[2].matrix.x: empty list; give at least one value"
+    ]
+    ensemble, errors = validate(with_matrix_group(count=None))
+    assert errors == [] and ensemble is not None and ensemble.members[0].jobs[2].count == 30
+
+
+def test_validate_prints_the_job_count_of_each_group(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(with_matrix_group()))
+    result = subprocess.run(
+        [sys.executable, "-m", "ensemble_cli", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == f"{path}: valid (1 member, 36 jobs: member 0: small 4, big 2, sweep 30)\n"
+
+
+def test_the_sweep_example_runs_twelve_jobs_in_product_order() -> None:
+    (member,) = load(REPO / "examples/sweep.yaml").members
+    (job,) = member.jobs
+    assert job.count == 12
+    rendered = [matrix.render(job.command, matrix.params(job.matrix, i)) for i in range(job.count)]
+    assert rendered[0] == "sh -c 'echo \"lj x=$1 seed=$2\"; sleep 1' lj 1 0"
+    assert rendered[5] == "sh -c 'echo \"lj x=$1 seed=$2\"; sleep 1' lj 2 1"
+    assert rendered[11] == "sh -c 'echo \"lj x=$1 seed=$2\"; sleep 1' lj 4 3"
+    output = subprocess.run(
+        shlex.split(rendered[11].replace("sleep 1", "true")), capture_output=True, text=True, check=True
+    )
+    assert output.stdout == "lj x=4 seed=3\n"
+
+
+def test_the_readme_sweep_is_valid_and_in_the_order_it_says() -> None:
+    section = (REPO / "README.md").read_text().split("### Parameter sweeps", 1)[1].split("\n### ", 1)[0]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    document = copy.deepcopy(VALID)
+    document["spec"]["members"][0]["jobs"] = yaml.safe_load(block)["jobs"]
+    ensemble, errors = validate(document)
+    assert errors == [] and ensemble is not None
+    (job,) = ensemble.members[0].jobs
+    assert job.count == 30
+    said = {0: ("1", "0"), 1: ("1", "1"), 10: ("2", "0"), 29: ("4", "9")}
+    assert {i: tuple(matrix.params(job.matrix, i).values()) for i in said} == said
