@@ -49,6 +49,7 @@ from sidecar.queue import (
     job_identity_environment,
     output_paths,
 )
+from sidecar.reaper import Reaper
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,10 @@ class LocalBackend(Listeners):
         self._kill_timers: list[asyncio.TimerHandle] = []
         self._timers: set[asyncio.TimerHandle] = set()
         self._closed = False
+        #: kills the jobs' process groups should this process die without doing it (sidecar/reaper.py)
+        self._reaper = Reaper()
+        if self._reaper.problem:
+            log.warning("%s; jobs may outlive a killed sidecar", self._reaper.problem)
         self._journal: Journal | None = None
         if state_dir is not None:
             self._journal = Journal(state_dir)
@@ -284,6 +289,7 @@ class LocalBackend(Listeners):
                 self._restore(self._journal.read())
             except BaseException:
                 self._journal.close()
+                self._reaper.close()
                 raise
 
     # -- Backend ---------------------------------------------------------------------------------
@@ -405,13 +411,13 @@ class LocalBackend(Listeners):
         tasks = list(self._tasks.values())
         for proc in self._procs.values():
             _signal_group(proc, signal.SIGTERM)
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=grace)
-        for proc in self._procs.values():
-            _signal_group(proc, signal.SIGKILL)
-        if pending:
-            await asyncio.wait(pending)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for proc in self._procs.values():
+                _signal_group(proc, signal.SIGKILL)
+            if pending:
+                await asyncio.wait(pending)
+        await asyncio.to_thread(self._reaper.close)
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -600,6 +606,7 @@ class LocalBackend(Listeners):
             return NOT_EXECUTABLE, f"sidecar: cannot start job: {exc}\n"
         _close(files)  # the job's process holds them now
         self._procs[job.id] = proc
+        self._reaper.add(proc.pid)
         # not fsync'd: it only helps a restart kill what this process leaves behind, and the page cache
         # outlives a killed sidecar
         self._record(Spawned(id=job.id, pid=proc.pid, since=_start_time(proc.pid)), sync=False)
@@ -622,6 +629,7 @@ class LocalBackend(Listeners):
             note = f"sidecar: killed after its duration of {job.duration} s\n"
         # Children the command left behind belong to the job: they end with it.
         _signal_group(proc, signal.SIGKILL)
+        self._reaper.remove(proc.pid)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_DRAIN_SECONDS):
                 await reader

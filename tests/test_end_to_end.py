@@ -131,16 +131,19 @@ async def test_ensemble_runs_end_to_end_through_all_services(nc: Client, setting
     assert events[0] == "ready" and "terminated" in events
 
 
-def run_up(path: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_up(
+    path: Path, *extra: str, timeout: float = 120, results: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    results = results or path.parent / "results"
     return subprocess.run(
-        [*CLI, "up", str(path), "--timeout", "90", *extra],
+        [*CLI, "up", str(path), "--timeout", "90", "--results", str(results), *extra],
         capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
 
 
-def test_ensemble_up_runs_the_example_to_completion() -> None:
+def test_ensemble_up_runs_the_example_to_completion(tmp_path: Path) -> None:
     started = time.monotonic()
-    result = run_up(REPO / "examples/hello-world.yaml")
+    result = run_up(REPO / "examples/hello-world.yaml", results=tmp_path / "results")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "summary" in result.stdout
     assert "scaled 1 → " in result.stdout and "→ 1" in result.stdout
@@ -163,8 +166,8 @@ def test_ensemble_up_exits_non_zero_and_names_a_failed_job(tmp_path: Path) -> No
     path.write_text(yaml.safe_dump(document))
     result = run_up(path, "--quiet")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "(broken) failed" in result.stdout and "disk full" in result.stdout
-    assert "(missing) failed" in result.stdout
+    assert "job broken[0] failed after 1 attempt (exit 3): disk full" in result.stdout
+    assert "job missing[0] failed after 1 attempt (exit 127)" in result.stdout
 
 
 def test_ensemble_up_refuses_a_bad_spec_with_the_field_path(tmp_path: Path) -> None:
