@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import csv
 import errno
 import json
 import os
@@ -421,7 +422,8 @@ async def test_a_large_submit_does_not_stall_the_status_stream(tmp_path: Path) -
 async def test_ensemble_up_on_flux_runs_hello_world_with_a_true_summary(tmp_path: Path) -> None:
     assert FLUX is not None
     script = (
-        f"{sys.executable} -m ensemble_cli up examples/hello-world.yaml --backend flux --quiet --timeout 240; rc=$?; "
+        f"{sys.executable} -m ensemble_cli up examples/hello-world.yaml --backend flux --quiet --timeout 240 "
+        f"--results {tmp_path}/results; rc=$?; "
         "echo drained: $(flux resource drain -no {ranks}); exit $rc"
     )
     done = await asyncio.to_thread(
@@ -433,8 +435,17 @@ async def test_ensemble_up_on_flux_runs_hello_world_with_a_true_summary(tmp_path
     rows = [line for line in done.stdout.splitlines() if line.startswith("│")]
     cells = [cell.strip() for cell in rows[-1].strip("│").split("│")]
     assert cells[:4] == ["0", "11", "11", "0"], done.stdout  # member, jobs, succeeded, failed
-    assert float(cells[5]) > 0 and cells[7] == "4"  # node-seconds of ranks available; peak size
+    assert cells[6:8] == ["11", "0"], done.stdout  # attempts, retried
+    assert float(cells[9]) > 0 and cells[11] == "4"  # node-seconds of ranks available; peak size
     assert "member 0: Flux ranks 0-3" in done.stdout
+    # the results: a row per attempt, each attempt's stdout in the file Flux's shell wrote
+    with (tmp_path / "results" / "jobs.csv").open() as table:
+        attempts = list(csv.DictReader(table))
+    assert len(attempts) == 11 and {row["result"] for row in attempts} == {"succeeded"}
+    assert all(Path(row["stdout"]).is_file() and Path(row["stderr"]).is_file() for row in attempts)
+    assert all(str(tmp_path / "results" / "outputs" / "member-0") in row["stdout"] for row in attempts)
+    said = [Path(row["stdout"]).read_text() for row in attempts if "echo hello" in row["command"]]
+    assert said and all(text == "hello from a single-node job\n" for text in said), said
     assert done.stdout.strip().splitlines()[-1] == "drained:"  # the run gave back what it drained
 
 
