@@ -175,7 +175,11 @@ async def test_jobs_get_the_sidecars_environment_without_its_secrets(tmp_path: P
         assert "ENSEMBLE_SIDECAR_TOKEN" not in environment and TOKEN not in json.dumps(jobspec)
         assert environment["PATH"] == os.environ["PATH"]
         seen = (tmp_path / "env.txt").read_text()
-        assert TOKEN not in seen and "ENSEMBLE_" not in seen and "PATH=" in seen
+        assert TOKEN not in seen and "PATH=" in seen
+        # of the ENSEMBLE_ variables only the job's identity, none of the sidecar's
+        ours = sorted(line.split("=", 1)[0] for line in seen.splitlines() if line.startswith("ENSEMBLE_"))
+        assert ours == ["ENSEMBLE_JOB_ATTEMPT", "ENSEMBLE_JOB_GROUP", "ENSEMBLE_JOB_INDEX"], ours
+        assert "ENSEMBLE_JOB_GROUP=env" in seen and "ENSEMBLE_JOB_INDEX=0" in seen
         # nor the helper's environment, which any job of the same user could read
         assert not any(name.startswith("ENSEMBLE_") for name in helper_of(sidecar).environ())
 

@@ -266,11 +266,14 @@ async def test_command_line_prints_port_serves_and_stops_cleanly_on_sigterm() ->
                 return bool((await status(stub))["counts"]["running"] == 2)
 
             assert await eventually(two_running)
-        jobs = _children(proc.pid)
-        assert len(jobs) == 2
+        children = set(_children(proc.pid))
+        # the two jobs, and the reaper that kills them should the sidecar be killed (sidecar/reaper.py)
+        reaper = {pid for pid in children if "sidecar.reaper" in Path(f"/proc/{pid}/cmdline").read_text()}
+        jobs = children - reaper
+        assert len(jobs) == 2 and len(reaper) == 1
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 10) == 0
-        assert not [pid for pid in jobs if _alive(pid)]
+        assert not [pid for pid in jobs | reaper if _alive(pid)]
     finally:
         if proc.poll() is None:
             proc.kill()
