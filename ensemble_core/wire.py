@@ -2,7 +2,7 @@
 
 The status payload keeps the original sidecar's keys (``nodes``, ``queue``, ``waiting``, ``nextJobs``,
 ``counts``, ``metrics``) so an original client reads it, and adds ours (``size``, ``finished``,
-``failed``, ``groups``, ``time``, ``terminated``). Decoding accepts a payload of the original's shape
+``failed``, ``groups``, ``time``, ``terminated``, ``draining``). Decoding accepts a payload of the original's shape
 (only its keys) as well as ours.
 """
 
@@ -35,6 +35,9 @@ class StatusPayload(msgspec.Struct, kw_only=True, rename={"next_jobs": "nextJobs
     groups: dict[str, GroupStats] = {}
     time: float | None = None
     terminated: bool = False
+    #: Nodes given up by a shrink that still run work (they leave when it ends, or at the shrink grace);
+    #: None from a sidecar that does not say (the original's).
+    draining: int | None = None
 
 
 class SubmitPayload(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -80,6 +83,10 @@ class JobInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     returncode: int | None = None
     success: bool | None = None
     output: str = ""
+    #: The job ended without a known outcome (its sidecar restarted while it ran, or it was killed after
+    #: the shrink grace because its node was given up): ``reason`` says which.
+    lost: bool = False
+    reason: str = ""
 
 
 def decode_status(payload: str | bytes) -> StatusPayload:

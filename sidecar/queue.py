@@ -111,6 +111,8 @@ class Job:
     returncode: int | None = None
     success: bool | None = None
     output: str = ""
+    lost: bool = False
+    reason: str = ""
 
     def info(self) -> JobInfo:
         """This job as ``jobinfo`` reports it."""
@@ -126,6 +128,8 @@ class Job:
             returncode=self.returncode,
             success=self.success,
             output=self.output,
+            lost=self.lost,
+            reason=self.reason,
         )
 
 
@@ -334,6 +338,7 @@ class Queue:
             groups={name: group.stats() for name, group in self._groups.items()},
             time=now,
             terminated=self.terminated,
+            draining=self.draining,
         )
 
     # -- jobs ------------------------------------------------------------------------------------
@@ -437,6 +442,8 @@ class Queue:
         self.nodes_up -= min(job.nodes, self.draining)
         job.success = False
         job.output = reason
+        job.lost = True
+        job.reason = reason
         job.t_inactive = now
         self._move(job, JobState.INACTIVE)
         self._finished += 1
@@ -537,3 +544,21 @@ class Queue:
         self._states[job.state] -= 1
         self._states[state] += 1
         job.state = state
+
+    # -- the shrink grace ------------------------------------------------------------------------
+
+    def jobs_beyond_size(self) -> list[Job]:
+        """The running jobs to end so that the busy nodes fit the requested size again: the youngest
+        first (latest start, then highest id), as few as it takes (O(jobs): for the rare grace expiry).
+
+        Nodes are counted, not named, so which jobs run on the nodes a shrink gave up is a convention:
+        the youngest, which lose the least work. Empty while nothing drains.
+        """
+        excess = self.draining
+        chosen: list[Job] = []
+        for job in sorted(self.running_jobs(), key=lambda job: (job.t_run or 0.0, job.id), reverse=True):
+            if excess <= 0:
+                break
+            chosen.append(job)
+            excess -= job.nodes
+        return chosen
