@@ -221,6 +221,7 @@ async def _backend(args: argparse.Namespace) -> Backend:
             workdir=args.job_workdir,
             wait=args.wait_for_broker,
             release_on_exit=args.release_on_exit,
+            shrink_grace=args.shrink_grace,
         )
         try:
             return await FluxBackend.connect(options)
