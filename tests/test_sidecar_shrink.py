@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +20,7 @@ from ensemble_core.wire import SubmitPayload
 from sidecar.backend import shrink_lost_reason
 from sidecar.local import JOURNAL_FILE, LOST, LocalBackend
 from sidecar.queue import Queue, QueueError
-from tests.conftest import wait_for
+from tests.conftest import REPO, wait_for
 from tests.test_sidecar_journal import job, sidecar
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="checks job processes through /proc")
@@ -160,3 +162,19 @@ async def test_a_job_killed_after_the_grace_stays_lost_with_its_reason_after_a_r
         await wait_for(lambda: not group_alive(old), timeout=5)
         status = await second.status()
         assert (status.size, status.counts["lost"], status.draining) == (1, 2, 0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--shrink-grace", "-1"), "--shrink-grace: must be a number of seconds >= 0, got -1.0"),
+        (("--shrink-grace", "nan"), "--shrink-grace: must be a number of seconds >= 0, got nan"),
+        (("--shrink-grace", "soon"), "argument --shrink-grace: invalid float value: 'soon'"),
+        (("--backend", "sim", "--shrink-grace", "5"), "--shrink-grace: the sim backend never kills a job"),
+    ],
+)
+def test_a_bad_shrink_grace_stops_the_sidecar_naming_the_option(args: tuple[str, ...], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "--port", "0", *args], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
