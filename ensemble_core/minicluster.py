@@ -225,10 +225,10 @@ def sidecar_command(
         "--host", "::", "--port", str(sidecar.port),
         "--serve-on-index", "0", "--wait-for-broker", "inf",
     ]  # fmt: skip
-    if tls:
-        words += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
     if shrink_grace is not None:
         words += ["--shrink-grace", f"{shrink_grace:g}"]
+    if tls:
+        words += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
     return " ".join(words)
 
 

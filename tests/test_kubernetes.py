@@ -170,7 +170,7 @@ async def test_an_ensemble_becomes_a_minicluster_with_the_sidecar_and_its_member
         ]
         assert created["spec"]["containers"][-1]["name"] == minicluster.SIDECAR_CONTAINER
         # the sidecar kills what is left on given-up ranks when the actuator stops waiting for them
-        assert created["spec"]["containers"][-1]["command"].endswith(" --shrink-grace 600")
+        assert " --wait-for-broker inf --shrink-grace 600" in created["spec"]["containers"][-1]["command"]
         [secret] = live(emulator, SECRETS)
         assert secret["stringData"]["token"] == ensemble_token(settings.sidecar_token, NS, "demo")
         assert secret["metadata"]["ownerReferences"][0]["uid"] == ENSEMBLE["metadata"]["uid"]
