@@ -171,6 +171,9 @@ class SimDriver:
         result: ResizeResult = self.sim.grow(target) if target > current else self.sim.shrink(target)
         return result.size
 
+    async def drain(self, member: MemberSpec, target: int) -> int | None:
+        return None  # the simulated queue's shrink drains by itself, as a local sidecar's does
+
     async def submit(self, member: MemberSpec, decision: Decision) -> SubmitResult:
         payload = SubmitPayload(jobs=decision.jobs, order=decision.order, seed=decision.seed, key=decision.id)  # type: ignore[arg-type]
         try:

@@ -12,7 +12,7 @@ The Flux Operator never updates a MiniCluster's pod template and fixes its broke
   (``<mountPath>/view/bin/flux``, whose Python runs the sidecar's helper) at the socket the broker makes
   (``local://<mountPath>/config/run/flux/local``), serving on the lead broker's pod only, as the uid
   the broker runs as (:func:`sidecar_uid`: Flux takes jobs only from the instance owner), its bearer
-  token from the Ensemble's Secret;
+  token from the Ensemble's Secret, and (when given) the operator's shrink grace as ``--shrink-grace``;
 - ``flux.noWaitSocket: true`` unless the user set it: the operator's start script waits for the socket
   at ``<mountPath>/view/run/flux/local``, where no broker puts it; the sidecar waits for the real one;
 - labels ``ensemble.flux-framework.org/ensemble`` and ``.../member`` on the MiniCluster and its pods;
@@ -208,11 +208,14 @@ def mount_path(spec: Mapping[str, Any]) -> str:
     return str(path).rstrip("/") if isinstance(path, str) and path.strip() else DEFAULT_MOUNT
 
 
-def sidecar_command(sidecar: SidecarSpec, mount: str = DEFAULT_MOUNT, *, tls: bool = False) -> str:
+def sidecar_command(
+    sidecar: SidecarSpec, mount: str = DEFAULT_MOUNT, *, tls: bool = False, shrink_grace: float | None = None
+) -> str:
     """The shell command of the injected container, as the operator's start script runs it.
 
     ``exec`` replaces the start script (PID 1, which passes no signal on), so SIGTERM reaches the sidecar;
     ``env -u`` drops what the script put on the paths for the view's Python, which is not ours.
+    ``shrink_grace`` (None: the sidecar's default) is how long its jobs may stay on ranks a shrink gave up.
     """
     words = [
         "exec", "env", "-u", "PYTHONPATH", "-u", "PYTHONHOME", "-u", "LD_LIBRARY_PATH",
@@ -222,6 +225,8 @@ def sidecar_command(sidecar: SidecarSpec, mount: str = DEFAULT_MOUNT, *, tls: bo
         "--host", "::", "--port", str(sidecar.port),
         "--serve-on-index", "0", "--wait-for-broker", "inf",
     ]  # fmt: skip
+    if shrink_grace is not None:
+        words += ["--shrink-grace", f"{shrink_grace:g}"]
     if tls:
         words += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
     return " ".join(words)
@@ -240,10 +245,18 @@ def sidecar_uid(sidecar: SidecarSpec, spec: Mapping[str, Any]) -> int:
 
 
 def sidecar_container(
-    ensemble: Ensemble, member: Member, spec: Mapping[str, Any], *, image: str, token_secret: str, tls_secret: str = ""
+    ensemble: Ensemble,
+    member: Member,
+    spec: Mapping[str, Any],
+    *,
+    image: str,
+    token_secret: str,
+    tls_secret: str = "",
+    shrink_grace: float | None = None,
 ) -> dict[str, Any]:
     """The container injected into ``member``'s MiniCluster (see the module docstring): its token from the
-    Secret ``token_secret``; with ``tls_secret``, serving TLS with that Secret's certificate."""
+    Secret ``token_secret``; with ``tls_secret``, serving TLS with that Secret's certificate; ``shrink_grace``
+    as in :func:`sidecar_command`."""
     tls = bool(tls_secret)
     sidecar = member.sidecar
     mount = mount_path(spec)
@@ -251,7 +264,7 @@ def sidecar_container(
         "name": SIDECAR_CONTAINER,
         "image": sidecar.image or image,
         "pullAlways": sidecar.pull_always,
-        "command": sidecar_command(sidecar, mount, tls=tls),
+        "command": sidecar_command(sidecar, mount, tls=tls, shrink_grace=shrink_grace),
         "environment": {"FLUX_URI": f"local://{mount}/config/run/flux/local"},
         "secrets": {
             "ENSEMBLE_SIDECAR_TOKEN": {"name": token_secret, "key": TOKEN_KEY},
@@ -273,12 +286,14 @@ def build(
     token_secret: str,
     tls_secret: str = "",
     image: str = DEFAULT_IMAGE,
+    shrink_grace: float | None = None,
 ) -> dict[str, Any]:
     """The MiniCluster of ``member`` (see the module docstring); ``member`` must pass :func:`check`.
 
     ``token_secret``: the Secret of :func:`token_secret` the sidecar takes its token from; ``tls_secret``:
     the Secret of :func:`tls_secret` it serves TLS with, mounted at ``TLS_DIR`` (empty: plaintext).
     ``image``: the sidecar image of a member that names none (the creator's ``ENSEMBLE_SIDECAR_IMAGE``).
+    ``shrink_grace``: the sidecar's ``--shrink-grace`` (the creator's ``ENSEMBLE_SHRINK_GRACE``; None: its default).
     """
     user = copy.deepcopy(dict(member.minicluster))
     user_metadata = user.get("metadata") or {}
@@ -290,7 +305,15 @@ def build(
     for i, container in enumerate(containers):
         container["runFlux"] = i == application
     containers.append(
-        sidecar_container(ensemble, member, spec, image=image, token_secret=token_secret, tls_secret=tls_secret)
+        sidecar_container(
+            ensemble,
+            member,
+            spec,
+            image=image,
+            token_secret=token_secret,
+            tls_secret=tls_secret,
+            shrink_grace=shrink_grace,
+        )
     )
     pod = dict(spec.get("pod") or {})
     pod["labels"] = {**(pod.get("labels") or {}), **labels}

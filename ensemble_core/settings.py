@@ -71,6 +71,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     status_seconds: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     #: actuator (Kubernetes mode): scale a completed member's MiniCluster down to its minSize.
     complete_to_min_size: bool = False
+    #: actuator (Kubernetes mode): seconds a shrink waits for the nodes that leave to be idle before it patches the
+    #: MiniCluster's size anyway (their jobs become lost); 0: wait until they are idle, however long. The creator
+    #: gives each injected sidecar the same ``--shrink-grace``, after which it kills those jobs itself.
+    shrink_grace: Annotated[float, msgspec.Meta(ge=0)] = 600.0
     #: Port of the /healthz, /readyz and /metrics HTTP server (0: none; the Kubernetes manifests use 8080).
     health_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 

@@ -2,7 +2,7 @@
 
 The status payload keeps the original sidecar's keys (``nodes``, ``queue``, ``waiting``, ``nextJobs``,
 ``counts``, ``metrics``) so an original client reads it, and adds ours (``size``, ``finished``,
-``failed``, ``groups``, ``time``, ``terminated``). Decoding accepts a payload of the original's shape
+``failed``, ``groups``, ``time``, ``terminated``, ``draining``). Decoding accepts a payload of the original's shape
 (only its keys) as well as ours.
 """
 
@@ -38,6 +38,9 @@ class StatusPayload(msgspec.Struct, kw_only=True, rename={"next_jobs": "nextJobs
     #: The queue this sidecar answers from (its journal's, or the Flux instance's): another value than
     #: before means what was queued before is gone. Empty: an original sidecar, which does not say.
     instance: str = ""
+    #: Nodes given up by a shrink that still run work (they leave when it ends, or at the shrink grace);
+    #: None from a sidecar that does not say (the original's).
+    draining: int | None = None
 
 
 class SubmitPayload(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -90,6 +93,9 @@ class JobInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     attempt: int = 1
     #: How it ended (``succeeded``, ``failed``, ``lost``, ``cancelled``); empty while it has not.
     result: str = ""
+    #: The job ended without a known outcome (its sidecar restarted while it ran, it was killed after the
+    #: shrink grace because its node was given up, Flux lost its node): ``reason`` says which.
+    lost: bool = False
     #: Why it was lost or cancelled.
     reason: str = ""
     #: Its place in the queue's order of ends (1, 2, ...); 0 while it has not ended.

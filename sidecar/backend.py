@@ -16,11 +16,22 @@ from ensemble_core.wire import (
     SubmitResult,
 )
 
+#: Seconds a job may go on running on a node a shrink gave up before it is killed and reported lost (the
+#: sidecar's ``--shrink-grace``); 0: never.
+SHRINK_GRACE = 600.0
+#: The type of the Flux job exception the ``flux`` backend raises on such a job: its journal reader knows it.
+SHRINK_EXCEPTION = "ensemble-shrink"
+
 Listener = Callable[[], None]
 #: Called with the reason the backend cannot answer now, or None when it can again.
 HealthListener = Callable[[str | None], None]
 
 log = logging.getLogger(__name__)
+
+
+def shrink_lost_reason(grace: float) -> str:
+    """Why a job killed at the end of the shrink grace is lost (its ``reason`` and output)."""
+    return f"lost: killed after the shrink grace of {grace:g} s (its node was given up)"
 
 
 class Listeners:
@@ -104,7 +115,8 @@ class Backend(Protocol):
         ...
 
     async def shrink(self, size: int) -> ResizeResult:
-        """Request ``size`` nodes, at most the current size; running work is never killed."""
+        """Request ``size`` nodes, at most the current size: idle nodes go, busy ones drain; a job still on a
+        given-up node after the shrink grace is killed and reported lost (``local`` and ``flux``)."""
         ...
 
     async def cancel(self, group: str) -> int:

@@ -8,6 +8,8 @@ line, where other users could read it); unset or empty means no authentication. 
 the bound port is printed as the first line of stdout. ``--state-dir`` (local backend) journals the
 queue there and replays it on start, so a restarted sidecar keeps its jobs (see ``sidecar.local``).
 ``--tls-cert`` and ``--tls-key`` serve TLS only (the poller and actuator then need ``ENSEMBLE_SIDECAR_CA``).
+``--shrink-grace`` (local and flux backends) is how long a job may keep running on a node a shrink gave
+up before it is killed and reported lost (default 600 s; 0: never).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 from ensemble_core.hardening import make_private
-from sidecar.backend import Backend
+from sidecar.backend import SHRINK_GRACE, Backend
 from sidecar.local import JournalBusy, LocalBackend
 from sidecar.queue import QueueError
 from sidecar.server import ServerTls, delay_from_file, serve
@@ -66,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cores", type=int, default=1, help="cores per node (default 1)")
     parser.add_argument("--max-nodes", type=int, default=None, help="largest size allowed (default --nodes)")
+    parser.add_argument(
+        "--shrink-grace",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"local and flux: seconds a job may go on running on a node a shrink gave up; then it is killed and "
+        f"reported lost (default {SHRINK_GRACE:g}; 0: never)",
+    )
     parser.add_argument(
         "--provision-delay",
         type=_delays,
@@ -159,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ranks, --member, --flux-uri and --release-on-exit are options of the flux backend")
     if args.nodes is not None and args.nodes < 0:
         parser.error(f"--nodes: must be >= 0, got {args.nodes}")
+    if args.shrink_grace is not None and not 0 <= args.shrink_grace < float("inf"):
+        parser.error(f"--shrink-grace: must be a number of seconds >= 0, got {args.shrink_grace}")
+    if args.backend == "sim" and args.shrink_grace is not None:
+        parser.error("--shrink-grace: the sim backend never kills a job (its shrinks only drain)")
+    if args.shrink_grace is None:
+        args.shrink_grace = SHRINK_GRACE
     if args.wait_for_broker < 0:
         parser.error(f"--wait-for-broker: must be >= 0, got {args.wait_for_broker}")
     if not (args.speed > 0 and args.speed < float("inf")):
@@ -213,6 +229,7 @@ async def _backend(args: argparse.Namespace) -> Backend:
             wait=args.wait_for_broker,
             release_on_exit=args.release_on_exit,
             output_dir=args.output_dir,
+            shrink_grace=args.shrink_grace,
         )
         try:
             return await FluxBackend.connect(options)
@@ -239,6 +256,7 @@ async def _backend(args: argparse.Namespace) -> Backend:
             provision_delay=args.provision_delay[0],
             state_dir=args.state_dir,
             output_dir=Path(args.output_dir) if args.output_dir else None,
+            shrink_grace=args.shrink_grace,
         )
     except JournalBusy as exc:
         raise BackendUnavailable(str(exc)) from None

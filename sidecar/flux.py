@@ -17,7 +17,11 @@ flux-core was built with — in a MiniCluster, the view's, built for the view's 
 * A member may use a **partition** of the instance's ranks (``--ranks``; default all). Its size is the
   number of those ranks it may use: ``grow`` / ``shrink`` undrain / drain the highest ranks of the
   partition (``flux resource drain``, reason ``ensemble-sidecar[<member>]: …``). A drained rank running a
-  job goes on until the job ends: a shrink never kills a job. Jobs carry a ``ranks`` constraint when
+  job goes on until the job ends: a shrink never kills a job. But a job of the member still on a rank it
+  gave up ``shrink_grace`` seconds after that rank's drain (Flux's drain timestamp, so a restarted
+  sidecar keeps the clock) is killed with a fatal job exception of type
+  :data:`~sidecar.backend.SHRINK_EXCEPTION` whose note is the reason; the journal then reports it lost.
+  ``status.draining`` counts the given-up ranks still busy. Jobs carry a ``ranks`` constraint when
   the partition is not the whole instance, and the member's tag, so members sharing an instance
   count only their own jobs.
 * ``submit`` builds one jobspec per job (:func:`sidecar.flux_records.build_jobspec`: whole nodes,
@@ -41,7 +45,7 @@ from typing import Any
 
 from ensemble_core.messages import NodeCounts
 from ensemble_core.wire import EndedResult, JobInfo, ResizeResult, StatusPayload, SubmitPayload, SubmitResult
-from sidecar.backend import Listeners
+from sidecar.backend import SHRINK_EXCEPTION, SHRINK_GRACE, Listeners, shrink_lost_reason
 from sidecar.flux_link import FluxLink, FluxLinkClosed, FluxLinkError, helper_command
 from sidecar.flux_records import (
     JobTemplate,
@@ -49,7 +53,9 @@ from sidecar.flux_records import (
     Partition,
     RecordError,
     build_jobspec,
+    busy_ranks,
     drain_reason,
+    drain_times,
     drains,
     encode_idset,
     known_ranks,
@@ -81,6 +87,8 @@ HOW_TO_REACH_FLUX = (
 SUBMIT_BATCH = 2000
 #: Seconds the helper has to answer ``hello`` and to replay the journal, at each connection.
 CONNECT_TIMEOUT = 60.0
+#: Seconds between two looks for jobs past the shrink grace.
+GRACE_TICK = 1.0
 #: First and longest wait between two reconnection attempts.
 RECONNECT = (0.5, 10.0)
 #: errnos of a broker that is not (yet) there: worth waiting for.
@@ -105,7 +113,8 @@ class FluxOptions:
     start (None: keep what Flux has — the partition's ranks not drained by this member). ``member``:
     the tag on the member's jobs and drains. ``workdir``: the working directory of jobs that name none
     (empty: the broker's). ``wait``: seconds to wait at start for a broker that is not up yet.
-    ``release_on_exit``: undrain the ranks this member drained when the sidecar stops.
+    ``release_on_exit``: undrain the ranks this member drained when the sidecar stops. ``shrink_grace``:
+    seconds the member's jobs may go on on a rank it gave up before they are killed and reported lost (0: never).
     """
 
     flux: str = "flux"
@@ -116,6 +125,7 @@ class FluxOptions:
     workdir: str = ""
     wait: float = 0.0
     release_on_exit: bool = False
+    shrink_grace: float = SHRINK_GRACE
     environment: Mapping[str, str] = field(default_factory=lambda: job_environment(os.environ))
     #: each attempt's stdout and stderr in files under this directory (empty: in Flux's KVS only); it must be
     #: where the job's first node writes (the same machine, or a shared file system)
@@ -204,6 +214,7 @@ class FluxBackend(Listeners):
         self._terminated = False
         self._inflight: dict[str, asyncio.Task[SubmitResult]] = {}
         self._supervisor: asyncio.Task[None] | None = None
+        self._grace: asyncio.Task[None] | None = None
         self._closing = False
 
     @classmethod
@@ -234,6 +245,8 @@ class FluxBackend(Listeners):
             await session.close()
             raise
         backend._supervisor = asyncio.create_task(backend._supervise())
+        if backend.options.shrink_grace > 0:
+            backend._grace = asyncio.create_task(backend._enforce_grace())
         return backend
 
     # -- health ----------------------------------------------------------------------------------
@@ -258,8 +271,15 @@ class FluxBackend(Listeners):
     def status(self) -> StatusPayload:
         """Nodes of the partition from the resource state, queue counts from the journal (from memory)."""
         session = self._healthy()
+        allocated = session.state.allocated()
+        draining = busy_ranks(self._partition.given_up(self._size), allocated, session.resource_status)
         return session.state.status(
-            self._nodes(session), time.time(), size=self._size, terminated=self._terminated, instance=session.instance()
+            self._nodes(session, allocated),
+            time.time(),
+            size=self._size,
+            terminated=self._terminated,
+            draining=len(draining),
+            instance=session.instance(),
         )
 
     async def submit(self, payload: SubmitPayload) -> SubmitResult:
@@ -314,7 +334,8 @@ class FluxBackend(Listeners):
         return await self._resize(size)
 
     async def shrink(self, size: int) -> ResizeResult:
-        """Let the member use ``size`` ranks (<= the current size): drain the highest; jobs there go on."""
+        """Let the member use ``size`` ranks (<= the current size): drain the highest; jobs there go on until
+        the shrink grace (see the module docstring)."""
         if size > self._size:
             raise QueueError(f"size: shrink to {size} is above the current size {self._size}; use grow")
         return await self._resize(size)
@@ -344,10 +365,11 @@ class FluxBackend(Listeners):
     async def aclose(self) -> None:
         """Stop the helper (Flux and its jobs are left alone); with ``release_on_exit``, undrain first."""
         self._closing = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+        for task in (self._grace, self._supervisor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         session = self._session
         if session is None:
             return
@@ -369,9 +391,11 @@ class FluxBackend(Listeners):
             )
         return self._session
 
-    def _nodes(self, session: _Session) -> NodeCounts:
+    def _nodes(self, session: _Session, allocated: Mapping[int, set[int]] | None = None) -> NodeCounts:
         assert session.sched is not None
-        return node_counts(session.sched, session.resource_status, self._partition, session.state.allocated())
+        if allocated is None:
+            allocated = session.state.allocated()
+        return node_counts(session.sched, session.resource_status, self._partition, allocated)
 
     def _template(self) -> JobTemplate:
         whole = (
@@ -508,6 +532,40 @@ class FluxBackend(Listeners):
                     await self._apply_size(self._size)
                 log.info("reconnected to Flux: healthy again")
                 break
+
+    async def _enforce_grace(self) -> None:
+        """Every :data:`GRACE_TICK` seconds while healthy, kill the jobs past the shrink grace (see
+        :meth:`_kill_overdue`); a failure is logged and tried again at the next tick."""
+        while True:
+            await asyncio.sleep(GRACE_TICK)
+            session = self._session
+            if self._problem is not None or session is None:
+                continue
+            try:
+                await self._kill_overdue(session, time.time())
+            except (QueueError, RecordError) as exc:
+                log.warning("shrink grace: could not kill the jobs past it: %s", exc)
+
+    async def _kill_overdue(self, session: _Session, now: float) -> list[int]:
+        """Raise the fatal :data:`SHRINK_EXCEPTION` on the member's running jobs that hold a rank it gave up
+        ``shrink_grace`` seconds or more ago (by that rank's drain time in Flux); return their ids."""
+        grace = self.options.shrink_grace
+        drained_at = drain_times(session.resource_status, self.options.member)
+        overdue = {
+            rank
+            for rank in self._partition.given_up(self._size)
+            if rank in drained_at and now - drained_at[rank] >= grace
+        }
+        ids = session.state.running_on(overdue) if overdue else []
+        if not ids:
+            return []
+        reason = shrink_lost_reason(grace)
+        answer = await self._call(session, "raise", ids=ids, type=SHRINK_EXCEPTION, note=reason)
+        log.warning(
+            "shrink grace: jobs %s still on ranks %s given up over %g s ago were killed (lost); refused: %s",
+            ids, encode_idset(overdue), grace, answer["errors"],
+        )  # fmt: skip
+        return ids
 
     async def _call(self, session: _Session, op: str, **arguments: Any) -> Any:
         assert session.link is not None

@@ -23,8 +23,8 @@ Protocol (one JSON object a line; stdin: requests, stdout: answers and pushes):
 Operations: ``hello`` (version, owner, uid, size), ``journal`` (start the journal stream),
 ``watch-resources`` (start the resource pushes), ``resources`` (the resource state now), ``submit``
 (jobspecs, submitted asynchronously in one batch; answers their ids in order), ``cancel``,
-``urgency``, ``drain``, ``undrain``. The helper exits when stdin ends (the sidecar went away) or the
-broker connection breaks.
+``raise`` (a job exception), ``urgency``, ``drain``, ``undrain``. The helper exits when stdin ends (the
+sidecar went away) or the broker connection breaks.
 """
 
 import errno
@@ -293,6 +293,17 @@ class Helper:
         """Cancel the jobs ``ids`` (pending or running) with ``reason``."""
         reason = request.get("reason") or None
         self._each(request_id, [(i, self.job.cancel_async(self.handle, i, reason)) for i in request["ids"]])
+
+    def op_raise(self, request_id: "typing.Any", request: "Message") -> None:
+        """Raise an exception of ``type`` with ``note`` on the jobs ``ids``; ``severity`` 0 (the default) is
+        fatal: a running job is killed and ends with that exception in its eventlog."""
+        topic = "job-manager.raise"
+        payload = {
+            "severity": int(request.get("severity", 0)),
+            "type": request["type"],
+            "note": request.get("note", ""),
+        }
+        self._each(request_id, [(i, self.handle.rpc(topic, dict(payload, id=i))) for i in request["ids"]])
 
     def op_urgency(self, request_id: "typing.Any", request: "Message") -> None:
         """Set the urgency of the jobs ``ids`` (0 holds a pending job)."""

@@ -17,7 +17,9 @@ Job states follow RFC 21: ``submit`` → new, ``validate`` → depend, ``depend`
 ``priority`` → sched, ``alloc`` → run, ``finish`` or a fatal ``exception`` → cleanup, ``clean`` →
 inactive; ``invalidate`` ends a job that failed validation. A job in sched whose priority is 0 is
 held (urgency 0): Flux counts it in ``sched``, but it is not waiting for nodes, so it is left out of
-``waiting`` and ``nextJobs``.
+``waiting`` and ``nextJobs``. A fatal exception of type :data:`~sidecar.backend.SHRINK_EXCEPTION` (raised by
+the sidecar on a job still running on a rank it gave up, at the end of the shrink grace) makes the job
+*lost*, with the exception's note as its reason.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 from ensemble_core.messages import JobSpec, NodeCounts, QueueCounts
 from ensemble_core.wire import JobInfo, StatusPayload
+from sidecar.backend import SHRINK_EXCEPTION
 from sidecar.queue import (
     NEXT_JOBS,
     GroupTally,
@@ -137,6 +140,7 @@ class _Job:
             index=self.index,
             attempt=self.attempt,
             result=self.result(),
+            lost=self.lost,
             reason=self.reason,
             end_seq=self.end_seq,
             params=self.params,
@@ -223,6 +227,33 @@ def drains(status: Mapping[str, Any] | None, tag: str) -> Drains:
         if isinstance(reason, str) and reason.startswith(prefix):
             mine.update(ranks)
     return Drains(frozenset(every), frozenset(mine))
+
+
+def drain_times(status: Mapping[str, Any] | None, tag: str) -> dict[int, float]:
+    """When each rank this member drained (``drain_reason(tag)``) was drained: ``resource.status``'s drain
+    timestamps (unix seconds, which Flux rounds to whole seconds). A rank drained again keeps its first time."""
+    table = (status or {}).get("drain") or {}
+    if not isinstance(table, Mapping):
+        raise RecordError("drain: resource.status must map idsets to drain records")
+    prefix = drain_reason(tag, "")
+    times: dict[int, float] = {}
+    for idset, record in table.items():
+        if not isinstance(record, Mapping) or not str(record.get("reason") or "").startswith(prefix):
+            continue
+        when = record.get("timestamp")
+        if not isinstance(when, int | float) or isinstance(when, bool):
+            raise RecordError(f"drain.{idset}.timestamp: must be a number, got {when!r}")
+        for rank in expand_idset(str(idset)):
+            times[rank] = float(when)
+    return times
+
+
+def busy_ranks(
+    ranks: Iterable[int], allocated: Mapping[int, set[int]], status: Mapping[str, Any] | None = None
+) -> frozenset[int]:
+    """Those of ``ranks`` with work on them: online (per ``resource.status``, when given) with a core allocated."""
+    online = set(expand_idset(str(status.get("online") or ""))) if status is not None else None
+    return frozenset(rank for rank in ranks if allocated.get(rank) and (online is None or rank in online))
 
 
 def drain_reason(tag: str, why: str) -> str:
@@ -369,6 +400,7 @@ class JournalState:
         self.replayed = False
         self.finished = 0
         self.failed = 0
+        self.lost = 0
         self.last_timestamp = 0.0
         self._jobs: dict[int, _Job] = {}
         self._active: dict[int, _Job] = {}
@@ -418,6 +450,15 @@ class JournalState:
             if job.group == group and job.state not in (JobState.CLEANUP, JobState.INACTIVE)
         ]
 
+    def running_on(self, ranks: Iterable[int]) -> list[int]:
+        """Ids of the member's running jobs not yet lost that hold a core of one of ``ranks`` (O(active jobs))."""
+        wanted = set(ranks)
+        return [
+            job_id
+            for job_id, job in self._active.items()
+            if job.state is JobState.RUN and not job.lost and wanted & set(self._holding.get(job_id, ()))
+        ]
+
     def job(self, job_id: int) -> JobInfo | None:
         """The record of one job of the member, or None."""
         job = self._jobs.get(job_id)
@@ -433,15 +474,26 @@ class JournalState:
         return [job.info() for job in itertools.islice(self._jobs.values(), offset, offset + limit)]
 
     def status(
-        self, nodes: NodeCounts, now: float, *, size: int | None = None, terminated: bool = False, instance: str = ""
+        self,
+        nodes: NodeCounts,
+        now: float,
+        *,
+        size: int | None = None,
+        terminated: bool = False,
+        draining: int | None = None,
+        instance: str = "",
     ) -> StatusPayload:
-        """The status payload: these counts with the instance's ``nodes`` at ``now`` (O(groups))."""
+        """The status payload: these counts with the instance's ``nodes`` at ``now`` (O(groups)); ``draining``:
+        the given-up ranks still busy."""
+        counts = {"waiting": len(self._waiting), "running": self._states[JobState.RUN]}
+        if self.lost:
+            counts["lost"] = self.lost
         return StatusPayload(
             nodes=nodes,
             queue=self.queue_counts(),
             waiting=self.waiting(),
             next_jobs=self.next_jobs(),
-            counts={"waiting": len(self._waiting), "running": self._states[JobState.RUN]},
+            counts=counts,
             metrics={},
             size=size,
             finished=self.finished,
@@ -449,6 +501,7 @@ class JournalState:
             groups={name: group.stats() for name, group in self._groups.items()},
             time=now,
             terminated=terminated,
+            draining=draining,
             instance=instance,
         )
 
@@ -551,9 +604,12 @@ class JournalState:
             job.success = False
             kind = str(context.get("type") or "")
             job.cancelled = job.cancelled or kind == "cancel"
-            if kind in LOST_EXCEPTIONS:
-                job.lost = True
-                job.reason = f"lost: {kind}: {context.get('note') or 'no note'}"
+            if kind == SHRINK_EXCEPTION and not job.lost:
+                job.lost, job.reason = True, str(context.get("note") or "")
+                self.lost += 1
+            elif kind in LOST_EXCEPTIONS and not job.lost:
+                job.lost, job.reason = True, f"lost: {kind}: {context.get('note') or 'no note'}"
+                self.lost += 1
             elif not job.reason:
                 job.reason = f"{kind}: {context.get('note') or 'no note'}"
             if _ORDER.index(job.state) < _ORDER.index(JobState.CLEANUP):

@@ -11,6 +11,15 @@ the queue is appended to ``<state-dir>/journal.jsonl`` (:class:`Journal`) before
 acted on, and replayed by the next backend on the same directory. A job's start is on disk before its
 process is spawned, so a job is never run twice: a job that was running when the backend died is
 reported ``lost`` (failed, with :data:`LOST` as its output) and its leftover process group is killed.
+
+The shrink grace: a shrink never kills a job, but a job may not keep a node that a shrink gave up for
+ever. Nodes are counted, not named, so the rule is on the count: once the queue has had busy nodes
+beyond its requested size (it drains) for ``shrink_grace`` seconds, counted from the last shrink that
+gave up a busy node, the youngest running jobs (:meth:`~sidecar.queue.Queue.jobs_beyond_size`) are
+killed, as few as it takes for the busy nodes to fit the size. Each is journaled lost with its reason
+(:func:`~sidecar.backend.shrink_lost_reason`) before its process group is killed, so a restart reports
+it lost the same way. Jobs ending, or a grow, shorten or end the drain and keep its clock; after
+``terminate`` nothing is killed (its nodes go as their jobs end).
 """
 
 from __future__ import annotations
@@ -39,9 +48,10 @@ from ensemble_core.wire import (
     SubmitPayload,
     SubmitResult,
 )
-from sidecar.backend import Listeners
+from sidecar.backend import SHRINK_GRACE, Listeners, shrink_lost_reason
 from sidecar.queue import (
     Job,
+    JobState,
     Queue,
     QueueError,
     job_environment,
@@ -141,10 +151,12 @@ class Finished(_Record, tag="finish"):
 
 
 class Lost(_Record, tag="lost"):
-    """A job found running in the journal by a restarted backend: failed, not run again."""
+    """A job ended without a known outcome, not run again: found running in the journal by a restarted
+    backend (``reason`` empty: :data:`LOST`), or killed after the shrink grace (``reason`` says so)."""
 
     t: float
     id: int
+    reason: str = ""
 
 
 class Resized(_Record, tag="resize"):
@@ -254,8 +266,10 @@ class LocalBackend(Listeners):
         clock: Callable[[], float] = time.time,
         state_dir: Path | None = None,
         output_dir: Path | None = None,
+        shrink_grace: float = SHRINK_GRACE,
     ) -> None:
-        """``provision_delay`` seconds pass between a grow and its nodes coming up.
+        """``provision_delay`` seconds pass between a grow and its nodes coming up; jobs on nodes a shrink
+        gave up are killed after ``shrink_grace`` seconds (0: never; see the module docstring).
 
         With ``state_dir`` the queue is journaled there, and a journal already there is replayed
         (see :meth:`_restore`): its ``nodes`` / ``cores`` / ``max_nodes`` win over the arguments.
@@ -265,8 +279,11 @@ class LocalBackend(Listeners):
         """
         if provision_delay < 0:
             raise QueueError(f"provision_delay: must be >= 0, got {provision_delay}")
+        if not 0 <= shrink_grace < float("inf"):
+            raise QueueError(f"shrink_grace: must be a number of seconds >= 0, got {shrink_grace}")
         self.queue = Queue(nodes=nodes, cores=cores, max_nodes=max_nodes)
         self.provision_delay = provision_delay
+        self.shrink_grace = shrink_grace
         self.output_limit = output_limit
         #: with a directory, each attempt's stdout and stderr go to files there (``output_paths``), whole
         self.output_dir = output_dir
@@ -277,6 +294,10 @@ class LocalBackend(Listeners):
         self._cancelled: set[int] = set()
         self._kill_timers: list[asyncio.TimerHandle] = []
         self._timers: set[asyncio.TimerHandle] = set()
+        # the drain's clock: since when busy nodes beyond the size have been draining, and how many then
+        self._drain_since: float | None = None
+        self._drain_count = 0
+        self._grace_timer: asyncio.TimerHandle | None = None
         self._closed = False
         #: kills the jobs' process groups should this process die without doing it (sidecar/reaper.py)
         self._reaper = Reaper()
@@ -358,7 +379,8 @@ class LocalBackend(Listeners):
         return self._resized("grow")
 
     async def shrink(self, size: int) -> ResizeResult:
-        """Request ``size`` nodes (<= the current size): free nodes go now, busy ones drain."""
+        """Request ``size`` nodes (<= the current size): free nodes go now, busy ones drain, and jobs
+        still on them after the shrink grace are killed and reported lost."""
         to_provision = self.queue.shrink(size)
         self._record(Resized(size=size))
         self._provision(to_provision)
@@ -391,6 +413,7 @@ class LocalBackend(Listeners):
         self.queue.terminate()
         self._record(Terminated())
         self._cancel_timers()
+        self._watch_drain()
         log.info("terminate running=%d", self.queue.running)
         self._notify()
         return ResizeResult(size=self.queue.size, nodes_up=self.queue.nodes_up)
@@ -406,6 +429,7 @@ class LocalBackend(Listeners):
         if self._journal is not None:
             self._journal.close()
         self._cancel_timers()
+        self._watch_drain()
         for timer in self._kill_timers:
             timer.cancel()
         tasks = list(self._tasks.values())
@@ -470,6 +494,11 @@ class LocalBackend(Listeners):
             for job in queue.page(0, _last_id(queue)):
                 if job.t_run is not None:
                     job.stdout, job.stderr = output_paths(str(self.output_dir), job.group, job.index, job.attempt)
+        for job_id, process in pids.items():
+            ended = queue.job(job_id)
+            if ended is not None and ended.lost and ended.reason != LOST:
+                # killed after the shrink grace: its record came first, so its processes may have outlived us
+                _kill_leftover(process)
         now = self._clock()
         lost = queue.running_jobs()
         for job in lost:
@@ -512,7 +541,7 @@ class LocalBackend(Listeners):
         elif isinstance(record, Finished):
             queue.finish(record.id, record.t, record.rc, record.output)
         elif isinstance(record, Lost):
-            queue.lose(record.id, record.t, LOST)
+            queue.lose(record.id, record.t, record.reason or LOST)
         elif isinstance(record, Resized):
             queue.resize(record.size)
         elif isinstance(record, NodesUp):
@@ -550,7 +579,7 @@ class LocalBackend(Listeners):
         self._timers.clear()
 
     def _pump(self) -> None:
-        """Start what fits, then tell the listeners something changed."""
+        """Start what fits, keep the shrink grace's clock, then tell the listeners something changed."""
         if not self._closed:
             now = self._clock()
             started = self.queue.schedule(now)
@@ -560,7 +589,45 @@ class LocalBackend(Listeners):
             for job in started:
                 task = asyncio.get_running_loop().create_task(self._run(job), name=f"job-{job.id}")
                 self._tasks[job.id] = task
+        self._watch_drain()
         self._notify()
+
+    def _watch_drain(self) -> None:
+        """Start, keep or stop the drain's clock after a change (see the module docstring).
+
+        It starts when busy nodes begin to drain and starts again when a shrink gives up more of them;
+        jobs ending (fewer draining) keep it; nothing draining, a terminated queue or a closed backend
+        stop it.
+        """
+        draining = 0 if self._closed or self.queue.terminated or not self.shrink_grace else self.queue.draining
+        if not draining:
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+                self._grace_timer = None
+            self._drain_since, self._drain_count = None, 0
+            return
+        if self._drain_since is None or draining > self._drain_count:
+            self._drain_since = self._clock()
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+            self._grace_timer = asyncio.get_running_loop().call_later(self.shrink_grace, self._grace_expired)
+            log.info("draining nodes=%d: jobs still on them in %g s are killed", draining, self.shrink_grace)
+        self._drain_count = draining
+
+    def _grace_expired(self) -> None:
+        """Kill the youngest running jobs until the busy nodes fit the size; each is journaled lost first."""
+        self._grace_timer = None
+        self._drain_since = None
+        now = self._clock()
+        reason = shrink_lost_reason(self.shrink_grace)
+        for job in self.queue.jobs_beyond_size():
+            self._record(Lost(t=now, id=job.id, reason=reason))
+            self.queue.lose(job.id, now, reason)
+            proc = self._procs.get(job.id)
+            if proc is not None:
+                _signal_group(proc, signal.SIGKILL)
+            log.warning("job id=%d group=%r: %s", job.id, job.group, reason)
+        self._pump()
 
     async def _run(self, job: Job) -> None:
         try:
@@ -572,6 +639,10 @@ class LocalBackend(Listeners):
         finally:
             self._tasks.pop(job.id, None)
             self._procs.pop(job.id, None)
+        if job.state is not JobState.RUN:
+            # killed after the shrink grace: already ended, lost, and journaled so
+            self._pump()
+            return
         now = self._clock()
         self.queue.finish(job.id, now, returncode, output)
         self._record(Finished(t=now, id=job.id, rc=returncode, output=output[-JOURNAL_OUTPUT:]))
@@ -611,7 +682,7 @@ class LocalBackend(Listeners):
         # outlives a killed sidecar
         self._record(Spawned(id=job.id, pid=proc.pid, since=_start_time(proc.pid)), sync=False)
         log.info("job start id=%d group=%r pid=%d", job.id, job.group, proc.pid)
-        if self._closed:
+        if self._closed or job.state is not JobState.RUN:  # closed, or lost to the shrink grace meanwhile
             _signal_group(proc, signal.SIGKILL)
         tail = bytearray()
         reader = (

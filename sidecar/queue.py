@@ -121,6 +121,7 @@ class Job:
     params: dict[str, str] = field(default_factory=dict)
     #: How it ended (``succeeded``, ``failed``, ``lost``, ``cancelled``), why, and its place in the end order.
     result: str = ""
+    lost: bool = False
     reason: str = ""
     end_seq: int = 0
     #: Files holding its whole stdout / stderr (the local backend with an output directory).
@@ -144,6 +145,7 @@ class Job:
             index=self.index,
             attempt=self.attempt,
             result=self.result,
+            lost=self.lost,
             reason=self.reason,
             end_seq=self.end_seq,
             stdout=self.stdout,
@@ -428,6 +430,7 @@ class Queue:
             time=now,
             terminated=self.terminated,
             instance=self.instance,
+            draining=self.draining,
         )
 
     # -- jobs ------------------------------------------------------------------------------------
@@ -548,6 +551,7 @@ class Queue:
         job.success = False
         job.output = reason
         job.result = "lost"
+        job.lost = True
         job.reason = reason
         job.t_inactive = now
         self._move(job, JobState.INACTIVE)
@@ -657,3 +661,21 @@ class Queue:
         self._states[job.state] -= 1
         self._states[state] += 1
         job.state = state
+
+    # -- the shrink grace ------------------------------------------------------------------------
+
+    def jobs_beyond_size(self) -> list[Job]:
+        """The running jobs to end so that the busy nodes fit the requested size again: the youngest
+        first (latest start, then highest id), as few as it takes (O(jobs): for the rare grace expiry).
+
+        Nodes are counted, not named, so which jobs run on the nodes a shrink gave up is a convention:
+        the youngest, which lose the least work. Empty while nothing drains.
+        """
+        excess = self.draining
+        chosen: list[Job] = []
+        for job in sorted(self.running_jobs(), key=lambda job: (job.t_run or 0.0, job.id), reverse=True):
+            if excess <= 0:
+                break
+            chosen.append(job)
+            excess -= job.nodes
+        return chosen

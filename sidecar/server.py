@@ -57,7 +57,7 @@ from ensemble_core.rpc import ensemble_service_pb2 as pb
 from ensemble_core.rpc import ensemble_service_pb2_grpc as pb_grpc
 from ensemble_core.tokens import status_token
 from ensemble_core.wire import EndedRequest, ResizePayload, SubmitPayload
-from sidecar.backend import Backend
+from sidecar.backend import SHRINK_GRACE, Backend
 from sidecar.local import LocalBackend
 from sidecar.queue import QueueError, QueueTerminated, QueueUnavailable
 
@@ -450,7 +450,10 @@ async def serve_local(
     max_nodes: int | None = None,
     provision_delay: float = 0.0,
     heartbeat: float = 5.0,
+    shrink_grace: float = SHRINK_GRACE,
 ) -> RunningServer:
     """Start a sidecar with a :class:`~sidecar.local.LocalBackend` (see :func:`serve`)."""
-    backend = LocalBackend(nodes=nodes, cores=cores, max_nodes=max_nodes, provision_delay=provision_delay)
+    backend = LocalBackend(
+        nodes=nodes, cores=cores, max_nodes=max_nodes, provision_delay=provision_delay, shrink_grace=shrink_grace
+    )
     return await serve(backend, host=host, port=port, token=token, heartbeat=heartbeat)

@@ -216,6 +216,35 @@ async def test_grow_and_shrink_drain_the_highest_ranks_and_never_kill_a_running_
         assert (await flux_cli(uri, "resource", "drain", "-no", "{ranks}")).strip() == ""
 
 
+async def test_jobs_left_on_given_up_ranks_past_the_shrink_grace_are_killed_and_reported_lost(tmp_path: Path) -> None:
+    async with flux_instance(tmp_path / "flux", 3) as uri:
+        grace = ("--member", "m0", "--shrink-grace", "2")
+        async with flux_sidecar(uri, tmp_path / "sidecar.log", "--nodes", "3", *grace) as sidecar:
+            await submit(sidecar, JobSpec(name="long", command="sleep 60", count=3))
+            await status_when(sidecar, lambda s: s.queue.run == 3)
+            on_rank = {str(job["ranks"]): int(job["id"]) for job in await flux_jobs(uri)}
+            shrunk = await sidecar.client.action("shrink", ResizePayload(size=1), ResizeResult)
+            assert shrunk == ResizeResult(size=1, nodes_up=3)  # ranks 1-2 drained, their jobs going on
+            status = await sidecar.client.status()
+            assert (status.queue.run, status.draining, status.counts.get("lost")) == (3, 2, None)
+            status = await status_when(sidecar, lambda s: s.counts.get("lost") == 2, timeout=30)
+            reason = "lost: killed after the shrink grace of 2 s (its node was given up)"
+            for rank in ("1", "2"):
+                lost = await sidecar.client.action("jobinfo", {"id": on_rank[rank]}, JobInfo)
+                assert (lost.lost, lost.reason) == (True, reason)
+                eventlog = await flux_cli(uri, "job", "eventlog", str(on_rank[rank]))
+                assert 'exception type="ensemble-shrink" severity=0' in eventlog and reason in eventlog
+            status = await status_when(sidecar, lambda s: s.failed == 2 and s.draining == 0)
+            assert (status.queue.run, status.nodes.node_up_count) == (1, 1)  # ranks 1-2 idle: gone
+            kept = await sidecar.client.action("jobinfo", {"id": on_rank["0"]}, JobInfo)
+            assert (kept.state, kept.lost) == ("run", False)  # the rank kept keeps its job
+        # the journal says so to a restarted sidecar too
+        async with flux_sidecar(uri, tmp_path / "sidecar2.log", *grace) as again:
+            status = await again.client.status()
+            assert (status.size, status.counts["lost"], status.queue.run, status.draining) == (1, 2, 1, 0)
+            assert (await again.client.action("jobinfo", {"id": on_rank["2"]}, JobInfo)).reason == reason
+
+
 async def test_members_sharing_an_instance_use_only_their_ranks_and_count_only_their_jobs(tmp_path: Path) -> None:
     async with (
         flux_instance(tmp_path / "flux", 4) as uri,

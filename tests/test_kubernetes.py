@@ -6,7 +6,9 @@ import asyncio
 import base64
 import contextlib
 import copy
+import time
 from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
 from typing import Any
 
 import kmock
@@ -17,13 +19,16 @@ from nats.js.errors import KeyNotFoundError
 
 from ensemble_core import minicluster, subjects
 from ensemble_core.kube import Kube, api_client
-from ensemble_core.messages import Applied, Decision, MemberEvent, MemberSpec, encode
+from ensemble_core.messages import Applied, Decision, JobSpec, MemberEvent, MemberSpec, encode
 from ensemble_core.settings import Settings, SettingsError
+from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.spec import validate
 from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token, status_token
+from ensemble_core.wire import JobInfo, SubmitPayload, SubmitResult
 from services.actuator.service import run as run_actuator
 from services.creator.service import run as run_creator
+from sidecar.server import serve_local
 from tests.conftest import service_running, wait_for
 from tests.test_minicluster import assert_valid_minicluster, operator_pod
 
@@ -164,6 +169,8 @@ async def test_an_ensemble_becomes_a_minicluster_with_the_sidecar_and_its_member
             }
         ]
         assert created["spec"]["containers"][-1]["name"] == minicluster.SIDECAR_CONTAINER
+        # the sidecar kills what is left on given-up ranks when the actuator stops waiting for them
+        assert " --wait-for-broker inf --shrink-grace 600" in created["spec"]["containers"][-1]["command"]
         [secret] = live(emulator, SECRETS)
         assert secret["stringData"]["token"] == ensemble_token(settings.sidecar_token, NS, "demo")
         assert secret["metadata"]["ownerReferences"][0]["uid"] == ENSEMBLE["metadata"]["uid"]
@@ -314,8 +321,9 @@ async def test_a_creator_restarted_mid_creation_creates_nothing_twice(
     assert len(revisions) == 1
 
 
-async def put_member(emulator: kmock.KubernetesEmulator, nc: Client) -> MemberSpec:
-    """An Ensemble, its member's MiniCluster (as the creator makes it) and its record, as after creation."""
+async def put_member(emulator: kmock.KubernetesEmulator, nc: Client, endpoint: str = "10.1.2.3:7000") -> MemberSpec:
+    """An Ensemble, its member's MiniCluster (as the creator makes it) and its record, as after creation,
+    its sidecar at ``endpoint``."""
     ensemble, errors = validate(ENSEMBLE, NS)
     assert ensemble is not None, errors
     member = ensemble.members[0]
@@ -326,7 +334,7 @@ async def put_member(emulator: kmock.KubernetesEmulator, nc: Client) -> MemberSp
     emulator.objects[MINICLUSTERS, NS, "demo-0"] = minicluster.build(
         ensemble, member, owner, token_secret=minicluster.token_secret_name("demo", "t")
     )
-    record = msgspec.structs.replace(ensemble.member_spec(member, "10.1.2.3:7000"), name="demo-0", owner_uid=uid)
+    record = msgspec.structs.replace(ensemble.member_spec(member, endpoint), name="demo-0", owner_uid=uid)
     await (await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)).put(ADDRESS.key, encode(record))
     return record
 
@@ -355,8 +363,8 @@ async def test_scale_decisions_patch_the_scale_subresource_within_bounds_and_ter
     api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
 ) -> None:
     emulator, url = api
-    await put_member(emulator, nc)
-    async with service_running(run_actuator, k8s_settings(settings, url)):
+    async with member_sidecar(settings) as sidecar, service_running(run_actuator, k8s_settings(settings, url)):
+        await put_member(emulator, nc, sidecar.endpoint)
         await decide(nc, 1, "scale", 9, reason="11 jobs waiting")
         await wait_for(lambda: _count(applied(nc), 1), timeout=10)
         [grow] = await applied(nc)
@@ -373,11 +381,13 @@ async def test_scale_decisions_patch_the_scale_subresource_within_bounds_and_ter
         assert condition(emulator, "Scaling")["status"] == "True"
         [scaled] = [e for e in live(emulator, EVENTS) if e["reason"] == "Scaled"]
         assert scaled["type"] == "Normal" and "(2 -> 4)" in scaled["message"]
+        assert (await sidecar.status()).size == 4  # grown first: no rank of the pods that come is left drained
 
         await decide(nc, 2, "scale", 0)
         await wait_for(lambda: _count(applied(nc), 2), timeout=10)
         assert (await applied(nc))[1].size_after == 1  # clamped up to minSize
         assert emulator.objects[MINICLUSTERS, NS, "demo-0"]["spec"]["size"] == 1
+        assert (await sidecar.status()).size == 1  # nothing ran on the pods that left: no wait
 
         await decide(nc, 3, "terminate", reason="all jobs done")
         await wait_for(lambda: _count(applied(nc), 3), timeout=10)
@@ -393,7 +403,6 @@ async def test_bursts_of_409_and_500_from_the_api_are_retried_and_the_decision_i
     api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
 ) -> None:
     emulator, url = api
-    await put_member(emulator, nc)
     (emulator**1)["get", MINICLUSTERS][:2] << 503 << {"kind": "Status", "code": 503, "message": "etcd leader changed"}
     (emulator**1)["patch", kmock.subresource("scale")][:3] << 500 << {"kind": "Status", "code": 500, "message": "boom"}
     (
@@ -402,7 +411,8 @@ async def test_bursts_of_409_and_500_from_the_api_are_retried_and_the_decision_i
         << {"kind": "Status", "code": 409, "reason": "Conflict"}
     )
     (emulator**1)["post", EVENTS][:2] << 500 << {"kind": "Status", "code": 500, "message": "boom"}
-    async with service_running(run_actuator, k8s_settings(settings, url)):
+    async with member_sidecar(settings) as sidecar, service_running(run_actuator, k8s_settings(settings, url)):
+        await put_member(emulator, nc, sidecar.endpoint)
         decision = await decide(nc, 1, "scale", 3, reason="grow")
         await wait_for(lambda: _count(applied(nc), 1), timeout=20)
         await asyncio.sleep(0.5)
@@ -453,3 +463,166 @@ async def test_a_secret_is_created_once_and_never_read_changed_or_overwritten(
         assert await kube.secret_data(NS, "missing") is None
     finally:
         await kube.close()
+
+
+@contextlib.asynccontextmanager
+async def member_sidecar(settings: Settings, *, grace: float = 600.0) -> AsyncIterator[SidecarClient]:
+    """A real sidecar on the local backend for :func:`put_member`'s member (its ensemble's token, 2 nodes up to
+    the MiniCluster's maxSize of 4, jobs killed ``grace`` seconds after a shrink gave their node up), and a
+    client of it; the member's endpoint is ``client.endpoint``."""
+    token = ensemble_token(settings.sidecar_token, NS, "demo")
+    running = await serve_local(token=token, nodes=2, max_nodes=4, shrink_grace=grace)
+    client = SidecarClient(f"127.0.0.1:{running.port}", token, timeout=5)
+    try:
+        yield client
+    finally:
+        await client.close()
+        await running.stop(grace=0.1)
+
+
+async def run_jobs(sidecar: SidecarClient, *commands: str) -> None:
+    """Start one one-node job per command on the sidecar and wait until they all run."""
+    jobs = [JobSpec(name=f"job-{i}", command=command) for i, command in enumerate(commands)]
+    await sidecar.action("submit", SubmitPayload(jobs=jobs), SubmitResult)
+
+    async def running() -> bool:
+        return (await sidecar.status()).queue.run == len(commands)
+
+    await wait_for(running, timeout=10)
+
+
+def scale_patches(emulator: kmock.KubernetesEmulator) -> list[Any]:
+    return [request.data for request in emulator["patch", kmock.subresource("scale")]]
+
+
+async def actuator_record(nc: Client) -> dict[str, Any]:
+    """The member's ``ensemble-actuator`` record as JSON (empty before it has one)."""
+    try:
+        entry = await (await nc.jetstream().key_value(subjects.ACTUATOR_BUCKET)).get(ADDRESS.key)
+    except KeyNotFoundError:
+        return {}
+    record: dict[str, Any] = msgspec.json.decode(entry.value or b"")
+    return record
+
+
+async def decisions_settled(nc: Client) -> tuple[int, int]:
+    """The actuator consumer's (unacknowledged, redelivered) message counts."""
+    info = await nc.jetstream().consumer_info(subjects.DECISIONS_STREAM, "actuator")
+    return info.num_ack_pending, info.num_redelivered
+
+
+async def test_a_shrink_waits_for_the_pods_that_leave_to_be_idle_and_then_patches_the_scale(
+    api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings, tmp_path: Path
+) -> None:
+    emulator, url = api
+    done = tmp_path / "done"
+    async with member_sidecar(settings) as sidecar:
+        await put_member(emulator, nc, sidecar.endpoint)
+        await run_jobs(sidecar, "sleep 30", f"sh -c 'until [ -e {done} ]; do sleep 0.05; done'")
+        async with service_running(run_actuator, k8s_settings(settings, url)):
+            shrink = await decide(nc, 1, "scale", 1, reason="one node is enough")
+
+            async def drained() -> bool:
+                return (await sidecar.status()).size == 1
+
+            await wait_for(drained, timeout=10)  # the sidecar is told first: the pod that leaves takes no work
+            await asyncio.sleep(2.5)
+            status = await sidecar.status()
+            assert (status.draining, status.queue.run) == (1, 2)
+            assert scale_patches(emulator) == [] and emulator.objects[MINICLUSTERS, NS, "demo-0"]["spec"]["size"] == 2
+            assert await applied(nc) == []
+            assert (await actuator_record(nc))["drain"]["decision"]["id"] == shrink.id
+            assert await decisions_settled(nc) == (0, 0)  # acknowledged once: its effect, the drain, is stored
+
+            done.touch()  # the job on the node that leaves ends
+            await wait_for(lambda: _count(applied(nc), 1), timeout=10)
+            [result] = await applied(nc)
+            assert (result.ok, result.size_before, result.size_after) == (True, 2, 1)
+            assert scale_patches(emulator) == [{"spec": {"replicas": 1}}]
+            assert emulator.objects[MINICLUSTERS, NS, "demo-0"]["spec"]["size"] == 1
+            assert (await sidecar.status()).queue.run == 1  # the other job goes on: nothing was killed
+            assert (await actuator_record(nc)).get("drain") is None
+            events = await messages(nc, subjects.events(ADDRESS), MemberEvent)
+            assert [(e.event, e.size) for e in events] == [("scaled", 1)]
+
+
+async def test_after_the_shrink_grace_the_scale_is_patched_anyway_and_the_job_there_is_killed_as_lost(
+    api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
+) -> None:
+    emulator, url = api
+    async with member_sidecar(settings, grace=4.0) as sidecar:
+        await put_member(emulator, nc, sidecar.endpoint)
+        await run_jobs(sidecar, "sleep 30", "sleep 30")
+        impatient = msgspec.structs.replace(k8s_settings(settings, url), shrink_grace=1.0)
+        async with service_running(run_actuator, impatient):
+            started = time.monotonic()
+            await decide(nc, 1, "scale", 1)
+            await wait_for(lambda: _count(applied(nc), 1), timeout=10)
+            waited = time.monotonic() - started
+            [result] = await applied(nc)
+            assert (result.ok, result.size_before, result.size_after) == (True, 2, 1)
+            assert scale_patches(emulator) == [{"spec": {"replicas": 1}}]
+            assert 1.0 <= waited < 4.0 and (await sidecar.status()).queue.run == 2  # patched while the job ran
+
+            async def lost() -> bool:
+                return (await sidecar.action("jobinfo", {"id": 2}, JobInfo)).lost
+
+            await wait_for(lost, timeout=10)  # the sidecar's own grace: the younger job is killed, lost
+            info = await sidecar.action("jobinfo", {"id": 2}, JobInfo)
+            assert info.reason == "lost: killed after the shrink grace of 4 s (its node was given up)"
+            status = await sidecar.status()
+            assert (status.queue.run, status.draining, status.counts["lost"]) == (1, 0, 1)
+
+
+async def test_a_grow_while_a_shrink_drains_undrains_and_the_shrink_is_reported_superseded(
+    api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
+) -> None:
+    emulator, url = api
+    async with member_sidecar(settings) as sidecar:
+        await put_member(emulator, nc, sidecar.endpoint)
+        await run_jobs(sidecar, "sleep 30", "sleep 30")
+        async with service_running(run_actuator, k8s_settings(settings, url)):
+            shrink = await decide(nc, 1, "scale", 1)
+
+            async def pending() -> bool:
+                return ((await actuator_record(nc)).get("drain") or {}).get("decision", {}).get("id") == shrink.id
+
+            await wait_for(pending, timeout=10)
+            grow = await decide(nc, 2, "scale", 2, reason="more work came")
+            await wait_for(lambda: _count(applied(nc), 2), timeout=10)
+            results = {result.decision: result for result in await applied(nc)}
+            assert (results[grow.id].ok, results[grow.id].size_after) == (True, 2)
+            assert not results[shrink.id].ok and "superseded by decision" in results[shrink.id].error
+            status = await sidecar.status()
+            assert (status.size, status.draining, status.nodes.node_up_count, status.queue.run) == (2, 0, 2, 2)
+            await asyncio.sleep(1.5)  # the drain is over: nothing patches the scale later
+            assert scale_patches(emulator) == [] and emulator.objects[MINICLUSTERS, NS, "demo-0"]["spec"]["size"] == 2
+            assert (await actuator_record(nc)).get("drain") is None
+
+
+async def test_an_actuator_restarted_mid_drain_goes_on_with_the_same_drain_and_grace(
+    api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
+) -> None:
+    emulator, url = api
+    grace = msgspec.structs.replace(k8s_settings(settings, url), shrink_grace=4.0)
+    async with member_sidecar(settings) as sidecar:
+        await put_member(emulator, nc, sidecar.endpoint)
+        await run_jobs(sidecar, "sleep 30", "sleep 30")
+        async with service_running(run_actuator, grace):
+            await decide(nc, 1, "scale", 1)
+            await wait_for(lambda: _count_drain(nc), timeout=10)
+            since = (await actuator_record(nc))["drain"]["since"]
+            await asyncio.sleep(2.5)
+        assert await applied(nc) == [] and scale_patches(emulator) == []
+        restarted = time.time()
+        async with service_running(run_actuator, grace):
+            await wait_for(lambda: _count(applied(nc), 1), timeout=10)
+        [result] = await applied(nc)
+        assert result.ok and result.size_after == 1 and scale_patches(emulator) == [{"spec": {"replicas": 1}}]
+        # the grace ran from the first actuator's start of the drain, not from the restart
+        assert since + 4.0 <= result.time < restarted + 4.0
+        assert await decisions_settled(nc) == (0, 0)  # the decision was never delivered again
+
+
+async def _count_drain(nc: Client) -> bool:
+    return bool((await actuator_record(nc)).get("drain"))

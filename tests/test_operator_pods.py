@@ -44,6 +44,7 @@ from tests.test_kubernetes import (
     k8s_settings,
     live,
     member_record,
+    member_sidecar,
     put_member,
     start_lead_pod,
 )
@@ -237,8 +238,8 @@ async def test_the_actuators_events_name_the_ensembles_uid_so_kubectl_describe_s
     from services.actuator.service import run as run_actuator
 
     emulator, url = api
-    await put_member(emulator, nc)
-    async with service_running(run_actuator, k8s_settings(settings, url)):
+    async with member_sidecar(settings) as sidecar, service_running(run_actuator, k8s_settings(settings, url)):
+        await put_member(emulator, nc, sidecar.endpoint)
         await decide(nc, 1, "scale", 3, reason="jobs waiting")
         await wait_for(lambda: _has(applied(nc), 1), timeout=10)
         await wait_for(lambda: describe_events(emulator, "demo", UID), timeout=5)

@@ -33,7 +33,9 @@ from sidecar.flux_records import (
     Partition,
     RecordError,
     build_jobspec,
+    busy_ranks,
     drain_reason,
+    drain_times,
     drains,
     encode_idset,
     expand_idset,
@@ -216,6 +218,36 @@ def test_a_partition_counts_only_its_ranks_and_drained_ranks_leave_when_idle() -
     assert drains(status, "m0") == drains(status, "m0").__class__(frozenset({6, 7}), frozenset({6, 7}))
     assert drains(status, "other").mine == frozenset()
     assert drains(status_payload("0", {"0": "admin: bad disk"}), "").mine == frozenset()
+
+
+def test_a_shrink_exception_makes_a_job_lost_with_its_note_and_drain_times_are_the_members() -> None:
+    state = JournalState("m0")
+    alloc = {"timestamp": 2.0, "name": "alloc", "context": {}}
+    for job_id, rank in ((1, "0"), (2, "1"), (3, "2")):
+        state.apply_record(submit_event(job_id, 1.0, ensemble_member="m0"))
+        state.apply_record(to_sched(job_id, 1.1))
+        state.apply_record({"id": job_id, "events": [alloc], "R": rset((rank, "0-1"))})
+    assert sorted(state.running_on({1, 2})) == [2, 3] and state.running_on({5}) == []
+    note = "lost: killed after the shrink grace of 600 s (its node was given up)"
+    state.apply_record(events(2, ("exception", 3.0, {"type": "ensemble-shrink", "severity": 0, "note": note})))
+    state.apply_record(events(3, ("exception", 3.0, {"type": "cancel", "severity": 0, "note": "no"})))
+    assert state.running_on({1, 2}) == []  # ended (cleanup): never killed twice
+    state.apply_records(events(i, ("finish", 3.1, {"status": 36608}), ("clean", 3.2, {})) for i in (2, 3))
+    lost, cancelled = state.job(2), state.job(3)
+    assert lost is not None and cancelled is not None
+    assert (lost.lost, lost.reason, lost.success, lost.state) == (True, note, False, "inactive")
+    assert (cancelled.lost, cancelled.reason) == (False, "")
+    status = state.status(node_counts({"all": rset(("0-2", "0-1"))}), 4.0, size=1, draining=0)
+    assert (status.counts["lost"], status.failed, status.draining) == (1, 2, 0)
+
+    status_now = status_payload("0-1", {"1-2": drain_reason("m0", "size 1"), "3": "admin: bad disk"})
+    status_now["drain"]["1-2"]["timestamp"] = 1700000000.0
+    assert drain_times(status_now, "m0") == {1: 1700000000.0, 2: 1700000000.0}  # not the admin's rank 3
+    assert busy_ranks({1, 2}, {1: {0}, 2: {0}}, status_now) == {1}  # rank 2 is offline
+    assert busy_ranks({1, 2}, {2: set()}) == frozenset()
+    status_now["drain"]["1-2"]["timestamp"] = "soon"
+    with pytest.raises(RecordError, match=r"drain\.1-2\.timestamp: must be a number, got 'soon'"):
+        drain_times(status_now, "m0")
 
 
 def test_a_partition_gives_up_its_highest_ranks_first() -> None:

@@ -4,7 +4,9 @@ A driver applies one decision's effect and reports the size before and after. Dr
 idempotent, since a decision may be applied again after a crash before its record was saved: scale
 targets are absolute, submits carry the decision id as idempotency key, terminate twice is harmless.
 The Kubernetes driver (``services/actuator/kubernetes.py``: scale through the MiniCluster's ``/scale``
-subresource) implements the same interface.
+subresource) implements the same interface. Before a shrink, :meth:`Driver.drain` says whether the shrink
+must wait for the nodes that leave to be idle: only where those nodes are fixed (a MiniCluster loses its
+highest pods) does it; a local sidecar's own shrink drains whichever nodes end up idle.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Protocol, TypeVar, cast, get_args
 from ensemble_core.messages import Applied, Decision, MemberSpec
 from ensemble_core.sidecar_client import ClientTls, SidecarClient, SidecarError, SidecarUnavailable
 from ensemble_core.tokens import ensemble_token
-from ensemble_core.wire import Order, ResizePayload, ResizeResult, SubmitPayload, SubmitResult
+from ensemble_core.wire import Order, ResizePayload, ResizeResult, StatusPayload, SubmitPayload, SubmitResult
 
 T = TypeVar("T")
 
@@ -37,6 +39,11 @@ class Driver(Protocol):
 
     async def scale(self, member: MemberSpec, target: int) -> int:
         """Request ``target`` nodes (already clamped to the member's bounds); return the size now requested."""
+        ...
+
+    async def drain(self, member: MemberSpec, target: int) -> int | None:
+        """Before a shrink to ``target``: have the member give up the nodes that leave, and return how many of
+        them still run work (the shrink waits while it is not 0), or None when there is nothing to wait for."""
         ...
 
     async def submit(self, member: MemberSpec, decision: Decision) -> SubmitResult:
@@ -83,8 +90,12 @@ class LocalDriver:
             self._clients[key] = client
         return client
 
+    async def status(self, member: MemberSpec) -> StatusPayload:
+        """The sidecar's status now."""
+        return await _call(self.client(member).status())
+
     async def size(self, member: MemberSpec) -> int:
-        status = await _call(self.client(member).status())
+        status = await self.status(member)
         return status.size if status.size is not None else status.nodes.node_up_count
 
     async def scale(self, member: MemberSpec, target: int) -> int:
@@ -94,6 +105,10 @@ class LocalDriver:
         action = "grow" if target > current else "shrink"
         result = await _call(self.client(member).action(action, ResizePayload(size=target), ResizeResult))
         return result.size
+
+    async def drain(self, member: MemberSpec, target: int) -> int | None:
+        """Nothing to wait for: the sidecar's shrink itself removes idle nodes and drains busy ones."""
+        return None
 
     async def submit(self, member: MemberSpec, decision: Decision) -> SubmitResult:
         payload = SubmitPayload(jobs=decision.jobs, order=_order(decision.order), seed=decision.seed, key=decision.id)

@@ -3,7 +3,14 @@
 - ``scale`` patches the MiniCluster's ``/scale`` subresource (``spec.size``) to the target clamped to the
   bounds the MiniCluster was created with (the Flux Operator silently ignores a size outside
   [minSize, maxSize]), then reads the MiniCluster back and returns the size it now asks for; a size that
-  did not take is a transient error (retried later), never reported as applied.
+  did not take is a transient error (retried later), never reported as applied. A grow (or a scale to the
+  size it has) first grows the member's sidecar to the target, so that the ranks of the pods that come
+  (or stay) are not left drained by an earlier shrink: the sidecar must answer.
+- ``drain`` comes before a shrink: lowering ``/scale`` makes the Flux Operator delete the highest-index pods,
+  killing what runs there, so the sidecar is first asked to ``shrink`` to the target — its ``flux`` backend
+  drains the partition's highest ranks, and a broker's rank is its pod's completion index — and the shrink
+  waits (:mod:`services.actuator.service`) until ``status.draining``, the given-up ranks still busy, is 0.
+  A sidecar that does not report ``draining`` (the original's) is not waited for.
 - ``terminate`` deletes the MiniCluster (already gone counts as done); ``complete`` leaves it running,
   scaled down to its minSize when ``ENSEMBLE_COMPLETE_TO_MIN_SIZE`` is set.
 - ``submit`` goes to the member's sidecar over authenticated gRPC, as in local mode.
@@ -34,7 +41,7 @@ from ensemble_core.kube import (
     set_condition,
 )
 from ensemble_core.messages import Applied, Decision, MemberSpec
-from ensemble_core.wire import SubmitResult
+from ensemble_core.wire import StatusPayload, SubmitResult
 from services.actuator.drivers import DriverError, LocalDriver
 
 T = TypeVar("T")
@@ -76,15 +83,16 @@ class KubernetesDriver:
         return 0 if found is None else int((found.get("spec") or {}).get("size") or 0)
 
     async def scale(self, member: MemberSpec, target: int) -> int:
-        """Patch ``/scale`` to ``target`` within the MiniCluster's bounds; return the size read back."""
+        """Patch ``/scale`` to ``target`` within the MiniCluster's bounds; return the size read back.
+
+        Not lower than the current size: the sidecar is grown to the target first (see the module docstring).
+        """
         found = await self.minicluster(member)
         if found is None:
             raise DriverError(f"MiniCluster {member.namespace}/{member.name} is gone", transient=False)
-        spec = found.get("spec") or {}
-        current = int(spec.get("size") or 0)
-        low = max(int(spec.get("minSize") or 1), member.min_size)
-        high = min(int(spec.get("maxSize") or current or member.max_size), member.max_size)
-        target = min(max(target, low), high)
+        current, target = _bounded(found, member, target)
+        if target >= current:
+            await self._size_sidecar(member, target, down=False)
         if target != current:
             await _kube(self.kube.patch_scale(*MC, member.namespace, member.name, target))
         after = await self.size(member)
@@ -93,6 +101,32 @@ class KubernetesDriver:
                 f"MiniCluster {member.name}: asked for size {target}, it still asks for {after}", transient=True
             )
         return after
+
+    async def drain(self, member: MemberSpec, target: int) -> int | None:
+        """Shrink the sidecar to ``target`` (clamped as :meth:`scale` clamps it): its ranks from ``target`` up,
+        the pods the Flux Operator removes, take no new work; return how many of them still run a job.
+
+        None (nothing to wait for) when the MiniCluster is gone or the sidecar does not report ``draining``.
+        """
+        found = await self.minicluster(member)
+        if found is None:
+            return None
+        _, target = _bounded(found, member, target)
+        status = await self._size_sidecar(member, target, down=True)
+        return None if status is None else status.draining
+
+    async def _size_sidecar(self, member: MemberSpec, target: int, *, down: bool) -> StatusPayload | None:
+        """Bring the sidecar's size up to ``target`` (and down to it when ``down``); its status afterwards.
+
+        None for a sidecar without a size (the original's): there is nothing to set.
+        """
+        status = await self.sidecar.status(member)
+        if status.size is None:
+            return None
+        if status.size < target or (down and status.size > target):
+            await self.sidecar.scale(member, target)
+            status = await self.sidecar.status(member)
+        return status
 
     async def submit(self, member: MemberSpec, decision: Decision) -> SubmitResult:
         """Queue the decision's jobs through the member's sidecar (idempotent on the decision id)."""
@@ -156,6 +190,15 @@ class KubernetesDriver:
         """Close the sidecar connections and the API client."""
         await self.sidecar.close()
         await self.kube.close()
+
+
+def _bounded(found: Obj, member: MemberSpec, target: int) -> tuple[int, int]:
+    """The MiniCluster's size and ``target`` clamped to its bounds and the member's."""
+    spec = found.get("spec") or {}
+    current = int(spec.get("size") or 0)
+    low = max(int(spec.get("minSize") or 1), member.min_size)
+    high = min(int(spec.get("maxSize") or current or member.max_size), member.max_size)
+    return current, min(max(target, low), high)
 
 
 async def _kube(call: Awaitable[T]) -> T:

@@ -241,6 +241,9 @@ class LedgerDriver:
     async def scale(self, member: MemberSpec, target: int) -> int:
         return await self.inner.scale(member, target)
 
+    async def drain(self, member: MemberSpec, target: int) -> int | None:
+        return await self.inner.drain(member, target)
+
     async def submit(self, member: MemberSpec, decision: Decision) -> SubmitResult:
         return await self.ledger.submit(member, decision)
 

@@ -12,19 +12,42 @@ For each decision, in order:
    are published; then the message is acknowledged.
 A transient failure (sidecar unreachable, cooldown) naks the decision for a later retry; a final one
 (the sidecar refused) is reported as ``Applied(ok=false)`` and acknowledged.
+
+Shrinks that wait (Kubernetes mode). Lowering a MiniCluster's size deletes its highest pods whatever runs
+there, so a shrink first drains them (:meth:`~services.actuator.kubernetes.KubernetesDriver.drain`) and
+is applied only once they are idle, or once ``ENSEMBLE_SHRINK_GRACE`` seconds have passed since its drain
+began. The wait is neither a handler that blocks (it would hold up the member's later decisions — a grow
+among them — and let them pass their ack wait) nor a chain of naks (every redelivery counts toward the
+consumer's limit, ``natsio.MAX_DELIVER``, and a 600 s grace would need dozens): the shrink is stored as
+the member's pending drain in its ``ensemble-actuator`` record — the decision and when its drain began —
+and the message is acknowledged, its effect (the drain) being stored. :meth:`Actuator.watch_drains` then
+applies that decision again every :data:`DRAIN_POLL` seconds until it goes through; only then are its
+``Applied`` and ``scaled`` event published. So:
+
+- restart-safe: a restarted actuator finds the pending drains in the bucket (:data:`DRAIN_SCAN`, also
+  what lets one replica take over another's) and goes on with the same start, so the grace is not
+  restarted; a redelivered shrink finds itself pending and goes on the same way;
+- other members never wait: one member's drain is one status call per poll, and its lock
+  (:meth:`Actuator._lock`) keeps the watcher and that member's decisions from interleaving in a process;
+- a later decision of the member is applied meanwhile: a grow (or a scale to the current size) grows the
+  sidecar, which undrains the ranks, and ends the drain; a terminate or complete ends it too; a shrink
+  takes the drain over, keeping its start unless it gives up more nodes. The decision a drain was pending
+  for is then reported not applied (superseded). A submit leaves the drain alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
 from typing import cast
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
 from ensemble_core import natsio, subjects
@@ -34,7 +57,7 @@ from ensemble_core.settings import Settings
 from ensemble_core.sidecar_client import client_tls
 from ensemble_core.subjects import MemberAddress
 from services.actuator.drivers import Driver, DriverError, LocalDriver
-from services.actuator.effects import CooldownPending, InvalidDecision, apply
+from services.actuator.effects import CooldownPending, Drain, DrainPending, InvalidDecision, apply, target_size
 from services.actuator.kubernetes import KubernetesDriver
 from services.actuator.ledger import Ledger, LedgerDriver
 
@@ -45,6 +68,18 @@ REPORTS = cast(type[JobReport], JobReport)
 
 #: Applied decisions remembered per member (older ones have long left the redelivery window).
 REMEMBER = 256
+#: Seconds between two tries of a member's pending drain (one sidecar status call each).
+DRAIN_POLL = 1.0
+#: Seconds between two scans of the ``ensemble-actuator`` bucket for pending drains this actuator does not
+#: follow yet (its own before a restart, or another replica's).
+DRAIN_SCAN = 30.0
+
+
+class PendingDrain(msgspec.Struct, kw_only=True):
+    """A shrink waiting for the nodes that leave to be idle: its decision, and when its drain began (unix s)."""
+
+    decision: Decision
+    since: float
 
 
 class ActuatorRecord(msgspec.Struct, kw_only=True):
@@ -53,19 +88,29 @@ class ActuatorRecord(msgspec.Struct, kw_only=True):
     applied: dict[str, Applied] = {}
     order: list[str] = []
     last_scale: float = 0.0
+    drain: PendingDrain | None = None
 
 
 class Actuator:
     """Applies decisions through a driver."""
 
     def __init__(
-        self, js: JetStreamContext, members: KeyValue, records: KeyValue, driver: Driver, cooldown: float
+        self,
+        js: JetStreamContext,
+        members: KeyValue,
+        records: KeyValue,
+        driver: Driver,
+        cooldown: float,
+        shrink_grace: float = 600.0,
     ) -> None:
         self.js = js
         self.members = members
         self.records = records
         self.driver = driver
         self.cooldown = cooldown
+        self.shrink_grace = shrink_grace
+        self._draining: set[MemberAddress] = set()
+        self._locks: dict[MemberAddress, asyncio.Lock] = {}
 
     async def load(self, address: MemberAddress) -> tuple[ActuatorRecord, int | None]:
         """The member's record and its KV revision (None when it has none yet)."""
@@ -80,6 +125,16 @@ class Actuator:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise natsio.Poison(f"actuator record of {address} is unreadable: {exc}") from exc
 
+    async def save(self, address: MemberAddress, record: ActuatorRecord, revision: int | None) -> None:
+        """Store the member's record (compare-and-set on ``revision``; None: it must not exist yet)."""
+        try:
+            if revision is None:
+                await self.records.create(address.key, encode(record))
+            else:
+                await self.records.update(address.key, encode(record), last=revision)
+        except KeyWrongLastSequenceError as exc:
+            raise natsio.Transient(f"{address}: record changed by another actuator; retrying", delay=0.1) from exc
+
     async def member(self, address: MemberAddress) -> tuple[MemberSpec, int] | None:
         """The member's record and revision, or None when it has none."""
         try:
@@ -90,34 +145,50 @@ class Actuator:
             return None
         return decode(entry.value, MemberSpec), entry.revision or 0
 
-    async def handle(self, decision: Decision, _msg: Msg) -> None:
-        """Apply one decision (see the module docstring for the order of effects)."""
+    async def handle(self, decision: Decision, _msg: Msg | None) -> None:
+        """Apply one decision (see the module docstring for the order of effects and for shrinks that wait)."""
         address = MemberAddress(decision.namespace, decision.ensemble, decision.member)
+        async with self._lock(address):
+            await self._handle(address, decision)
+
+    async def _handle(self, address: MemberAddress, decision: Decision) -> None:
         record, revision = await self.load(address)
         if decision.id in record.applied:
             await self.report(address, record.applied[decision.id], None, decision)
             return
         found = await self.member(address)
-        if found is None:
-            applied = self.applied(decision, ok=False, error="the member has no record (never created or removed)")
+        if found is None or found[0].phase != "active":
+            if found is None:
+                applied = self.applied(decision, ok=False, error="the member has no record (never created or removed)")
+            else:
+                # terminate/complete moves the phase before its record is saved: after a crash between the
+                # two, the redelivered decision finds its own effect and reports it as applied
+                phase = found[0].phase
+                own = {"terminate": "terminated", "complete": "completed"}.get(decision.action) == phase
+                applied = self.applied(decision, ok=own, error="" if own else f"the member is already {phase}")
+            if record.drain is not None and record.drain.decision.id == decision.id:
+                record.drain = None  # nothing left to drain for
+                await self.save(address, record, revision)
             await self.report(address, applied, None, decision)
             return
         member, member_revision = found
         now = time.time()
-        if member.phase != "active":
-            # terminate/complete moves the phase before its record is saved: after a crash between the
-            # two, the redelivered decision finds its own effect and reports it as applied
-            own = {"terminate": "terminated", "complete": "completed"}.get(decision.action) == member.phase
-            error = "" if own else f"the member is already {member.phase}"
-            await self.report(address, self.applied(decision, ok=own, error=error), None, decision)
-            return
+        drain = Drain(started=self._drain_start(record, member, decision, now), now=now, grace=self.shrink_grace)
         event: EventKind | None = None
         try:
             effect = await apply(
-                decision, member, self.driver, since_scale=now - record.last_scale, cooldown=self.cooldown
+                decision,
+                member,
+                self.driver,
+                since_scale=now - record.last_scale,
+                cooldown=self.cooldown,
+                drain=drain,
             )
         except CooldownPending as exc:
             raise natsio.Transient(f"{address}: {exc}", delay=exc.wait) from exc
+        except DrainPending as exc:
+            await self._pending(address, record, revision, decision, drain.started, exc)
+            return
         except InvalidDecision as exc:
             raise natsio.Poison(str(exc)) from exc
         except DriverError as exc:
@@ -132,19 +203,146 @@ class Actuator:
                 record.last_scale = now
             applied = self.applied(decision, ok=effect.ok, before=effect.before, after=effect.after, error=effect.error)
             event = effect.event
-        record.applied[decision.id] = applied
-        record.order.append(decision.id)
+        superseded = self._end_drain(record, decision, applied)
+        self._remember(record, applied)
+        await self.save(address, record, revision)
+        if superseded is not None:
+            await self.report(address, superseded[1], None, superseded[0])
+        await self.report(address, applied, event, decision)
+
+    # -- shrinks that wait -----------------------------------------------------------------------
+
+    def _lock(self, address: MemberAddress) -> asyncio.Lock:
+        """The lock that keeps one member's decisions and its drain's tries from interleaving in this process."""
+        lock = self._locks.get(address)
+        if lock is None:
+            lock = self._locks[address] = asyncio.Lock()
+        return lock
+
+    @staticmethod
+    def _drain_start(record: ActuatorRecord, member: MemberSpec, decision: Decision, now: float) -> float:
+        """When the drain of ``decision`` (if it is a shrink) began: the pending drain's start for the decision
+        it is pending for, and for a shrink that gives up no more nodes than it (it takes the drain over);
+        ``now`` otherwise."""
+        pending = record.drain
+        if pending is None or decision.action != "scale" or decision.size is None:
+            return now
+        if pending.decision.id == decision.id:
+            return pending.since
+        wanted, waited_for = target_size(member, decision.size), target_size(member, pending.decision.size or 0)
+        return pending.since if wanted >= waited_for else now
+
+    async def _pending(
+        self,
+        address: MemberAddress,
+        record: ActuatorRecord,
+        revision: int | None,
+        decision: Decision,
+        since: float,
+        why: DrainPending,
+    ) -> None:
+        """Keep ``decision`` as the member's pending drain (stored once), for :meth:`watch_drains` to finish."""
+        pending = record.drain
+        if pending is None or pending.decision.id != decision.id:
+            superseded = None if pending is None else self._supersede(record, pending.decision, decision)
+            record.drain = PendingDrain(decision=decision, since=since)
+            await self.save(address, record, revision)
+            if pending is not None and superseded is not None:
+                await self.report(address, superseded, None, pending.decision)
+            log.info(
+                "shrink waits for the nodes that leave: %s (grace %g s)",
+                why,
+                self.shrink_grace,
+                extra={"member": str(address), "id": decision.id, "size": decision.size},
+            )
+        else:
+            log.debug("shrink still waits: %s", why, extra={"member": str(address), "id": decision.id})
+        self._draining.add(address)
+
+    def _end_drain(
+        self, record: ActuatorRecord, decision: Decision, applied: Applied
+    ) -> tuple[Decision, Applied] | None:
+        """End the member's pending drain if ``decision`` ends it: its own outcome, or an applied scale,
+        terminate or complete (which supersedes it: returned with its report, to publish)."""
+        pending = record.drain
+        if pending is None:
+            return None
+        if pending.decision.id == decision.id:
+            record.drain = None
+            return None
+        if not applied.ok or decision.action not in ("scale", "terminate", "complete"):
+            return None
+        record.drain = None
+        return pending.decision, self._supersede(record, pending.decision, decision)
+
+    def _supersede(self, record: ActuatorRecord, old: Decision, new: Decision) -> Applied:
+        """Record the pending drain's decision ``old`` as not applied because ``new`` came first; its report."""
+        applied = self.applied(
+            old, ok=False, error=f"superseded by decision {new.id} ({new.action}) before the nodes it gave up were idle"
+        )
+        self._remember(record, applied)
+        return applied
+
+    @staticmethod
+    def _remember(record: ActuatorRecord, applied: Applied) -> None:
+        record.applied[applied.decision] = applied
+        record.order.append(applied.decision)
         for old in record.order[:-REMEMBER]:
             record.applied.pop(old, None)
         record.order = record.order[-REMEMBER:]
+
+    async def watch_drains(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: every :data:`DRAIN_POLL` seconds try each pending drain again (see the module
+        docstring), and every :data:`DRAIN_SCAN` seconds look in the bucket for pending drains not followed yet."""
+        scanned = -math.inf
+        while not stop.is_set():
+            if time.monotonic() - scanned >= DRAIN_SCAN:
+                scanned = time.monotonic()
+                await self._scan_drains()
+            if self._draining:
+                await asyncio.gather(*(self._try_drain(address) for address in list(self._draining)))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_POLL):
+                    await stop.wait()
+
+    async def _scan_drains(self) -> None:
         try:
-            if revision is None:
-                await self.records.create(address.key, encode(record))
-            else:
-                await self.records.update(address.key, encode(record), last=revision)
-        except KeyWrongLastSequenceError as exc:
-            raise natsio.Transient(f"{address}: record changed by another actuator; retrying", delay=0.1) from exc
-        await self.report(address, applied, event, decision)
+            keys = await self.records.keys()
+        except NoKeysError:
+            return
+        except Exception as exc:  # NATS unreachable for now: the next scan tries again
+            log.warning("cannot list the actuator records for pending drains: %s", exc)
+            return
+        for key in keys:
+            try:
+                address = MemberAddress.from_key(key)
+                record, _ = await self.load(address)
+            except (ValueError, natsio.Poison, KeyNotFoundError) as exc:
+                log.warning("actuator record %r: %s", key, exc)
+                continue
+            except Exception as exc:
+                log.warning("cannot read the actuator record %r: %s", key, exc)
+                return
+            if record.drain is not None and address not in self._draining:
+                log.info("following a pending drain", extra={"member": str(address), "id": record.drain.decision.id})
+                self._draining.add(address)
+
+    async def _try_drain(self, address: MemberAddress) -> None:
+        """Apply the member's pending drain's decision again; forget the member once it has none."""
+        try:
+            async with self._lock(address):
+                record, _ = await self.load(address)
+                if record.drain is None:
+                    self._draining.discard(address)
+                    return
+                await self._handle(address, record.drain.decision)
+        except natsio.Transient as exc:
+            log.info("pending drain: retrying: %s", exc, extra={"member": str(address)})
+        except natsio.Poison as exc:
+            log.error("pending drain dropped: %s", exc, extra={"member": str(address)})
+            self._draining.discard(address)
+        except Exception:
+            log.exception("pending drain: trying again later", extra={"member": str(address)})
 
     async def set_phase(self, address: MemberAddress, member: MemberSpec, revision: int, phase: str) -> None:
         """Move the member's record to ``phase`` (compare-and-set)."""
@@ -225,11 +423,13 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             await natsio.bucket(js, subjects.ACTUATOR_BUCKET),
             LedgerDriver(driver, jobs),
             settings.scale_cooldown,
+            settings.shrink_grace,
         )
         subscription = await natsio.durable_subscription(js, natsio.ACTUATOR, settings)
         reports = await natsio.durable_subscription(js, natsio.LEDGER, settings)
         batch = settings.fetch_batch
-        # the decisions, the job reports and the ledger's sweep: when one ends (a lost connection), all do
+        # the decisions, the job reports, the ledger's sweep and the pending drains: when one ends (a lost
+        # connection), all do
         tasks = [
             asyncio.create_task(
                 natsio.consume(js, subscription, Decision, actuator.handle, service="actuator", stop=stop, batch=batch)
@@ -238,6 +438,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 natsio.consume(js, reports, REPORTS, jobs.handle, service="actuator", stop=stop, batch=batch)
             ),
             asyncio.create_task(jobs.run_sweeps(stop)),
+            asyncio.create_task(actuator.watch_drains(stop)),
         ]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -285,6 +285,7 @@ class Creator:
                 token_secret=secrets[0],
                 tls_secret=secrets[1] if len(secrets) > 1 else "",
                 image=self.image,
+                shrink_grace=self.settings.shrink_grace,
             )
             if await self.kube.create(*MC, body):
                 log.info("created MiniCluster", extra={"member": str(address), "minicluster": name})
