@@ -236,7 +236,7 @@ def test_a_shrink_exception_makes_a_job_lost_with_its_note_and_drain_times_are_t
     lost, cancelled = state.job(2), state.job(3)
     assert lost is not None and cancelled is not None
     assert (lost.lost, lost.reason, lost.success, lost.state) == (True, note, False, "inactive")
-    assert (cancelled.lost, cancelled.reason) == (False, "")
+    assert (cancelled.lost, cancelled.reason, cancelled.result) == (False, "cancel: no", "cancelled")
     status = state.status(node_counts({"all": rset(("0-2", "0-1"))}), 4.0, size=1, draining=0)
     assert (status.counts["lost"], status.failed, status.draining) == (1, 2, 0)
 
