@@ -34,6 +34,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ensemble_core import minicluster
+from ensemble_core.matrix import MatrixRange
 from ensemble_core.messages import JobSpec
 from ensemble_core.sidecar_client import SidecarError, SidecarUnavailable
 from ensemble_core.spec import validate
@@ -680,3 +681,31 @@ async def test_pod_rehearsal_the_sidecar_of_a_pod_that_is_not_the_lead_brokers_s
         if process.poll() is None:
             process.kill()
     assert "JOB_COMPLETION_INDEX=3: not the pod of index 0" in (tmp_path / "worker.log").read_text()
+
+
+async def test_a_sweep_and_a_retry_on_flux_carry_their_identity_parameters_and_outputs(tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    sweep = JobSpec(
+        name="lj", command="sh -c 'echo x=$1 seed=$ENSEMBLE_PARAM_SEED attempt=$ENSEMBLE_JOB_ATTEMPT' lj {x}",
+        count=4, matrix={"x": [1, 2], "seed": MatrixRange(start=0, stop=2)},
+    )  # fmt: skip
+    async with (
+        flux_instance(tmp_path / "flux", 2) as uri,
+        flux_sidecar(uri, tmp_path / "sidecar.log", "--output-dir", str(outputs)) as sidecar,
+    ):
+        first = await submit(sidecar, sweep, key="d-1")
+        # job 3 again as its attempt 2 (a retry), twice: queued once
+        again = msgspec.structs.replace(sweep, count=1, start=3, attempt=2)
+        assert (await submit(sidecar, again, key="retry-a")).submitted == 1
+        assert (await submit(sidecar, again, key="retry-b")).duplicate
+        await status_when(sidecar, lambda s: s.finished == 5)
+        ended = await sidecar.client.ended(0)
+    assert ended.instance == first.instance and ended.ended == 5
+    seen = {(job.index, job.attempt): job for job in ended.jobs}
+    assert sorted(seen) == [(0, 1), (1, 1), (2, 1), (3, 1), (3, 2)]
+    assert [job.end_seq for job in ended.jobs] == [1, 2, 3, 4, 5]
+    assert all(job.result == "succeeded" for job in ended.jobs)
+    assert seen[(2, 1)].params == {"x": "2", "seed": "0"} and seen[(2, 1)].command.endswith("lj 2")
+    assert Path(seen[(2, 1)].stdout).read_text() == "x=2 seed=0 attempt=1\n"
+    assert Path(seen[(3, 2)].stdout).read_text() == "x=2 seed=1 attempt=2\n"
+    assert Path(seen[(3, 2)].stdout) == outputs / "lj" / "3.2.out" and Path(seen[(3, 2)].stderr).read_text() == ""
