@@ -958,3 +958,119 @@ def write_report(path: Path, runs: list[RunOutcome], wall_seconds: float) -> Non
     """Write :func:`report` as indented JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report(runs, wall_seconds), indent=2) + "\n")
+
+
+#: The heading of the fault suite's section of ``docs/benchmarks.md`` (``bench/algorithms.py`` keeps it).
+SECTION = "## Fault suite"
+
+
+def _p50_max(spread: dict[str, Any]) -> str:
+    return "–" if not spread["n"] else f"{spread['p50']} / {spread['max']}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The fault suite's section of ``docs/benchmarks.md``, from a :func:`report`."""
+    settings = report["settings"]
+    jobs = ", ".join(f"{j['count']} × {j['nodes']} node(s) {j['seconds']} s" for j in settings["jobs"])
+    kinds = report["faults_injected"]["by_kind"]
+    met = report["target_met"]
+    lines = [
+        f"{SECTION} (`tests/test_chaos.py`)",
+        "",
+        "Produced by `.venv/bin/python -m tests.chaos` from `bench/results/chaos.json`, which "
+        "`ENSEMBLE_CHAOS_REPORT=bench/results/chaos.json .venv/bin/pytest tests/test_chaos.py` writes. "
+        "Do not edit by hand.",
+        "",
+        f"{report['runs']} runs (seeds {', '.join(map(str, report['seeds']))}), "
+        f"{report['faults_injected']['total']} faults injected: each of the {len(kinds)} kinds once per run, in a "
+        f"seeded order, {settings['pause_between_faults_seconds'][0]}–{settings['pause_between_faults_seconds'][1]} s "
+        f"apart; {report['wall_seconds']} s wall for the suite. Each run is one real ensemble on the local stack: "
+        f"{settings['members']} members of {settings['jobs_per_member']} jobs ({jobs}), sizes "
+        f"{settings['size'][0]}–{settings['size'][1]}, `retries` {settings['retries']}, `lostRetries` "
+        f"{settings['lostRetries']}. Killed parts stay down {settings['down_seconds'][0]}–"
+        f"{settings['down_seconds'][1]} s each and start again on the same port, store or state directory; a hung "
+        f"sidecar is stopped {settings['hang_seconds']} s, a slow one answers {settings['slow_delay_seconds']} s late "
+        f"for {settings['slow_seconds']} s.",
+        "",
+        f"Target, {report['target']}. Met in {sum(met.values())} of {len(met)} runs.",
+        "",
+        "Jobs are counted by identity (member, group, index, attempt): each attempt writes a start line before it "
+        "sleeps and an end line after; an attempt *succeeded* when it wrote its end line and its report says "
+        "succeeded. The marker lines, the job reports (`ENSEMBLE_JOBS`), the sidecars' `jobinfo` and the ledgers "
+        "(`ensemble-jobs`: every job succeeded, nothing outstanding, no extra success) are cross-checked.",
+        "",
+        "| seed | s | completed | jobs | succeeded exactly once | attempts | lost attempts (ran to end) | retried | "
+        "never ran | ran twice | duplicate applies | out-of-bounds sizes | cross-check mismatches | target |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in report["per_run"]:
+        lines.append(
+            f"| {run['seed']} | {run['seconds']} | {'yes' if run['completed'] else 'no'} | {run['jobs']} | "
+            f"{run['succeeded_exactly_once']} | {run['attempts']} | {run['lost_attempts']} "
+            f"({run['lost_ran_to_end']}) | {run['retried']} | {run['never_ran']} | {run['ran_twice']} | "
+            f"{run['duplicate_applies']} | {run['out_of_bounds_sizes']} | {run['cross_check_mismatches']} | "
+            f"{'met' if run['target_met'] else 'missed'} |"
+        )
+    lines += [
+        "",
+        "By kind, each figure the sum (or the p50 / max) of the faults' own: the attempts running on the members "
+        "a fault struck, the attempts it lost (running on a sidecar it killed), the jobs run again because of it, "
+        "and seconds from its end to the next metrics, to the next decision applied (that includes time the "
+        "algorithm had nothing to decide) and to the start of the last attempt replacing one it lost.",
+        "",
+        "| fault | injected | recovered | fault s p50 / max | → metrics s | → applied s | attempts running | "
+        "lost (ran to end) | jobs retried | lost → rerun s | duplicate applies in window |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind, row in report["faults"].items():
+        lines.append(
+            f"| {kind} | {row['injected']} | {row['recovered']} | {_p50_max(row['fault_seconds'])} | "
+            f"{_p50_max(row['recovery_to_next_metrics_s'])} | {_p50_max(row['recovery_to_next_applied_s'])} | "
+            f"{row['running_attempts']} | {row['lost_attempts']} ({row['lost_ran_to_end']}) | {row['jobs_retried']} | "
+            f"{_p50_max(row['lost_to_rerun_s'])} | {row['duplicate_applies_in_window']} |"
+        )
+    lines += [
+        "",
+        "Every fault (`overlapped by`: other faults that struck while it lasted or before its members' next metrics).",
+        "",
+        "| seed | at s | fault | sidecars | s | running | lost | retried | → metrics s | → applied s | → rerun s | "
+        "overlapped by |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in report["per_run"]:
+        for f in run["faults"]:
+            kind = f"{f['kind']} (ended by {f['ended_by']})" if f["ended_by"] else f["kind"]
+            cells = [run["seed"], f["at"], kind, ", ".join(map(str, f["sidecars"])), f["seconds"],
+                     f["running_attempts"], f["lost_attempts"], f["jobs_retried"], f["to_metrics"], f["to_applied"],
+                     f["to_rerun"], ", ".join(f["overlapped_by"])]  # fmt: skip
+            lines.append("| " + " | ".join("–" if cell in (None, "") else str(cell) for cell in cells) + " |")
+    lines += [
+        "",
+        "A sidecar killed with `kill -9` leaves its job processes running (they are in their own sessions); the "
+        "sidecar started again reports each attempt that was running lost and kills what is left of it, and the "
+        "ledger runs the job again. An attempt that got to its end line before that is among *ran to end*: its "
+        "exit was never seen, so it does not count as a success, and the job's command ran to its end twice.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(doc: Path, report: dict[str, Any]) -> None:
+    """Replace (or add) the fault suite's section of ``doc``: from its heading to the end of the page."""
+    text = doc.read_text() if doc.exists() else ""
+    head = text.split(f"\n{SECTION}", 1)[0].rstrip("\n")
+    doc.write_text(f"{head}\n\n{markdown(report)}" if head else markdown(report))
+
+
+def main() -> int:
+    """``python -m tests.chaos [REPORT [DOC]]``: write the section of DOC from REPORT."""
+    repo = Path(__file__).resolve().parent.parent
+    args = sys.argv[1:]
+    source = Path(args[0]) if args else repo / "bench/results/chaos.json"
+    doc = Path(args[1]) if len(args) > 1 else repo / "docs/benchmarks.md"
+    write_section(doc, json.loads(source.read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
