@@ -202,8 +202,11 @@ class Attempt:
 
     @property
     def stopped(self) -> float | None:
-        """When it stopped running: its end line, else the report's end; None while unknown."""
-        return max(self.ends) if self.ends else self.t_end
+        """When it stopped running as its sidecar saw it: the report's end (a lost attempt's is when the sidecar,
+        started again, declared it lost, though its process may have ended before), else its end line."""
+        if self.t_end is not None:
+            return self.t_end
+        return max(self.ends) if self.ends else None
 
 
 @dataclass
@@ -227,7 +230,7 @@ class FaultOutcome:
     to_metrics: float | None
     #: fault's end → the first decision applied after it, on an affected member
     to_applied: float | None
-    #: attempts running at its start on the members it affected
+    #: attempts running (as their sidecar saw it) at its start on the members it affected
     running_attempts: int
     #: attempts it lost: running on a sidecar it killed when it struck
     lost_attempts: int
@@ -403,7 +406,7 @@ class Run:
         return NatsAccess(url, passwords)
 
     async def start(self) -> None:
-        """Start NATS, the sidecars and the services; return once the first decision is applied."""
+        """Start NATS, the sidecars and the services; return once the first job runs (so faults strike work)."""
         self.started = time.time()
         self.access = await self._start_nats()
         self.parts["nats-server"] = self.stack.parts[-1]
@@ -415,6 +418,7 @@ class Run:
             self._start_service(name)
         self.nc = await nats.connect(self._access.url_for(OBSERVER), max_reconnect_attempts=-1, reconnect_time_wait=0.2)
         await self._wait(self._applied_any, 30, "no decision was applied")
+        await self._wait(self._job_started, 30, "no job started")
 
     @property
     def _access(self) -> NatsAccess:
@@ -428,6 +432,9 @@ class Run:
         except Exception:
             return False
         return bool(info.state.subjects)
+
+    async def _job_started(self) -> bool:
+        return any(marker.stat().st_size for marker in self.marks.iterdir())
 
     async def _phases(self) -> list[str]:
         assert self.nc is not None
@@ -907,6 +914,7 @@ def report(runs: list[RunOutcome], wall_seconds: float) -> dict[str, Any]:
             "size": [MIN_SIZE, MAX_SIZE],
             "retries": 0,
             "lostRetries": 3,
+            "faults_begin": "once the first job has started",
             "pause_between_faults_seconds": list(PAUSE),
             "down_seconds": list(DOWN),
             "hang_seconds": HANG_SECONDS,
@@ -923,12 +931,16 @@ def report(runs: list[RunOutcome], wall_seconds: float) -> dict[str, Any]:
             "attempts": "attempts that started (a start line, or a report of an attempt that had started)",
             "lost_attempts": "attempts reported lost, or with a start line and no end line",
             "lost_ran_to_end": "lost attempts whose process still wrote its end line: its sidecar was killed "
-            "and the job process outlived it (the sidecar started again reports it lost, it is run again)",
+            "(or hung, then killed) and the job process outlived it, or ended unseen (the sidecar started again "
+            "reports it lost, it is run again)",
             "retried": "jobs with more than one attempt",
             "cross_check_mismatches": "disagreements between an attempt's marker lines, its report, its sidecar's "
             "jobinfo and the ledger (every job succeeded, outstanding 0, extra_successes 0)",
-            "a_fault's_lost_attempts": "attempts running on a sidecar the fault killed when it struck (started "
-            "before it, stopped after it); its jobs_retried: their jobs that got another attempt; lost_to_rerun: "
+            "a_fault's_running_attempts": "attempts running on the members it struck (every member for a fault "
+            "of a service or nats-server) at its start, as their sidecar saw them: started before it, their end "
+            "reported after it",
+            "a_fault's_lost_attempts": "lost attempts running on a sidecar the fault killed when it struck; its "
+            "jobs_retried: their jobs that got another attempt; lost_to_rerun: "
             "fault's end → the start of the last of those attempts",
             "a_fault's_window": "from its start to its end + ENSEMBLE_ACK_WAIT + window_margin_seconds: "
             "duplicate applies and out-of-bounds sizes stored then are counted in its row",
@@ -974,6 +986,7 @@ def markdown(report: dict[str, Any]) -> str:
     jobs = ", ".join(f"{j['count']} × {j['nodes']} node(s) {j['seconds']} s" for j in settings["jobs"])
     kinds = report["faults_injected"]["by_kind"]
     met = report["target_met"]
+    pause = settings["pause_between_faults_seconds"]
     lines = [
         f"{SECTION} (`tests/test_chaos.py`)",
         "",
@@ -982,9 +995,9 @@ def markdown(report: dict[str, Any]) -> str:
         "Do not edit by hand.",
         "",
         f"{report['runs']} runs (seeds {', '.join(map(str, report['seeds']))}), "
-        f"{report['faults_injected']['total']} faults injected: each of the {len(kinds)} kinds once per run, in a "
-        f"seeded order, {settings['pause_between_faults_seconds'][0]}–{settings['pause_between_faults_seconds'][1]} s "
-        f"apart; {report['wall_seconds']} s wall for the suite. Each run is one real ensemble on the local stack: "
+        f"{report['faults_injected']['total']} faults injected: each of the {len(kinds)} kinds once per run, from the "
+        f"first job's start on, in a seeded order, {pause[0]}–{pause[1]} s apart; {report['wall_seconds']} s "
+        "wall for the suite. Each run is one real ensemble on the local stack: "
         f"{settings['members']} members of {settings['jobs_per_member']} jobs ({jobs}), sizes "
         f"{settings['size'][0]}–{settings['size'][1]}, `retries` {settings['retries']}, `lostRetries` "
         f"{settings['lostRetries']}. Killed parts stay down {settings['down_seconds'][0]}–"
@@ -1014,9 +1027,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "By kind, each figure the sum (or the p50 / max) of the faults' own: the attempts running on the members "
-        "a fault struck, the attempts it lost (running on a sidecar it killed), the jobs run again because of it, "
-        "and seconds from its end to the next metrics, to the next decision applied (that includes time the "
-        "algorithm had nothing to decide) and to the start of the last attempt replacing one it lost.",
+        "a fault struck (as their sidecar saw them), the attempts it lost (running on a sidecar it killed), the "
+        "jobs run again because of it, and seconds from its end to the next metrics, to the next decision "
+        "applied (that includes time the algorithm had nothing to decide) and to the start of the last attempt "
+        "replacing one it lost.",
         "",
         "| fault | injected | recovered | fault s p50 / max | → metrics s | → applied s | attempts running | "
         "lost (ran to end) | jobs retried | lost → rerun s | duplicate applies in window |",
