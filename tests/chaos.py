@@ -153,9 +153,6 @@ class Fault:
     start: float
     #: when the last part was started again (a hung sidecar: resumed; a slow one: its slowness began)
     end: float
-    #: a hang cut short: the fault that killed the hung sidecar before it was resumed
-    ended_by: str = ""
-    active: bool = True
 
 
 @dataclass
@@ -219,7 +216,6 @@ class FaultOutcome:
     #: seconds after the run's start
     at: float
     seconds: float
-    ended_by: str
     #: other faults that struck while it lasted or before it was recovered from (they share its figures' time)
     overlapped_by: list[str]
     #: the affected members went on (metrics again) or had already ended
@@ -481,8 +477,13 @@ class Run:
 
     def plan(self) -> list[tuple[str, int | None, float]]:
         """Every kind once in a seeded order, each after a seeded pause. The single-sidecar faults strike
-        distinct members; the actuator's partner is a sidecar other than the one that hangs."""
+        distinct members; the actuator's partner is a sidecar other than the one that hangs, and the whole
+        stack is killed before the hang: a kill of the hung sidecar would end the hang before the poller
+        notices the silence."""
         kinds = self.rng.sample(list(KINDS), len(KINDS))
+        stack, hang = kinds.index("stack-kill"), kinds.index("sidecar-hang")
+        if stack > hang:
+            kinds[stack], kinds[hang] = kinds[hang], kinds[stack]
         sidecar_kinds = ("sidecar-kill", "sidecar-hang", "sidecar-slow")
         members: dict[str, int] = dict(zip(sidecar_kinds, self.rng.sample(range(MEMBERS), 3), strict=True))
         members["actuator+sidecar-kill"] = self.rng.choice([m for m in range(MEMBERS) if m != members["sidecar-hang"]])
@@ -518,9 +519,6 @@ class Run:
             (self.workdir / f"delay-{member}").write_text(str(SLOW_DELAY))
             self.background.append(asyncio.create_task(self._fast_again(fault)))
         else:
-            for hang in self.faults:
-                if hang.kind == "sidecar-hang" and hang.active and hang.parts[0] in roles:
-                    hang.end, hang.ended_by, hang.active = start, kind, False
             await self._kill(roles)
             if kind == "stack-kill":
                 await asyncio.sleep(self.rng.uniform(*DOWN))
@@ -534,20 +532,17 @@ class Run:
                     waited = down
                     fault.end = time.time()
                     await self._restart(role)
-            fault.active = False
         self.faults.append(fault)
         return fault
 
     async def _resume(self, fault: Fault, process: subprocess.Popen[bytes]) -> None:
         await asyncio.sleep(HANG_SECONDS)
-        if fault.active:  # not killed meanwhile
-            process.send_signal(signal.SIGCONT)
-            fault.end, fault.active = time.time(), False
+        process.send_signal(signal.SIGCONT)
+        fault.end = time.time()
 
     async def _fast_again(self, fault: Fault) -> None:
         await asyncio.sleep(SLOW_SECONDS)
         (self.workdir / f"delay-{fault.sidecars[0]}").write_text("")
-        fault.active = False
 
     async def run(self, timeout: float) -> None:
         """Inject the planned faults, then wait for every member to terminate."""
@@ -840,7 +835,6 @@ def _fault_outcome(
         sidecars=fault.sidecars,
         at=round(fault.start - started, 1),
         seconds=round(fault.end - fault.start, 2),
-        ended_by=fault.ended_by,
         overlapped_by=[],
         recovered=recovered,
         hung_members=hung,
@@ -915,6 +909,7 @@ def report(runs: list[RunOutcome], wall_seconds: float) -> dict[str, Any]:
             "retries": 0,
             "lostRetries": 3,
             "faults_begin": "once the first job has started",
+            "order": "seeded; the whole-stack kill always before the hang (killing the hung sidecar would end it)",
             "pause_between_faults_seconds": list(PAUSE),
             "down_seconds": list(DOWN),
             "hang_seconds": HANG_SECONDS,
@@ -948,7 +943,7 @@ def report(runs: list[RunOutcome], wall_seconds: float) -> dict[str, Any]:
         "recovery_is_measured": {
             "from": "the fault's end: the last killed part started again (each after its own 0.2-1.5 s down; "
             "the whole stack after one such downtime, nats-server first, then the sidecars, then the services), "
-            "a hung sidecar resumed (SIGCONT) or killed by a later fault (ended_by), a slow sidecar's slowness began",
+            "a hung sidecar resumed (SIGCONT), a slow sidecar's slowness began",
             "to_next_metrics": "the first metrics stored after it, of every affected member still running (the "
             "slowest of them): a fault of sidecars only affects their members, any other fault every member but "
             "those whose sidecar was hung at its end (listed in hung_members)",
@@ -996,7 +991,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{report['runs']} runs (seeds {', '.join(map(str, report['seeds']))}), "
         f"{report['faults_injected']['total']} faults injected: each of the {len(kinds)} kinds once per run, from the "
-        f"first job's start on, in a seeded order, {pause[0]}–{pause[1]} s apart; {report['wall_seconds']} s "
+        f"first job's start on, in a seeded order (the whole-stack kill before the hang), "
+        f"{pause[0]}–{pause[1]} s apart; {report['wall_seconds']} s "
         "wall for the suite. Each run is one real ensemble on the local stack: "
         f"{settings['members']} members of {settings['jobs_per_member']} jobs ({jobs}), sizes "
         f"{settings['size'][0]}–{settings['size'][1]}, `retries` {settings['retries']}, `lostRetries` "
@@ -1053,8 +1049,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for run in report["per_run"]:
         for f in run["faults"]:
-            kind = f"{f['kind']} (ended by {f['ended_by']})" if f["ended_by"] else f["kind"]
-            cells = [run["seed"], f["at"], kind, ", ".join(map(str, f["sidecars"])), f["seconds"],
+            cells = [run["seed"], f["at"], f["kind"], ", ".join(map(str, f["sidecars"])), f["seconds"],
                      f["running_attempts"], f["lost_attempts"], f["jobs_retried"], f["to_metrics"], f["to_applied"],
                      f["to_rerun"], ", ".join(f["overlapped_by"])]  # fmt: skip
             lines.append("| " + " | ".join("–" if cell in (None, "") else str(cell) for cell in cells) + " |")
