@@ -194,8 +194,11 @@ class Attempt:
 
     @property
     def began(self) -> float | None:
-        """When it started: its start line, else the sidecar's start."""
-        return min(self.starts) if self.starts else self.t_run
+        """When it started as its sidecar saw it: the report's start (recorded before the process is spawned,
+        so a sidecar killed at once still loses it), else its start line."""
+        if self.t_run is not None:
+            return self.t_run
+        return min(self.starts) if self.starts else None
 
     @property
     def stopped(self) -> float | None:
@@ -1056,9 +1059,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "A sidecar killed with `kill -9` leaves its job processes running (they are in their own sessions); the "
-        "sidecar started again reports each attempt that was running lost and kills what is left of it, and the "
-        "ledger runs the job again. An attempt that got to its end line before that is among *ran to end*: its "
-        "exit was never seen, so it does not count as a success, and the job's command ran to its end twice.",
+        "sidecar started again reports each attempt that was running lost and kills what is left of it (unless "
+        "it died before it recorded the process's pid), and the ledger runs the job again. An attempt that got "
+        "to its end line before that is among *ran to end*: its exit was never seen, so it does not count as a "
+        "success, and the job's command ran to its end twice.",
         "",
     ]
     return "\n".join(lines)
