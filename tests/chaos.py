@@ -479,14 +479,17 @@ class Run:
     # -- faults ----------------------------------------------------------------------------------
 
     def plan(self) -> list[tuple[str, int | None, float]]:
-        """Every kind once in a seeded order, each after a seeded pause. The single-sidecar faults strike
-        distinct members; the actuator's partner is a sidecar other than the one that hangs, and the whole
-        stack is killed before the hang: a kill of the hung sidecar would end the hang before the poller
-        notices the silence."""
-        kinds = self.rng.sample(list(KINDS), len(KINDS))
-        stack, hang = kinds.index("stack-kill"), kinds.index("sidecar-hang")
-        if stack > hang:
-            kinds[stack], kinds[hang] = kinds[hang], kinds[stack]
+        """Every kind once in a seeded order, each after a seeded pause. The hang is in the first half: it
+        lasts longer than the rest of the plan, and drawn late it would strike a member whose work is done.
+        The whole stack is killed before the hang (a kill of the hung sidecar would end the hang before the
+        poller notices the silence). The single-sidecar faults strike distinct members; the actuator's
+        partner is a sidecar other than the one that hangs."""
+        kinds = self.rng.sample([kind for kind in KINDS if kind != "sidecar-hang"], len(KINDS) - 1)
+        hang = self.rng.randrange(len(KINDS) // 2)
+        kinds.insert(hang, "sidecar-hang")
+        if kinds.index("stack-kill") > hang:
+            kinds.remove("stack-kill")
+            kinds.insert(hang, "stack-kill")
         sidecar_kinds = ("sidecar-kill", "sidecar-hang", "sidecar-slow")
         members: dict[str, int] = dict(zip(sidecar_kinds, self.rng.sample(range(MEMBERS), 3), strict=True))
         members["actuator+sidecar-kill"] = self.rng.choice([m for m in range(MEMBERS) if m != members["sidecar-hang"]])
@@ -912,7 +915,8 @@ def report(runs: list[RunOutcome], wall_seconds: float) -> dict[str, Any]:
             "retries": 0,
             "lostRetries": 3,
             "faults_begin": "once the first job has started",
-            "order": "seeded; the whole-stack kill always before the hang (killing the hung sidecar would end it)",
+            "order": "seeded; the hang in the first half of the plan (it outlasts the rest), the whole-stack kill "
+            "before the hang (killing the hung sidecar would end it)",
             "pause_between_faults_seconds": list(PAUSE),
             "down_seconds": list(DOWN),
             "hang_seconds": HANG_SECONDS,
@@ -994,7 +998,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{report['runs']} runs (seeds {', '.join(map(str, report['seeds']))}), "
         f"{report['faults_injected']['total']} faults injected: each of the {len(kinds)} kinds once per run, from the "
-        f"first job's start on, in a seeded order (the whole-stack kill before the hang), "
+        f"first job's start on, in a seeded order (the hang in the first half, the whole-stack kill before it), "
         f"{pause[0]}–{pause[1]} s apart; {report['wall_seconds']} s "
         "wall for the suite. Each run is one real ensemble on the local stack: "
         f"{settings['members']} members of {settings['jobs_per_member']} jobs ({jobs}), sizes "
