@@ -38,6 +38,8 @@ EXTRA: dict[str, dict[str, str | int | float | bool]] = {
 #: Algorithms that need a configuration no workload here provides.
 SKIP = {"rules": "needs user-written rules; see examples/rules.yaml"}
 BASELINES = {"seed-as-built", "static", "static (not pre-provisioned)"}
+#: A section of the same page another command writes (``python -m tests.chaos``): kept as it is.
+KEPT_SECTION = "\n## Fault suite"
 
 
 def ensemble_document(name: str, size: int, max_size: int, jobs: list[dict[str, Any]], members: int = 1) -> Ensemble:
@@ -186,7 +188,9 @@ def main() -> int:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    Path(args.out).write_text(markdown(report))
+    out = Path(args.out)
+    kept = out.read_text().partition(KEPT_SECTION) if out.exists() else ("", "", "")
+    out.write_text(markdown(report) + (kept[1] + kept[2] if kept[1] else ""))
     for row in rows:
         print(
             f"{row['workload']:42s} {row['algorithm']:30s} makespan {row['makespan_s']:9.1f} "

@@ -4,9 +4,16 @@ killed, hung and slowed at moments drawn from a seed, and its outcomes counted f
 The stack is ``ensemble up``'s (``ensemble_cli.up.Stack``): a nats-server with a store directory, killed
 and started again on the same store and port; one sidecar per member on the local queue with a state
 directory (``--state-dir``), started again on the same port and directory; the four services as
-processes. Every job appends its id to its member's marker file before it sleeps, so each job's
-executions are counted. What happened is read back from the parts afterwards: the NATS streams (with
-the time the server stored each message), the sidecars' ``jobinfo`` and the marker files.
+processes. Faults come one at a time, in a seeded order: each part killed (``kill -9``) alone, two parts
+killed at once (the actuator and a sidecar; the poller and nats-server), the whole stack killed at once
+and started again, a sidecar hung (SIGSTOP) and one slow.
+
+Every job knows which attempt of which job it is (``ENSEMBLE_JOB_GROUP``, ``ENSEMBLE_JOB_INDEX``,
+``ENSEMBLE_JOB_ATTEMPT``) and writes a ``start`` line to its member's marker file before it sleeps and an
+``end`` line after, so an attempt killed on the way shows a start without an end. What happened is read
+back from the parts afterwards and cross-checked: the marker lines, the job reports on ``ENSEMBLE_JOBS``,
+the members' job ledgers (``ensemble-jobs``), the sidecars' ``jobinfo``, and the NATS streams of metrics,
+decisions and applied decisions (with the time the server stored each message).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import secrets
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -31,30 +39,40 @@ import nats
 import yaml
 from nats.aio.client import Client
 
+from ensemble_cli import results
 from ensemble_cli.up import NatsAccess, Part, Stack, nats_command, nats_url
-from ensemble_core import natsauth, subjects
-from ensemble_core.messages import Applied, Decision, MemberSpec, Metrics
+from ensemble_core import ledger, natsauth, subjects
+from ensemble_core.messages import Applied, Decision, InstanceChanged, JobEnded, JobReport, MemberSpec, Metrics
 from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import JobInfo
-from sidecar.local import LOST
 
 CLI = [sys.executable, "-m", "ensemble_cli"]
 SERVICES = ("creator", "poller", "decider", "actuator")
-#: Every kind of fault a run injects once.
-KINDS = (
-    "nats-kill",
-    "creator-kill",
-    "poller-kill",
-    "decider-kill",
-    "actuator-kill",
-    "sidecar-kill",
-    "sidecar-hang",
-    "sidecar-slow",
-)
+#: Every kind of fault a run injects once: which parts it kills, hangs or slows ("sidecar": one sidecar,
+#: drawn from the seed; "stack": nats-server, the four services and every sidecar at once).
+KINDS: dict[str, tuple[str, ...]] = {
+    "nats-kill": ("nats-server",),
+    "creator-kill": ("creator",),
+    "poller-kill": ("poller",),
+    "decider-kill": ("decider",),
+    "actuator-kill": ("actuator",),
+    "sidecar-kill": ("sidecar",),
+    "sidecar-hang": ("sidecar",),
+    "sidecar-slow": ("sidecar",),
+    "actuator+sidecar-kill": ("actuator", "sidecar"),
+    "poller+nats-kill": ("poller", "nats-server"),
+    "stack-kill": ("stack",),
+}
 MEMBERS = 3
 MIN_SIZE, MAX_SIZE = 1, 4
+#: Each member's jobs: (group, count, nodes, seconds each sleeps).
+JOBS = (("wide", 3, 3, 3.0), ("pair", 4, 2, 2.0), ("single", 20, 1, 1.5))
+#: Seconds between two faults (drawn from this range) ...
+PAUSE = (0.5, 2.5)
+#: ... and how long each killed part stays down (drawn for each part).
+DOWN = (0.2, 1.5)
 #: A hung sidecar stays stopped longer than the poller's watch-silence limit (15 s) plus a call's
 #: timeout (5 s), so both ways of noticing it fire.
 HANG_SECONDS = 22.0
@@ -65,21 +83,36 @@ SLOW_SECONDS = 10.0
 #: Services' settings beyond the defaults: what a killed service had fetched is redelivered after
 #: ``ENSEMBLE_ACK_WAIT``; 10 s instead of 30 s keeps the suite short (it only shortens that wait).
 SERVICE_ENV = {"ENSEMBLE_ACK_WAIT": "10"}
+#: A fault's window, for what it may have caused later (an applied decision redelivered after it): from
+#: its start to its end plus the ack wait and this margin.
+WINDOW_MARGIN = 5.0
 NAMESPACE, NAME = "default", "chaos"
 SECRET = "chaos-secret"
 #: the harness's NATS user (no restrictions), beside the services' own
 OBSERVER = "chaos"
+#: A marker line's fields after ``start`` / ``end``: group, index, attempt, the sidecar's job id, unix time.
+MARK_FIELDS = 5
+
+Job = tuple[int, str, int]
+"""A job's identity: member, group, index."""
+AttemptKey = tuple[int, str, int, int]
+"""One attempt of a job: member, group, index, attempt."""
 
 
 def ensemble_document(marks: Path) -> dict[str, Any]:
-    """Three members like ``examples/hello-world.yaml``, longer, each job marking its execution."""
+    """Three members like ``examples/hello-world.yaml``, longer, each job marking its start and its end."""
 
     def jobs(member: int) -> list[dict[str, Any]]:
-        mark = f"echo $FLUX_JOB_ID >> {marks}/ran-{member}"
+        who = "$ENSEMBLE_JOB_GROUP $ENSEMBLE_JOB_INDEX $ENSEMBLE_JOB_ATTEMPT $FLUX_JOB_ID $(date +%s.%N)"
+        mark = f">> {marks}/ran-{member}"
         return [
-            {"name": "wide", "command": f"sh -c '{mark}; sleep 3'", "count": 3, "nodes": 3},
-            {"name": "pair", "command": f"sh -c '{mark}; sleep 2'", "count": 4, "nodes": 2},
-            {"name": "single", "command": f"sh -c '{mark}; sleep 1.5'", "count": 20, "nodes": 1},
+            {
+                "name": name,
+                "command": f"sh -c 'echo start {who} {mark} && sleep {seconds} && echo end {who} {mark}'",
+                "count": count,
+                "nodes": nodes,
+            }
+            for name, count, nodes, seconds in JOBS
         ]
 
     return {
@@ -105,16 +138,20 @@ def ensemble_document(marks: Path) -> dict[str, Any]:
 
 def jobs_per_member() -> int:
     """How many jobs each member's submit queues."""
-    return sum(job["count"] for job in ensemble_document(Path())["spec"]["members"][0]["jobs"])
+    return sum(count for _, count, _, _ in JOBS)
 
 
 @dataclass
 class Fault:
-    """One injected fault: what, where, when it began and when the part was back (unix seconds)."""
+    """One injected fault: what, which parts, which members' sidecars, when it began and when it ended."""
 
     kind: str
-    member: int | None
+    #: the roles it killed, hung or slowed (``nats-server``, ``poller``, ``sidecar-1`` ...)
+    parts: list[str]
+    #: the members whose sidecar it killed, hung or slowed
+    sidecars: list[int]
     start: float
+    #: when the last part was started again (a hung sidecar: resumed; a slow one: its slowness began)
     end: float
 
 
@@ -127,14 +164,63 @@ class Stored:
 
 
 @dataclass
+class Attempt:
+    """One attempt of one job, as every source saw it."""
+
+    #: times of its ``start`` / ``end`` marker lines (more than one start: it ran twice)
+    starts: list[float] = field(default_factory=list)
+    ends: list[float] = field(default_factory=list)
+    #: its JobEnded report: result, start and end on the sidecar's clock
+    result: str = ""
+    t_run: float | None = None
+    t_end: float | None = None
+    #: how the sidecar's ``jobinfo`` lists it (empty: not listed)
+    listed: str = ""
+
+    @property
+    def started(self) -> bool:
+        """It ran: its process marked its start, or the sidecar reported it ended after it had started."""
+        return bool(self.starts) or (bool(self.result) and self.t_run is not None)
+
+    @property
+    def succeeded(self) -> bool:
+        """Its process got to its end line and exited 0 (reported succeeded)."""
+        return bool(self.ends) and self.result == "succeeded"
+
+    @property
+    def lost(self) -> bool:
+        """Reported lost, or started and never got to its end line."""
+        return self.result == "lost" or (bool(self.starts) and not self.ends)
+
+    @property
+    def began(self) -> float | None:
+        """When it started as its sidecar saw it: the report's start (recorded before the process is spawned,
+        so a sidecar killed at once still loses it), else its start line."""
+        if self.t_run is not None:
+            return self.t_run
+        return min(self.starts) if self.starts else None
+
+    @property
+    def stopped(self) -> float | None:
+        """When it stopped running as its sidecar saw it: the report's end (a lost attempt's is when the sidecar,
+        started again, declared it lost, though its process may have ended before), else its end line."""
+        if self.t_end is not None:
+            return self.t_end
+        return max(self.ends) if self.ends else None
+
+
+@dataclass
 class FaultOutcome:
-    """What became of one fault."""
+    """What one fault itself caused, and how the ensemble recovered from it."""
 
     kind: str
-    member: int | None
+    parts: list[str]
+    sidecars: list[int]
     #: seconds after the run's start
     at: float
     seconds: float
+    #: other faults that struck while it lasted or before it was recovered from (they share its figures' time)
+    overlapped_by: list[str]
     #: the affected members went on (metrics again) or had already ended
     recovered: bool
     #: members left out of a whole-stack fault's recovery because their sidecar was hung at the time
@@ -143,6 +229,19 @@ class FaultOutcome:
     to_metrics: float | None
     #: fault's end → the first decision applied after it, on an affected member
     to_applied: float | None
+    #: attempts running (as their sidecar saw it) at its start on the members it affected
+    running_attempts: int
+    #: attempts it lost: running on a sidecar it killed when it struck
+    lost_attempts: int
+    #: of those, attempts whose process still got to its end line (the sidecar was gone and reported it lost)
+    lost_ran_to_end: int
+    #: jobs that got another attempt because of it
+    jobs_retried: int
+    #: fault's end → the start of the last attempt that replaced one it lost
+    to_rerun: float | None
+    #: decisions applied a second time, and sizes out of bounds, within its window
+    duplicate_applies: int
+    out_of_bounds_sizes: int
 
 
 @dataclass
@@ -152,22 +251,48 @@ class RunOutcome:
     seed: int
     seconds: float
     completed: bool
-    jobs: int
-    submitted_once: bool
-    ran_exactly_once: int
-    lost_reported: int
-    lost_ran_once: int
-    ran_twice: int
-    never_ran: int
-    failed_otherwise: int
-    unknown_markers: int
-    duplicate_applies: int
-    out_of_bounds_sizes: int
-    deadletters: int
+    #: jobs the members' ledgers allocated (member, group, index)
+    jobs: int = 0
+    #: jobs that ended with exactly one successful attempt (its end line, and reported succeeded)
+    succeeded_exactly_once: int = 0
+    #: attempts that ran (started), of all jobs
+    attempts: int = 0
+    #: attempts reported lost, or started without getting to their end line
+    lost_attempts: int = 0
+    #: lost attempts whose process still got to its end line (its sidecar had been killed)
+    lost_ran_to_end: int = 0
+    failed_attempts: int = 0
+    #: jobs with more than one attempt
+    retried: int = 0
+    #: jobs no attempt of which ran
+    never_ran: int = 0
+    #: jobs with two or more successful attempts
+    ran_twice: int = 0
+    #: one attempt with two start lines (a sidecar ran an attempt twice)
+    attempts_started_twice: int = 0
+    duplicate_applies: int = 0
+    out_of_bounds_sizes: int = 0
+    deadletters: int = 0
+    #: replaced queues reported (InstanceChanged after the first)
+    instance_changes: int = 0
+    #: what the markers, the reports, the jobinfo and the ledgers disagree on (listed in ``problems``)
+    cross_check_mismatches: int = 0
+    #: the ledgers, summed over members: jobs by state, outstanding, extra_successes, attempts ended by result
+    ledger: dict[str, Any] = field(default_factory=dict)
     #: seconds from a decision stored to its ``Applied`` stored: p50 and max over the run's decisions
     apply_lag: dict[str, float | int | None] = field(default_factory=dict)
     faults: list[FaultOutcome] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def target_met(self) -> bool:
+        """Every job succeeded exactly once; nothing never ran or ran twice; no duplicate apply, no bad size."""
+        return (
+            self.completed
+            and self.jobs == MEMBERS * jobs_per_member()
+            and self.succeeded_exactly_once == self.jobs
+            and (self.never_ran, self.ran_twice, self.duplicate_applies, self.out_of_bounds_sizes) == (0, 0, 0, 0)
+        )
 
 
 def _port_open(port: int) -> bool:
@@ -250,6 +375,15 @@ class Run:
                 raise RuntimeError("nats-server did not start again on its port")
             await asyncio.sleep(0.02)
 
+    async def _restart(self, role: str) -> None:
+        """Start a killed part again: on the same port, store or state directory."""
+        if role == "nats-server":
+            await self._restart_nats()
+        elif role.startswith("sidecar-"):
+            await self._start_sidecar(int(role.removeprefix("sidecar-")))
+        else:
+            self._start_service(role)
+
     async def _start_nats(self) -> NatsAccess:
         """nats-server with the users `ensemble up` gives it (each service under production's permissions),
         and the harness's own unrestricted user: it reads every stream and bucket to count what happened."""
@@ -271,7 +405,7 @@ class Run:
         return NatsAccess(url, passwords)
 
     async def start(self) -> None:
-        """Start NATS, the sidecars and the services; return once the first decision is applied."""
+        """Start NATS, the sidecars and the services; return once the first job runs (so faults strike work)."""
         self.started = time.time()
         self.access = await self._start_nats()
         self.parts["nats-server"] = self.stack.parts[-1]
@@ -283,6 +417,7 @@ class Run:
             self._start_service(name)
         self.nc = await nats.connect(self._access.url_for(OBSERVER), max_reconnect_attempts=-1, reconnect_time_wait=0.2)
         await self._wait(self._applied_any, 30, "no decision was applied")
+        await self._wait(self._job_started, 30, "no job started")
 
     @property
     def _access(self) -> NatsAccess:
@@ -297,11 +432,14 @@ class Run:
             return False
         return bool(info.state.subjects)
 
+    async def _job_started(self) -> bool:
+        return any(marker.stat().st_size for marker in self.marks.iterdir())
+
     async def _phases(self) -> list[str]:
         assert self.nc is not None
         try:
             bucket = await self.nc.jetstream().key_value(subjects.MEMBERS_BUCKET)
-            phases = []
+            phases: list[str] = []
             for member in range(MEMBERS):
                 entry = await bucket.get(MemberAddress(NAMESPACE, NAME, member).key)
                 phases.append(msgspec.json.decode(entry.value or b"", type=MemberSpec).phase)
@@ -341,52 +479,76 @@ class Run:
     # -- faults ----------------------------------------------------------------------------------
 
     def plan(self) -> list[tuple[str, int | None, float]]:
-        """Every kind once in a seeded order, each after a seeded pause; the sidecar faults on distinct members."""
-        kinds = self.rng.sample(KINDS, len(KINDS))
+        """Every kind once in a seeded order, each after a seeded pause. The hang is in the first half: it
+        lasts longer than the rest of the plan, and drawn late it would strike a member whose work is done.
+        The whole stack is killed before the hang (a kill of the hung sidecar would end the hang before the
+        poller notices the silence). The single-sidecar faults strike distinct members; the actuator's
+        partner is a sidecar other than the one that hangs."""
+        kinds = self.rng.sample([kind for kind in KINDS if kind != "sidecar-hang"], len(KINDS) - 1)
+        hang = self.rng.randrange(len(KINDS) // 2)
+        kinds.insert(hang, "sidecar-hang")
+        if kinds.index("stack-kill") > hang:
+            kinds.remove("stack-kill")
+            kinds.insert(hang, "stack-kill")
         sidecar_kinds = ("sidecar-kill", "sidecar-hang", "sidecar-slow")
-        members = dict(zip(sidecar_kinds, self.rng.sample(range(MEMBERS), 3), strict=True))
-        return [(kind, members.get(kind), self.rng.uniform(1.0, 3.5)) for kind in kinds]
+        members: dict[str, int] = dict(zip(sidecar_kinds, self.rng.sample(range(MEMBERS), 3), strict=True))
+        members["actuator+sidecar-kill"] = self.rng.choice([m for m in range(MEMBERS) if m != members["sidecar-hang"]])
+        return [(kind, members.get(kind), self.rng.uniform(*PAUSE)) for kind in kinds]
 
-    async def _kill(self, role: str) -> None:
-        part = self.parts[role]
-        part.process.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(part.process.wait)
-        self.stack.parts.remove(part)
+    def _roles(self, kind: str, member: int | None) -> list[str]:
+        if KINDS[kind] == ("stack",):
+            return ["nats-server", *SERVICES, *(f"sidecar-{m}" for m in range(MEMBERS))]
+        return [f"sidecar-{member}" if part == "sidecar" else part for part in KINDS[kind]]
+
+    async def _kill(self, roles: list[str]) -> None:
+        """``kill -9`` these parts at once."""
+        parts = [self.parts[role] for role in roles]
+        for part in parts:
+            part.process.send_signal(signal.SIGKILL)
+        for part in parts:
+            await asyncio.to_thread(part.process.wait)
+            self.stack.parts.remove(part)
 
     async def inject(self, kind: str, member: int | None) -> Fault:
-        """Inject one fault; kills come back after a seeded downtime, hangs and slowness end in the background."""
+        """Inject one fault. Killed parts come back after a seeded downtime (each its own; the whole stack
+        one, then nats-server, the sidecars and the services in that order); hangs and slowness end in the
+        background."""
+        roles = self._roles(kind, member)
         start = time.time()
-        fault = Fault(kind, member, start, start)
+        sidecars = sorted(int(role.removeprefix("sidecar-")) for role in roles if role.startswith("sidecar-"))
+        fault = Fault(kind, roles, sidecars, start, start)
         if kind == "sidecar-hang":
-            assert member is not None
-            self.parts[f"sidecar-{member}"].process.send_signal(signal.SIGSTOP)
-            self.background.append(asyncio.create_task(self._resume(fault)))
+            process = self.parts[roles[0]].process
+            process.send_signal(signal.SIGSTOP)
+            self.background.append(asyncio.create_task(self._resume(fault, process)))
         elif kind == "sidecar-slow":
             (self.workdir / f"delay-{member}").write_text(str(SLOW_DELAY))
             self.background.append(asyncio.create_task(self._fast_again(fault)))
         else:
-            role = {"nats-kill": "nats-server", "sidecar-kill": f"sidecar-{member}"}.get(kind, kind.split("-")[0])
-            await self._kill(role)
-            await asyncio.sleep(self.rng.uniform(0.2, 1.5))
-            fault.end = time.time()
-            if kind == "nats-kill":
-                await self._restart_nats()
-            elif kind == "sidecar-kill":
-                assert member is not None
-                await self._start_sidecar(member)
+            await self._kill(roles)
+            if kind == "stack-kill":
+                await asyncio.sleep(self.rng.uniform(*DOWN))
+                for role in roles:
+                    fault.end = time.time()
+                    await self._restart(role)
             else:
-                self._start_service(role)
+                waited = 0.0
+                for down, role in sorted((self.rng.uniform(*DOWN), role) for role in roles):
+                    await asyncio.sleep(max(0.0, down - waited))
+                    waited = down
+                    fault.end = time.time()
+                    await self._restart(role)
         self.faults.append(fault)
         return fault
 
-    async def _resume(self, fault: Fault) -> None:
+    async def _resume(self, fault: Fault, process: subprocess.Popen[bytes]) -> None:
         await asyncio.sleep(HANG_SECONDS)
-        self.parts[f"sidecar-{fault.member}"].process.send_signal(signal.SIGCONT)
+        process.send_signal(signal.SIGCONT)
         fault.end = time.time()
 
     async def _fast_again(self, fault: Fault) -> None:
         await asyncio.sleep(SLOW_SECONDS)
-        (self.workdir / f"delay-{fault.member}").write_text("")
+        (self.workdir / f"delay-{fault.sidecars[0]}").write_text("")
 
     async def run(self, timeout: float) -> None:
         """Inject the planned faults, then wait for every member to terminate."""
@@ -418,76 +580,236 @@ class Run:
             await sub.unsubscribe()
         return found
 
+    def _marks(self, outcome: RunOutcome, attempts: dict[AttemptKey, Attempt]) -> None:
+        """Read every member's marker lines into ``attempts``."""
+        for member in range(MEMBERS):
+            marker = self.marks / f"ran-{member}"
+            for line in marker.read_text().splitlines() if marker.exists() else []:
+                what, *rest = line.split() or [""]
+                try:
+                    group, index, attempt, _job_id, at = rest
+                    key = (member, group, int(index), int(attempt))
+                    when = float(at)
+                except ValueError:
+                    what = ""
+                if what not in ("start", "end"):
+                    _mismatch(outcome, f"member {member}: unreadable marker line {line!r}")
+                    continue
+                seen = attempts.setdefault(key, Attempt())
+                (seen.starts if what == "start" else seen.ends).append(when)
+
+    async def _reports(self, outcome: RunOutcome, attempts: dict[AttemptKey, Attempt]) -> None:
+        """Read every attempt's end reported on ``ENSEMBLE_JOBS`` into ``attempts``; count replaced queues."""
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        for member, reports in (await results.read_reports(js, NAMESPACE, NAME)).items():
+            for report in reports:
+                seen = attempts.setdefault((member, report.group, report.index, report.attempt), Attempt())
+                if seen.result:
+                    _mismatch(outcome, f"member {member}: {_name(report)} reported twice ({seen.result}, "
+                                       f"{report.result})")  # fmt: skip
+                seen.result, seen.t_run, seen.t_end = report.result, report.t_run, report.t_end
+        decoder = msgspec.json.Decoder(JobReport)
+        for stored in await self._stored(subjects.JOBS_STREAM, subjects.ALL_JOBS):
+            changed = decoder.decode(stored.data)
+            outcome.instance_changes += isinstance(changed, InstanceChanged) and bool(changed.previous)
+
+    async def _listed(self, outcome: RunOutcome, attempts: dict[AttemptKey, Attempt]) -> None:
+        """Read every sidecar's ``jobinfo`` into ``attempts``."""
+        for member in range(MEMBERS):
+            async with SidecarClient(f"127.0.0.1:{self.sidecar_ports[member]}", self.token) as client:
+                jobs = await client.action("jobinfo", {}, list[JobInfo])
+            for job in jobs:
+                seen = attempts.setdefault((member, job.group, job.index, job.attempt), Attempt())
+                if seen.listed:
+                    _mismatch(outcome, f"member {member}: {job.group}[{job.index}] attempt {job.attempt} is "
+                                       "queued twice on its sidecar")  # fmt: skip
+                seen.listed = job.result or job.state
+
+    async def _ledgers(self, outcome: RunOutcome) -> dict[Job, int]:
+        """The jobs the members' ledgers allocated, each with its ledger's current attempt; check the ledgers."""
+        assert self.nc is not None
+        bucket = await self.nc.jetstream().key_value(subjects.JOBS_BUCKET)
+        allocated: dict[Job, int] = {}
+        totals: Counter[str] = Counter()
+        ended: Counter[str] = Counter()
+        for member in range(MEMBERS):
+            record = await results.read_ledger(bucket, MemberAddress(NAMESPACE, NAME, member))
+            if record is None:
+                _mismatch(outcome, f"member {member}: no job ledger")
+                continue
+            counts = ledger.counts(record)
+            totals.update(counts)
+            totals["outstanding"] += record.outstanding
+            totals["extra_successes"] += record.extra_successes
+            ended.update(record.ended)
+            jobs = sum(counts.values())
+            if jobs != jobs_per_member():
+                _mismatch(outcome, f"member {member}: its ledger holds {jobs} jobs, {jobs_per_member()} were submitted")
+            if counts["succeeded"] != jobs or record.outstanding or record.extra_successes:
+                _mismatch(outcome, f"member {member}: ledger {counts}, outstanding {record.outstanding}, "
+                                   f"extra_successes {record.extra_successes}")  # fmt: skip
+            for name, group in record.groups.items():
+                for i, attempt in enumerate(group.attempts):
+                    allocated[(member, name, i)] = attempt
+        outcome.ledger = {**{k: totals[k] for k in (*ledger.STATE_NAMES.values(), "outstanding", "extra_successes")},
+                          "attempts_ended": dict(sorted(ended.items()))}  # fmt: skip
+        return allocated
+
     async def outcome(self, completed: bool) -> RunOutcome:
-        """Count what happened, from the streams, the sidecars and the marker files."""
+        """Count what happened, from the marker lines, the job reports, the ledgers, the sidecars and the streams."""
         metrics = [(s.at, msgspec.json.decode(s.data, type=Metrics)) for s in await self._stored(
             subjects.METRICS_STREAM, subjects.ALL_METRICS)]  # fmt: skip
         applied = [(s.at, msgspec.json.decode(s.data, type=Applied)) for s in await self._stored(
             subjects.EVENTS_STREAM, subjects.ALL_APPLIED)]  # fmt: skip
         decisions = [(s.at, msgspec.json.decode(s.data, type=Decision)) for s in await self._stored(
             subjects.DECISIONS_STREAM, subjects.ALL_DECISIONS)]  # fmt: skip
-        deadletters = len(await self._stored(subjects.EVENTS_STREAM, subjects.ALL_DEADLETTER))
-        expected = jobs_per_member()
-        outcome = RunOutcome(
-            seed=self.seed, seconds=round(time.time() - self.started, 1), completed=completed, jobs=0,
-            submitted_once=True, ran_exactly_once=0, lost_reported=0, lost_ran_once=0, ran_twice=0, never_ran=0,
-            failed_otherwise=0, unknown_markers=0, duplicate_applies=0, out_of_bounds_sizes=0, deadletters=deadletters,
-        )  # fmt: skip
-        for member in range(MEMBERS):
-            async with SidecarClient(f"127.0.0.1:{self.sidecar_ports[member]}", self.token) as client:
-                jobs = await client.action("jobinfo", {}, list[JobInfo])
-            marker = self.marks / f"ran-{member}"
-            ran = Counter(int(line) for line in (marker.read_text().split() if marker.exists() else []))
-            self._count_jobs(outcome, member, jobs, ran, expected)
+        outcome = RunOutcome(seed=self.seed, seconds=round(time.time() - self.started, 1), completed=completed)
+        outcome.deadletters = len(await self._stored(subjects.EVENTS_STREAM, subjects.ALL_DEADLETTER))
+        attempts: dict[AttemptKey, Attempt] = {}
+        self._marks(outcome, attempts)
+        await self._reports(outcome, attempts)
+        await self._listed(outcome, attempts)
+        allocated = await self._ledgers(outcome)
+        _count_jobs(outcome, attempts, allocated)
 
-        ok_applies = Counter(a.decision for _, a in applied if a.ok)
-        outcome.duplicate_applies = sum(n - 1 for n in ok_applies.values() if n > 1)
+        # a decision applied twice: the time of each apply after its first
+        applies: dict[str, list[float]] = {}
+        for at, a in applied:
+            if a.ok:
+                applies.setdefault(a.decision, []).append(at)
+        again = [at for ats in applies.values() for at in ats[1:]]
+        outcome.duplicate_applies = len(again)
         # after a member is terminated its size is 0: checks from the terminate decision on are exempt
         ended = {d.member: at for at, d in decisions if d.action == "terminate"}
-        sizes = [m.size for at, m in metrics if at < ended.get(m.member, float("inf"))]
-        sizes += [a.size_after for _, a in applied if a.ok and a.action == "scale" and a.size_after is not None]
-        outcome.out_of_bounds_sizes = sum(1 for size in sizes if not MIN_SIZE <= size <= MAX_SIZE)
+        sizes = [(at, m.size) for at, m in metrics if at < ended.get(m.member, float("inf"))]
+        sizes += [(at, a.size_after) for at, a in applied if a.ok and a.action == "scale" and a.size_after is not None]
+        bad_sizes = [at for at, size in sizes if not MIN_SIZE <= size <= MAX_SIZE]
+        outcome.out_of_bounds_sizes = len(bad_sizes)
         first_applied: dict[str, float] = {}
         for at, a in applied:
             first_applied.setdefault(a.decision, at)
         outcome.apply_lag = _spread([first_applied[d.id] - at for at, d in decisions if d.id in first_applied])
         terminated_at = {a.member: at for at, a in applied if a.ok and a.action == "terminate"}
+        caused = _attribute_losses(outcome, self.faults, attempts)
         for fault in self.faults:
             hung = sorted(
-                f.member
+                f.sidecars[0]
                 for f in self.faults
-                if f.kind == "sidecar-hang" and f.member is not None and f is not fault and f.start <= fault.end < f.end
+                if f.kind == "sidecar-hang" and f is not fault and f.start <= fault.end < f.end
             )
-            outcome.faults.append(_fault_outcome(fault, self.started, hung, metrics, applied, terminated_at))
+            row = _fault_outcome(fault, self.started, hung, metrics, applied, terminated_at)
+            until = fault.end + (row.to_metrics or 0.0)
+            row.overlapped_by = [
+                f.kind for f in self.faults if f is not fault and f.start <= until and f.end >= fault.start
+            ]
+            _fault_jobs(row, fault, attempts, caused.get(id(fault), []))
+            window = (fault.start, fault.end + float(SERVICE_ENV["ENSEMBLE_ACK_WAIT"]) + WINDOW_MARGIN)
+            row.duplicate_applies = sum(window[0] <= at <= window[1] for at in again)
+            row.out_of_bounds_sizes = sum(window[0] <= at <= window[1] for at in bad_sizes)
+            outcome.faults.append(row)
         return outcome
 
-    def _count_jobs(
-        self, outcome: RunOutcome, member: int, jobs: list[JobInfo], ran: Counter[int], expected: int
-    ) -> None:
-        outcome.jobs += len(jobs)
-        if len(jobs) != expected or len({job.id for job in jobs}) != expected:
-            outcome.submitted_once = False
-            outcome.problems.append(f"member {member}: the sidecar holds {len(jobs)} jobs, {expected} were submitted")
-        ids = {job.id for job in jobs}
-        outcome.unknown_markers += sum(n for job_id, n in ran.items() if job_id not in ids)
-        for job in jobs:
-            runs = ran[job.id]
-            if job.output == LOST:
-                outcome.lost_reported += 1
-                outcome.lost_ran_once += runs == 1
-                outcome.ran_twice += runs > 1
-                continue
-            if runs == 1:
-                outcome.ran_exactly_once += 1
-            elif runs > 1:
-                outcome.ran_twice += 1
-                outcome.problems.append(f"member {member}: job {job.id} ran {runs} times")
-            else:
-                outcome.never_ran += 1
-                outcome.problems.append(f"member {member}: job {job.id} never ran ({job.state})")
-            if job.success is not True and runs == 1:
-                outcome.failed_otherwise += 1
-                outcome.problems.append(f"member {member}: job {job.id} failed: {job.output[-200:]!r}")
+
+def _name(report: JobEnded) -> str:
+    return f"{report.group}[{report.index}] attempt {report.attempt}"
+
+
+def _mismatch(outcome: RunOutcome, problem: str) -> None:
+    outcome.cross_check_mismatches += 1
+    outcome.problems.append(problem)
+
+
+def _count_jobs(outcome: RunOutcome, attempts: dict[AttemptKey, Attempt], allocated: dict[Job, int]) -> None:
+    """Count the run's jobs and attempts, and cross-check each attempt's marker lines, report and listing."""
+    by_job: dict[Job, dict[int, Attempt]] = {job: {} for job in allocated}
+    for (member, group, index, number), seen in sorted(attempts.items()):
+        where = f"member {member}: {group}[{index}] attempt {number}"
+        if (member, group, index) not in by_job:
+            _mismatch(outcome, f"{where}: a job its ledger never allocated")
+            continue
+        by_job[(member, group, index)][number] = seen
+        if len(seen.starts) > 1:
+            outcome.attempts_started_twice += 1
+            _mismatch(outcome, f"{where}: started {len(seen.starts)} times")
+        if seen.result == "succeeded" and not seen.ends:
+            _mismatch(outcome, f"{where}: reported succeeded without its end line")
+        if seen.ends and seen.result not in ("succeeded", "lost"):
+            _mismatch(outcome, f"{where}: got to its end line but was reported {seen.result or 'nothing'}")
+        if seen.started and not seen.result:
+            _mismatch(outcome, f"{where}: ran but its end was never reported")
+        if seen.result and seen.listed != seen.result:
+            _mismatch(outcome, f"{where}: reported {seen.result}, its sidecar lists it {seen.listed or 'not at all'}")
+        if seen.listed in ledger.STATE_NAMES.values() and not seen.result:
+            _mismatch(outcome, f"{where}: its sidecar lists it {seen.listed}, no report says so")
+    outcome.jobs = len(by_job)
+    for (member, group, index), tries in by_job.items():
+        ran = [seen for seen in tries.values() if seen.started]
+        successes = [number for number, seen in tries.items() if seen.succeeded]
+        outcome.attempts += len(ran)
+        outcome.lost_attempts += sum(seen.lost for seen in ran)
+        outcome.lost_ran_to_end += sum(seen.lost and bool(seen.ends) for seen in ran)
+        outcome.failed_attempts += sum(seen.result == "failed" for seen in ran)
+        outcome.retried += max([*tries, allocated[(member, group, index)]]) > 1
+        where = f"member {member}: {group}[{index}]"
+        if not ran:
+            outcome.never_ran += 1
+            outcome.problems.append(f"{where} never ran")
+        elif len(successes) == 1:
+            outcome.succeeded_exactly_once += 1
+        elif successes:
+            outcome.ran_twice += 1
+            outcome.problems.append(f"{where} succeeded {len(successes)} times (attempts {successes})")
+        else:
+            outcome.problems.append(f"{where} never succeeded: {[(n, s.result) for n, s in sorted(tries.items())]}")
+
+
+def _attribute_losses(
+    outcome: RunOutcome, faults: list[Fault], attempts: dict[AttemptKey, Attempt]
+) -> dict[int, list[AttemptKey]]:
+    """Each lost attempt, by the fault that killed its sidecar while it ran (keyed by the fault's ``id``)."""
+    caused: dict[int, list[AttemptKey]] = {}
+    for key, seen in sorted(attempts.items()):
+        if not (seen.started and seen.lost):
+            continue
+        began, stopped = seen.began, seen.stopped
+        killers = [
+            f
+            for f in faults
+            if key[0] in f.sidecars and f.kind != "sidecar-hang" and f.kind != "sidecar-slow"
+            and began is not None and began <= f.start and (stopped is None or f.start <= stopped)
+        ]  # fmt: skip
+        if killers:
+            caused.setdefault(id(min(killers, key=lambda f: f.start)), []).append(key)
+        else:
+            _mismatch(outcome, f"member {key[0]}: {key[1]}[{key[2]}] attempt {key[3]} was lost to no fault")
+    return caused
+
+
+def _fault_jobs(row: FaultOutcome, fault: Fault, attempts: dict[AttemptKey, Attempt], lost: list[AttemptKey]) -> None:
+    """The attempts one fault struck, lost and had run again."""
+    members = fault.sidecars or list(range(MEMBERS))
+    row.running_attempts = sum(
+        1
+        for (member, *_), seen in attempts.items()
+        if member in members and seen.began is not None and seen.began <= fault.start
+        and (seen.stopped is None or seen.stopped > fault.start)
+    )  # fmt: skip
+    row.lost_attempts = len(lost)
+    row.lost_ran_to_end = sum(bool(attempts[key].ends) for key in lost)
+    reruns: list[float] = []
+    retried: set[Job] = set()
+    for member, group, index, number in lost:
+        later = [
+            began
+            for (m, g, i, n), seen in attempts.items()
+            if (m, g, i) == (member, group, index) and n > number and (began := seen.began) is not None
+        ]
+        if later:
+            retried.add((member, group, index))
+            reruns.append(min(later) - fault.end)
+    row.jobs_retried = len(retried)
+    row.to_rerun = round(max(reruns), 2) if reruns else None
 
 
 def _fault_outcome(
@@ -498,10 +820,11 @@ def _fault_outcome(
     applied: list[tuple[float, Applied]],
     terminated_at: dict[int, float],
 ) -> FaultOutcome:
-    """Recovery of one fault. A whole-stack fault's next metrics leave out members hung meanwhile: their
-    metrics wait for the hang (and the poller's backoff after it), which the hang's own outcome measures."""
-    if fault.member is not None:
-        members, hung = [fault.member], []
+    """Recovery of one fault. A fault of sidecars only is measured on their members; one that struck a
+    service or nats-server on every member but those hung meanwhile: their metrics wait for the hang (and
+    the poller's backoff after it), which the hang's own outcome measures."""
+    if all(part.startswith("sidecar-") for part in fault.parts):
+        members, hung = fault.sidecars, []
     else:
         members = [m for m in range(MEMBERS) if m not in hung]
     running = [m for m in members if terminated_at.get(m, float("inf")) > fault.end]
@@ -514,13 +837,22 @@ def _fault_outcome(
     applies = [at for at, a in applied if a.member in members and at > fault.end]
     return FaultOutcome(
         kind=fault.kind,
-        member=fault.member,
+        parts=fault.parts,
+        sidecars=fault.sidecars,
         at=round(fault.start - started, 1),
         seconds=round(fault.end - fault.start, 2),
+        overlapped_by=[],
         recovered=recovered,
         hung_members=hung,
         to_metrics=None if to_metrics is None else round(to_metrics, 2),
         to_applied=round(min(applies) - fault.end, 2) if applies and running else None,
+        running_attempts=0,
+        lost_attempts=0,
+        lost_ran_to_end=0,
+        jobs_retried=0,
+        to_rerun=None,
+        duplicate_applies=0,
+        out_of_bounds_sizes=0,
     )
 
 
@@ -532,50 +864,101 @@ def _spread(values: list[float]) -> dict[str, float | int | None]:
     }
 
 
+#: The figures of a run that :func:`report` sums over the runs.
+TOTALS = (
+    "jobs", "succeeded_exactly_once", "attempts", "lost_attempts", "lost_ran_to_end", "failed_attempts", "retried",
+    "never_ran", "ran_twice", "attempts_started_twice", "duplicate_applies", "out_of_bounds_sizes", "deadletters",
+    "instance_changes", "cross_check_mismatches",
+)  # fmt: skip
+
+
 def report(runs: list[RunOutcome], wall_seconds: float) -> dict[str, Any]:
     """The counted outcomes as ``bench/results/chaos.json`` holds them."""
     kinds: dict[str, Any] = {}
     for kind in KINDS:
-        faults = [(run, f) for run in runs for f in run.faults if f.kind == kind]
-        in_runs = {run.seed: run for run, _ in faults}.values()
+        faults = [f for run in runs for f in run.faults if f.kind == kind]
         kinds[kind] = {
+            "parts": list(KINDS[kind]),
             "injected": len(faults),
-            "recovered": sum(f.recovered for _, f in faults),
-            "fault_seconds": _spread([f.seconds for _, f in faults]),
-            "recovery_to_next_metrics_s": _spread([f.to_metrics for _, f in faults if f.to_metrics is not None]),
-            "recovery_to_next_applied_s": _spread([f.to_applied for _, f in faults if f.to_applied is not None]),
-            "runs_completed": sum(run.completed for run in in_runs),
-            "jobs_run_exactly_once": sum(run.ran_exactly_once for run in in_runs),
-            "lost_jobs_reported": sum(run.lost_reported for run in in_runs),
-            "duplicate_applies": sum(run.duplicate_applies for run in in_runs),
-            "out_of_bounds_sizes": sum(run.out_of_bounds_sizes for run in in_runs),
+            "recovered": sum(f.recovered for f in faults),
+            "fault_seconds": _spread([f.seconds for f in faults]),
+            "recovery_to_next_metrics_s": _spread([f.to_metrics for f in faults if f.to_metrics is not None]),
+            "recovery_to_next_applied_s": _spread([f.to_applied for f in faults if f.to_applied is not None]),
+            "running_attempts": sum(f.running_attempts for f in faults),
+            "lost_attempts": sum(f.lost_attempts for f in faults),
+            "lost_ran_to_end": sum(f.lost_ran_to_end for f in faults),
+            "jobs_retried": sum(f.jobs_retried for f in faults),
+            "lost_to_rerun_s": _spread([f.to_rerun for f in faults if f.to_rerun is not None]),
+            "duplicate_applies_in_window": sum(f.duplicate_applies for f in faults),
+            "out_of_bounds_sizes_in_window": sum(f.out_of_bounds_sizes for f in faults),
         }
+    by_kind = Counter(f.kind for run in runs for f in run.faults)
     return {
         "suite": "tests/test_chaos.py",
         "what": "one real ensemble per seed (3 members, checkSeconds 1, local stack), every fault kind injected "
-        "once per run at seeded moments; outcomes counted from the NATS streams, the sidecars' jobinfo and "
-        "each job's marker line",
+        "once per run at seeded moments; outcomes counted by job identity (member, group, index, attempt) from "
+        "each attempt's start and end marker lines, cross-checked with the job reports on ENSEMBLE_JOBS, the "
+        "members' job ledgers (ensemble-jobs) and the sidecars' jobinfo",
+        "runs": len(runs),
+        "seeds": [run.seed for run in runs],
         "wall_seconds": round(wall_seconds, 1),
+        "faults_injected": {"total": sum(by_kind.values()), "by_kind": {kind: by_kind[kind] for kind in KINDS}},
+        "target": "in every run: succeeded_exactly_once == jobs; never_ran, ran_twice, duplicate_applies, "
+        "out_of_bounds_sizes all 0",
+        "target_met": {str(run.seed): run.target_met for run in runs},
+        "totals": {name: sum(getattr(run, name) for run in runs) for name in TOTALS},
         "settings": {
             "members": MEMBERS,
             "jobs_per_member": jobs_per_member(),
+            "jobs": [{"group": g, "count": c, "nodes": n, "seconds": s} for g, c, n, s in JOBS],
             "size": [MIN_SIZE, MAX_SIZE],
+            "retries": 0,
+            "lostRetries": 3,
+            "faults_begin": "once the first job has started",
+            "order": "seeded; the hang in the first half of the plan (it outlasts the rest), the whole-stack kill "
+            "before the hang (killing the hung sidecar would end it)",
+            "pause_between_faults_seconds": list(PAUSE),
+            "down_seconds": list(DOWN),
             "hang_seconds": HANG_SECONDS,
             "slow_delay_seconds": SLOW_DELAY,
             "slow_seconds": SLOW_SECONDS,
+            "window_margin_seconds": WINDOW_MARGIN,
             **SERVICE_ENV,
         },
+        "how_counted": {
+            "attempt_succeeded": "its process wrote its end line (after its sleep) and its report says succeeded",
+            "succeeded_exactly_once": "jobs with exactly one successful attempt",
+            "ran_twice": "jobs with two or more successful attempts",
+            "never_ran": "jobs no attempt of which started",
+            "attempts": "attempts that started (a start line, or a report of an attempt that had started)",
+            "lost_attempts": "attempts reported lost, or with a start line and no end line",
+            "lost_ran_to_end": "lost attempts whose process still wrote its end line: its sidecar was killed "
+            "(or hung, then killed) and the job process outlived it, or ended unseen (the sidecar started again "
+            "reports it lost, it is run again)",
+            "retried": "jobs with more than one attempt",
+            "cross_check_mismatches": "disagreements between an attempt's marker lines, its report, its sidecar's "
+            "jobinfo and the ledger (every job succeeded, outstanding 0, extra_successes 0)",
+            "a_fault's_running_attempts": "attempts running on the members it struck (every member for a fault "
+            "of a service or nats-server) at its start, as their sidecar saw them: started before it, their end "
+            "reported after it",
+            "a_fault's_lost_attempts": "lost attempts running on a sidecar the fault killed when it struck; its "
+            "jobs_retried: their jobs that got another attempt; lost_to_rerun: "
+            "fault's end → the start of the last of those attempts",
+            "a_fault's_window": "from its start to its end + ENSEMBLE_ACK_WAIT + window_margin_seconds: "
+            "duplicate applies and out-of-bounds sizes stored then are counted in its row",
+        },
         "recovery_is_measured": {
-            "from": "the fault's end: a killed part started again (after 0.2-1.5 s down), a hung sidecar "
-            "resumed (SIGCONT), a slow sidecar's slowness began",
-            "to_next_metrics": "the first metrics stored after it, of every affected member still running "
-            "(the slowest of them); a whole-stack fault leaves out members whose sidecar was hung at its end "
-            "(listed in hung_members)",
+            "from": "the fault's end: the last killed part started again (each after its own 0.2-1.5 s down; "
+            "the whole stack after one such downtime, nats-server first, then the sidecars, then the services), "
+            "a hung sidecar resumed (SIGCONT), a slow sidecar's slowness began",
+            "to_next_metrics": "the first metrics stored after it, of every affected member still running (the "
+            "slowest of them): a fault of sidecars only affects their members, any other fault every member but "
+            "those whose sidecar was hung at its end (listed in hung_members)",
             "to_next_applied": "the first decision applied after it on an affected member; it includes the time "
             "the algorithm had nothing to decide",
         },
         "faults": kinds,
-        "runs": [msgspec.to_builtins(run) for run in runs],
+        "per_run": [{**msgspec.to_builtins(run), "target_met": run.target_met} for run in runs],
         "covered_elsewhere": {
             "kubernetes-api-409-500-bursts": "tests/test_kubernetes.py::test_bursts_of_409_and_500_from_the_api_"
             "are_retried_and_the_decision_is_applied_once (kmock's emulator over real HTTP)",
@@ -589,3 +972,122 @@ def write_report(path: Path, runs: list[RunOutcome], wall_seconds: float) -> Non
     """Write :func:`report` as indented JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report(runs, wall_seconds), indent=2) + "\n")
+
+
+#: The heading of the fault suite's section of ``docs/benchmarks.md`` (``bench/algorithms.py`` keeps it).
+SECTION = "## Fault suite"
+
+
+def _p50_max(spread: dict[str, Any]) -> str:
+    return "–" if not spread["n"] else f"{spread['p50']} / {spread['max']}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The fault suite's section of ``docs/benchmarks.md``, from a :func:`report`."""
+    settings = report["settings"]
+    jobs = ", ".join(f"{j['count']} × {j['nodes']} node(s) {j['seconds']} s" for j in settings["jobs"])
+    kinds = report["faults_injected"]["by_kind"]
+    met = report["target_met"]
+    pause = settings["pause_between_faults_seconds"]
+    lines = [
+        f"{SECTION} (`tests/test_chaos.py`)",
+        "",
+        "Produced by `.venv/bin/python -m tests.chaos` from `bench/results/chaos.json`, which "
+        "`ENSEMBLE_CHAOS_REPORT=bench/results/chaos.json .venv/bin/pytest tests/test_chaos.py` writes. "
+        "Do not edit by hand.",
+        "",
+        f"{report['runs']} runs (seeds {', '.join(map(str, report['seeds']))}), "
+        f"{report['faults_injected']['total']} faults injected: each of the {len(kinds)} kinds once per run, from the "
+        f"first job's start on, in a seeded order (the hang in the first half, the whole-stack kill before it), "
+        f"{pause[0]}–{pause[1]} s apart; {report['wall_seconds']} s "
+        "wall for the suite. Each run is one real ensemble on the local stack: "
+        f"{settings['members']} members of {settings['jobs_per_member']} jobs ({jobs}), sizes "
+        f"{settings['size'][0]}–{settings['size'][1]}, `retries` {settings['retries']}, `lostRetries` "
+        f"{settings['lostRetries']}. Killed parts stay down {settings['down_seconds'][0]}–"
+        f"{settings['down_seconds'][1]} s each and start again on the same port, store or state directory; a hung "
+        f"sidecar is stopped {settings['hang_seconds']} s, a slow one answers {settings['slow_delay_seconds']} s late "
+        f"for {settings['slow_seconds']} s.",
+        "",
+        f"Target, {report['target']}. Met in {sum(met.values())} of {len(met)} runs.",
+        "",
+        "Jobs are counted by identity (member, group, index, attempt): each attempt writes a start line before it "
+        "sleeps and an end line after; an attempt *succeeded* when it wrote its end line and its report says "
+        "succeeded. The marker lines, the job reports (`ENSEMBLE_JOBS`), the sidecars' `jobinfo` and the ledgers "
+        "(`ensemble-jobs`: every job succeeded, nothing outstanding, no extra success) are cross-checked.",
+        "",
+        "| seed | s | completed | jobs | succeeded exactly once | attempts | lost attempts (ran to end) | retried | "
+        "never ran | ran twice | duplicate applies | out-of-bounds sizes | cross-check mismatches | target |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in report["per_run"]:
+        lines.append(
+            f"| {run['seed']} | {run['seconds']} | {'yes' if run['completed'] else 'no'} | {run['jobs']} | "
+            f"{run['succeeded_exactly_once']} | {run['attempts']} | {run['lost_attempts']} "
+            f"({run['lost_ran_to_end']}) | {run['retried']} | {run['never_ran']} | {run['ran_twice']} | "
+            f"{run['duplicate_applies']} | {run['out_of_bounds_sizes']} | {run['cross_check_mismatches']} | "
+            f"{'met' if run['target_met'] else 'missed'} |"
+        )
+    lines += [
+        "",
+        "By kind, each figure the sum (or the p50 / max) of the faults' own: the attempts running on the members "
+        "a fault struck (as their sidecar saw them), the attempts it lost (running on a sidecar it killed), the "
+        "jobs run again because of it, and seconds from its end to the next metrics, to the next decision "
+        "applied (that includes time the algorithm had nothing to decide) and to the start of the last attempt "
+        "replacing one it lost.",
+        "",
+        "| fault | injected | recovered | fault s p50 / max | → metrics s | → applied s | attempts running | "
+        "lost (ran to end) | jobs retried | lost → rerun s | duplicate applies in window |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind, row in report["faults"].items():
+        lines.append(
+            f"| {kind} | {row['injected']} | {row['recovered']} | {_p50_max(row['fault_seconds'])} | "
+            f"{_p50_max(row['recovery_to_next_metrics_s'])} | {_p50_max(row['recovery_to_next_applied_s'])} | "
+            f"{row['running_attempts']} | {row['lost_attempts']} ({row['lost_ran_to_end']}) | {row['jobs_retried']} | "
+            f"{_p50_max(row['lost_to_rerun_s'])} | {row['duplicate_applies_in_window']} |"
+        )
+    lines += [
+        "",
+        "Every fault (`overlapped by`: other faults that struck while it lasted or before its members' next metrics).",
+        "",
+        "| seed | at s | fault | sidecars | s | running | lost | retried | → metrics s | → applied s | → rerun s | "
+        "overlapped by |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in report["per_run"]:
+        for f in run["faults"]:
+            cells = [run["seed"], f["at"], f["kind"], ", ".join(map(str, f["sidecars"])), f["seconds"],
+                     f["running_attempts"], f["lost_attempts"], f["jobs_retried"], f["to_metrics"], f["to_applied"],
+                     f["to_rerun"], ", ".join(f["overlapped_by"])]  # fmt: skip
+            lines.append("| " + " | ".join("–" if cell in (None, "") else str(cell) for cell in cells) + " |")
+    lines += [
+        "",
+        "A sidecar killed with `kill -9` leaves its job processes running (they are in their own sessions); the "
+        "sidecar started again reports each attempt that was running lost and kills what is left of it (unless "
+        "it died before it recorded the process's pid), and the ledger runs the job again. An attempt that got "
+        "to its end line before that is among *ran to end*: its exit was never seen, so it does not count as a "
+        "success, and the job's command ran to its end twice.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(doc: Path, report: dict[str, Any]) -> None:
+    """Replace (or add) the fault suite's section of ``doc``: from its heading to the end of the page."""
+    text = doc.read_text() if doc.exists() else ""
+    head = text.split(f"\n{SECTION}", 1)[0].rstrip("\n")
+    doc.write_text(f"{head}\n\n{markdown(report)}" if head else markdown(report))
+
+
+def main() -> int:
+    """``python -m tests.chaos [REPORT [DOC]]``: write the section of DOC from REPORT."""
+    repo = Path(__file__).resolve().parent.parent
+    args = sys.argv[1:]
+    source = Path(args[0]) if args else repo / "bench/results/chaos.json"
+    doc = Path(args[1]) if len(args) > 1 else repo / "docs/benchmarks.md"
+    write_section(doc, json.loads(source.read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
