@@ -15,7 +15,9 @@ sidecar drains the ranks above its size and undrains them to grow, so a shrink n
 the members never share a rank. Node-seconds are then the seconds ranks were available to the member.
 
 Exit codes: 0 every job succeeded; 1 some job failed; 2 the Ensemble file is invalid; 3 the run
-could not complete (a part died, or ``--timeout`` passed).
+could not complete (a part died or did not start, or ``--timeout`` passed). The run's directory (logs,
+journals, state) is removed only after a run that succeeded without ``--logs``; after any other run it
+is kept and named, with the summary of what was done.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -73,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--logs",
         help="keep the logs and state of every part in this directory, replacing a previous run's "
-        "(default: a temporary directory, removed at the end)",
+        "(default: a temporary directory, removed after a run that succeeded, kept and named after any other)",
     )
     parser.add_argument("--quiet", action="store_true", help="no live view; print only the summary")
     parser.add_argument(
@@ -102,6 +103,19 @@ def _die_with_parent() -> None:
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class PartFailed(RuntimeError):
+    """A part of the stack did not start; the message says which and quotes its output."""
+
+
+def _tail(log: Path, limit: int = 2000) -> str:
+    """The end of a part's stdout log and of its stderr (``.err``) beside it: where a part says why it stopped."""
+    text = ""
+    for path in (log, log.with_suffix(".err")):
+        with contextlib.suppress(OSError):
+            text += path.read_text(errors="replace")[-limit:]
+    return text
 
 
 @dataclass
@@ -163,7 +177,7 @@ async def _first_line(part: Part, timeout: float) -> str:
         if part.process.poll() is not None:
             break
         await asyncio.sleep(0.05)
-    raise RuntimeError(f"{part.name} did not start: see {part.log}\n{part.log.read_text(errors='replace')[-2000:]}")
+    raise PartFailed(f"{part.name} did not start: see {part.log}\n{_tail(part.log)}")
 
 
 def nats_command(store: Path, ports: Path, port: int = -1, config: Path | None = None) -> list[str]:
@@ -234,7 +248,7 @@ async def start_nats(stack: Stack) -> NatsAccess:
         if url is not None:
             return NatsAccess(url, passwords)
         await asyncio.sleep(0.05)
-    raise RuntimeError(f"nats-server did not start: see {part.log}")
+    raise PartFailed(f"nats-server did not start: see {part.log}\n{_tail(part.log)}")
 
 
 @dataclass
@@ -432,20 +446,18 @@ def summary(monitor: Monitor, jobs: dict[int, list[JobInfo]], console: Console, 
     return EXIT_JOBS_FAILED if failed_total else EXIT_OK
 
 
-@contextlib.contextmanager
-def _workdir(keep: str | None) -> Iterator[Path]:
-    if keep:
-        path = Path(keep)
-        path.mkdir(parents=True, exist_ok=True)
-        # a run's state must never leak into the next one (a sidecar would replay the old journal)
-        path.chmod(0o700)  # credentials and the server's port live here: this user's only
-        for old in (path / "jetstream", path / "ports", *path.glob("sidecar-*/")):
-            if old.is_dir():
-                shutil.rmtree(old)
-        yield path
-    else:
-        with tempfile.TemporaryDirectory(prefix="ensemble-up-") as tmp:
-            yield Path(tmp)
+def _workdir(keep: str | None) -> Path:
+    """The run's directory: ``keep`` (``--logs``) cleared of a previous run's state, else a new temporary one."""
+    if not keep:
+        return Path(tempfile.mkdtemp(prefix="ensemble-up-"))
+    path = Path(keep)
+    path.mkdir(parents=True, exist_ok=True)
+    # a run's state must never leak into the next one (a sidecar would replay the old journal)
+    path.chmod(0o700)  # credentials and the server's port live here: this user's only
+    for old in (path / "jetstream", path / "ports", *path.glob("sidecar-*/")):
+        if old.is_dir():
+            shutil.rmtree(old)
+    return path
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -459,12 +471,23 @@ async def run(args: argparse.Namespace) -> int:
             console.print(f"  {error}", markup=False)
         return EXIT_INVALID
     token = secrets.token_urlsafe(32)
-    with _workdir(args.logs) as workdir:
+    workdir = _workdir(args.logs)
+    code = EXIT_INCOMPLETE  # until the run says otherwise (an exception or Ctrl-C keeps the directory)
+    try:
         stack = Stack(workdir)
         try:
-            return await _run_stack(args, ensemble, stack, token, console)
+            code = await _run_stack(args, ensemble, stack, token, console)
+        except PartFailed as exc:
+            console.print(f"[red]{exc}[/red]", highlight=False)
         finally:
             await stack.stop()
+    finally:
+        if code == EXIT_OK and not args.logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif code != EXIT_OK:
+            # named after everything has stopped: the directory is complete and nothing writes to it any more
+            console.print(f"logs and state of this run kept in {workdir}", highlight=False, soft_wrap=True)
+    return code
 
 
 class FluxPlanError(Exception):
@@ -574,6 +597,7 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
             if not args.quiet and console.is_terminal
             else contextlib.nullcontext()
         )
+        incomplete = False
         with view as live:
             printed = 0
             while not monitor.done():
@@ -586,14 +610,14 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
                     printed = len(monitor.log)
                 dead = stack.died()
                 if dead is not None:
-                    tail = dead.log.read_text(errors="replace")[-2000:]
-                    tail += dead.log.with_suffix(".err").read_text(errors="replace")[-2000:]
                     console.print(f"[red]{dead.name} exited with code {dead.process.returncode}[/red]; its log:")
-                    console.print(tail, markup=False, highlight=False)
-                    return EXIT_INCOMPLETE
+                    console.print(_tail(dead.log), markup=False, highlight=False)
+                    incomplete = True
+                    break
                 if deadline is not None and time.monotonic() > deadline:
-                    console.print(f"[red]gave up after {args.timeout:.0f}s[/red]; logs in {stack.workdir}")
-                    return EXIT_INCOMPLETE
+                    console.print(f"[red]gave up after {args.timeout:g}s[/red]")
+                    incomplete = True
+                    break
             if live is not None:
                 live.update(monitor.render())
             elif not args.quiet:
@@ -602,7 +626,24 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
         await nc.flush()
     finally:
         await nc.drain()
-    jobs = await collect_jobs(endpoints, ensemble_token(token, ensemble.namespace, ensemble.name))
+    member_token = ensemble_token(token, ensemble.namespace, ensemble.name)
+    if incomplete:
+        # what there is: the jobs of every sidecar that still answers
+        jobs = await _jobs_so_far(endpoints, member_token)
+        summary(monitor, jobs, console, available=args.backend == "flux")
+        console.print(f"stopped after {time.time() - monitor.started:.1f}s, before the ensemble completed")
+        return EXIT_INCOMPLETE
+    jobs = await collect_jobs(endpoints, member_token)
     code = summary(monitor, jobs, console, available=args.backend == "flux")
     console.print(f"finished in {time.time() - monitor.started:.1f}s", highlight=False)
     return code
+
+
+async def _jobs_so_far(endpoints: dict[int, str], token: str) -> dict[int, list[JobInfo]]:
+    """The job records of each member whose sidecar still answers (a dead or stuck one is left out)."""
+    jobs: dict[int, list[JobInfo]] = {}
+    for index, endpoint in endpoints.items():
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(STOP_TIMEOUT):
+                jobs.update(await collect_jobs({index: endpoint}, token))
+    return jobs

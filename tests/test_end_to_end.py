@@ -4,6 +4,8 @@ jobs as real subprocesses. Also `ensemble up` as a user runs it."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,17 +133,30 @@ async def test_ensemble_runs_end_to_end_through_all_services(nc: Client, setting
     assert events[0] == "ready" and "terminated" in events
 
 
-def run_up(path: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_up(path: Path, *extra: str, timeout: float = 120, tmp: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``ensemble up`` as a user runs it; with ``tmp``, its temporary run directory is made there (TMPDIR)."""
+    env = {**os.environ, "TMPDIR": str(tmp)} if tmp is not None else None
     return subprocess.run(
         [*CLI, "up", str(path), "--timeout", "90", *extra],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True, text=True, timeout=timeout, check=False, env=env,
     )  # fmt: skip
 
 
-def test_ensemble_up_runs_the_example_to_completion() -> None:
+def kept_directory(stdout: str) -> Path:
+    """The run directory ``ensemble up`` says it kept; it must exist."""
+    found = re.search(r"logs and state of this run kept in (\S+)", stdout)
+    assert found is not None, stdout
+    path = Path(found[1])
+    assert path.is_dir(), f"{path} was named but is gone"
+    return path
+
+
+def test_ensemble_up_runs_the_example_to_completion(tmp_path: Path) -> None:
     started = time.monotonic()
-    result = run_up(REPO / "examples/hello-world.yaml")
+    result = run_up(REPO / "examples/hello-world.yaml", tmp=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == [], "a run that succeeded without --logs leaves nothing behind"
+    assert "kept in" not in result.stdout
     assert "summary" in result.stdout
     assert "scaled 1 → " in result.stdout and "→ 1" in result.stdout
     assert "terminated" in result.stdout
@@ -161,10 +176,39 @@ def test_ensemble_up_exits_non_zero_and_names_a_failed_job(tmp_path: Path) -> No
     document["spec"]["members"][0]["algorithm"]["options"]["terminateChecks"] = 2  # type: ignore[index]
     path = tmp_path / "failing.yaml"
     path.write_text(yaml.safe_dump(document))
-    result = run_up(path, "--quiet")
+    (tmp_path / "tmp").mkdir()
+    result = run_up(path, "--quiet", tmp=tmp_path / "tmp")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "(broken) failed" in result.stdout and "disk full" in result.stdout
     assert "(missing) failed" in result.stdout
+    # a run that did not succeed keeps its directory, for the logs of the job that failed
+    kept = kept_directory(result.stdout)
+    assert kept.parent == tmp_path / "tmp" and (kept / "sidecar-0" / "journal.jsonl").exists()
+
+
+def test_ensemble_up_that_times_out_keeps_its_directory_and_prints_what_it_has(tmp_path: Path) -> None:
+    result = run_up(REPO / "examples/hello-world.yaml", "--quiet", "--timeout", "5", tmp=tmp_path)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "gave up after 5s" in result.stdout
+    assert "summary" in result.stdout and "before the ensemble completed" in result.stdout
+    kept = kept_directory(result.stdout)
+    assert kept.parent == tmp_path
+    assert "Traceback" not in result.stdout + result.stderr
+    for name in ("nats-server", "sidecar-0", "creator", "poller", "decider", "actuator"):
+        assert (kept / f"{name}.log").exists(), name
+
+
+def test_ensemble_up_names_a_part_that_did_not_start_with_its_message_and_keeps_the_logs(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "sidecar-0").write_text("a file where the sidecar's state directory goes\n")
+    result = run_up(REPO / "examples/hello-world.yaml", "--quiet", "--logs", str(logs), timeout=60)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "sidecar-0 did not start" in result.stdout
+    assert "--state-dir" in result.stdout  # the sidecar's own reason, from its stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert kept_directory(result.stdout) == logs
+    assert (logs / "sidecar-0.err").exists()
 
 
 def test_ensemble_up_refuses_a_bad_spec_with_the_field_path(tmp_path: Path) -> None:
