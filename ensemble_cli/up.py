@@ -47,7 +47,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ensemble_core import natsauth
+from ensemble_core import flags, natsauth
 from ensemble_core.messages import Applied, Decision, MemberEvent, Metrics, decode
 from ensemble_core.sidecar_client import SidecarClient
 from ensemble_core.spec import Ensemble, Member, SpecError, load
@@ -63,14 +63,18 @@ STOP_TIMEOUT = 10.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ensemble up``."""
     parser.add_argument("file", help="the Ensemble file (same format as the Kubernetes resource)")
-    parser.add_argument("--cores", type=int, default=1, help="cores per virtual node of the local queue (default 1)")
+    parser.add_argument(
+        "--cores", type=flags.integer(1), default=1, help="cores per virtual node of the local queue (default 1)"
+    )
     parser.add_argument(
         "--provision-delay",
-        type=float,
+        type=flags.seconds(),
         default=2.0,
         help="seconds a new virtual node takes to come up, like a cloud node (default 2)",
     )
-    parser.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (default: never)")
+    parser.add_argument(
+        "--timeout", type=flags.seconds(), default=0, help="give up after this many seconds (default 0: never)"
+    )
     parser.add_argument(
         "--logs",
         help="keep the logs and state of every part in this directory, replacing a previous run's "

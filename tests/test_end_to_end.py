@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import pytest
 import yaml
 from nats.aio.client import Client
 
@@ -219,6 +220,30 @@ def test_ensemble_up_refuses_a_bad_spec_with_the_field_path(tmp_path: Path) -> N
     result = run_up(path, timeout=30)
     assert result.returncode == 2
     assert "spec.members[0].jobs[0].nodes: 12 exceeds maxSize 4" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--cores", "0", "argument --cores: must be an integer >= 1, got 0"),
+        ("--cores", "many", "argument --cores: must be an integer >= 1, got 'many'"),
+        ("--provision-delay", "-1", "argument --provision-delay: must be a number of seconds >= 0, got -1"),
+        ("--provision-delay", "nan", "argument --provision-delay: must be a number of seconds >= 0, got nan"),
+        ("--timeout", "-5", "argument --timeout: must be a number of seconds >= 0, got -5"),
+        ("--timeout", "inf", "argument --timeout: must be a number of seconds >= 0, got inf"),
+    ],
+)
+def test_ensemble_up_refuses_a_bad_flag_before_starting_anything(
+    tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    started = time.monotonic()
+    result = run_up(REPO / "examples/hello-world.yaml", f"{flag}={value}", timeout=30, tmp=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr  # 1 would say a job failed
+    assert f"ensemble up: error: {message}" in result.stderr
+    assert result.stderr.startswith("usage: ensemble up")
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # refused before any part or directory was made
+    assert time.monotonic() - started < 10
 
 
 def _children(pid: int) -> set[int]:
