@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from ensemble_core import algorithms
+from ensemble_core.commands import command_argv
 from ensemble_core.messages import DEFAULT_ALGORITHM, AlgorithmSpec, JobSpec, MemberSpec
 
 API_VERSION = "ensemble.flux-framework.org/v1alpha1"
@@ -386,6 +387,18 @@ def _jobs(check: _Checker, value: object, path: str, max_size: int | None) -> tu
     return tuple(jobs)
 
 
+def _commands(check: _Checker, value: object, path: str) -> None:
+    """Report each job command no backend could run: one with a quote left open (see ``ensemble_core.commands``)."""
+    for i, raw in enumerate(value if isinstance(value, list) else []):
+        command = raw.get("command") if isinstance(raw, dict) else None
+        if not isinstance(command, str):
+            continue
+        try:
+            command_argv(command)
+        except ValueError as exc:
+            check.error(f"{path}[{i}].command", f"cannot be split into arguments: {exc}")
+
+
 def _member(check: _Checker, raw: object, path: str, index: int, default_algorithm: AlgorithmSpec) -> Member | None:
     data = check.mapping(raw, path, _MEMBER_KEYS)
     if not data:
@@ -412,6 +425,7 @@ def _member(check: _Checker, raw: object, path: str, index: int, default_algorit
         check.error(f"{mc_path}.maxSize", f"{max_size} is below size {size}; minSize <= size <= maxSize")
     # without a minicluster the sizes are defaults: measuring the jobs against them would only add noise
     jobs = _jobs(check, data.get("jobs"), f"{path}.jobs", max_size if given else None)
+    _commands(check, data.get("jobs"), f"{path}.jobs")
     own = _algorithm(check, data.get("algorithm"), f"{path}.algorithm")
     algorithm = own or default_algorithm
     if own is not None:

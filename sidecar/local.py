@@ -1,6 +1,8 @@
 """The ``local`` backend: the queue model of :mod:`sidecar.queue` running each job as a real subprocess.
 
-Every job runs ``shlex.split(command)`` (no shell) in ``workdir`` when set, in its own session, so
+Every job runs :func:`~ensemble_core.commands.command_argv` of its command (through ``/bin/sh -c``
+when it uses shell syntax, else its words without a shell, the rule the flux backend follows too) in
+``workdir`` when set, in its own session, so
 the whole process group is killed when the job times out, when it exits leaving children behind, or
 when the backend closes: no job process outlives the backend. stdout and stderr are merged and the
 last ``output_limit`` bytes are kept per job. ``tasks`` is recorded but not used: a job is one
@@ -20,7 +22,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import shlex
 import signal
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from typing import TypeAlias
 
 import msgspec
 
+from ensemble_core.commands import command_argv
 from ensemble_core.messages import JobSpec
 from ensemble_core.wire import (
     JobInfo,
@@ -281,11 +283,11 @@ class LocalBackend(Listeners):
     async def submit(self, payload: SubmitPayload) -> SubmitResult:
         """Queue the jobs and start what fits; idempotent on ``payload.key``.
 
-        Raises :class:`QueueError` naming the field (e.g. a command ``shlex`` cannot split).
+        Raises :class:`QueueError` naming the field (e.g. a command with a quote left open).
         """
         for i, spec in enumerate(payload.jobs):
             try:
-                shlex.split(spec.command)
+                command_argv(spec.command)
             except ValueError as exc:
                 raise QueueError(f"jobs[{i}].command: cannot be split into arguments: {exc}") from None
         now = self._clock()
@@ -547,7 +549,7 @@ class LocalBackend(Listeners):
         env["FLUX_JOB_NNODES"] = str(job.nodes)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *shlex.split(job.command),
+                *command_argv(job.command),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,

@@ -101,6 +101,37 @@ async def test_real_jobs_succeed_fail_time_out_or_do_not_exist(tmp_path: Path) -
     assert snapshot["nodes"]["node_free_count"] == 2
 
 
+async def test_a_command_with_shell_syntax_runs_through_sh_and_a_plain_one_without(tmp_path: Path) -> None:
+    jobs = [
+        job("redirect", "echo one > out.txt && echo two >> out.txt; echo job $FLUX_JOB_ID", workdir=str(tmp_path)),
+        job("glob", "ls *.txt | wc -l", workdir=str(tmp_path)),
+        job("plain", "echo '$HOME && > not.txt'", workdir=str(tmp_path)),
+    ]
+    async with sidecar() as (_, stub):
+        await act(stub, "submit", {"jobs": jobs[:1]})
+
+        async def done(count: int) -> list[dict[str, Any]] | None:
+            _, infos = await act(stub, "jobinfo")
+            return infos if len(infos) == count and all(i["state"] == "inactive" for i in infos) else None
+
+        await eventually(lambda: done(1))
+        await act(stub, "submit", {"jobs": jobs[1:]})
+        infos = {info["group"]: info for info in await eventually(lambda: done(3))}
+    assert (tmp_path / "out.txt").read_text() == "one\ntwo\n"
+    assert infos["redirect"]["output"] == f"job {infos['redirect']['id']}\n" and infos["redirect"]["success"]
+    assert infos["redirect"]["command"] == jobs[0]["command"]  # as given, not as run
+    assert infos["glob"]["output"].strip() == "1"
+    # no shell: the words are passed as they are, nothing expanded or redirected
+    assert infos["plain"]["output"] == "$HOME && > not.txt\n" and not (tmp_path / "not.txt").exists()
+
+
+async def test_a_command_with_a_quote_left_open_is_refused_naming_the_job() -> None:
+    async with sidecar() as (_, stub):
+        code, result = await act(stub, "submit", {"jobs": [job("ok", "true"), job("open", "echo 'oops && ls")]})
+    assert code == pb.Response.ERROR
+    assert result["error"].startswith("jobs[1].command: cannot be split into arguments: a ' quote is never closed")
+
+
 async def test_token_is_required_and_checked() -> None:
     async with sidecar() as (running, stub):
         for metadata in [(), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)]:

@@ -353,3 +353,13 @@ def test_the_schema_comes_from_the_package_not_from_the_shared_reference(tmp_pat
     assert not (tmp_path / "shared").exists()
     assert result.stdout.startswith(str(tmp_path / "repo" / "ensemble_core" / "spec.py"))
     assert "minicluster.spec.maxsize: unknown field; did you mean maxSize?" in result.stdout
+
+
+def test_a_command_with_a_quote_left_open_is_refused_at_validate_time_with_the_fix() -> None:
+    def change(d: dict[str, Any]) -> None:
+        d["spec"]["members"][0]["jobs"][1]["command"] = "lmp -in 'in file"
+
+    assert errors_of(change) == [
+        "spec.members[0].jobs[1].command: cannot be split into arguments: a ' quote is never closed; "
+        "close it, or escape it as \\'"
+    ]
