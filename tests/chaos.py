@@ -75,7 +75,8 @@ def ensemble_document(marks: Path) -> dict[str, Any]:
     """Three members like ``examples/hello-world.yaml``, longer, each job marking its execution."""
 
     def jobs(member: int) -> list[dict[str, Any]]:
-        mark = f"echo $FLUX_JOB_ID >> {marks}/ran-{member}"
+        # from the first task only: a job is a task per node, as on Flux
+        mark = f"test $FLUX_TASK_RANK != 0 || echo $FLUX_JOB_ID >> {marks}/ran-{member}"
         return [
             {"name": "wide", "command": f"sh -c '{mark}; sleep 3'", "count": 3, "nodes": 3},
             {"name": "pair", "command": f"sh -c '{mark}; sleep 2'", "count": 4, "nodes": 2},

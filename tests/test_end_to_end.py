@@ -31,10 +31,11 @@ CLI = [sys.executable, "-m", "ensemble_cli"]
 
 
 def hello_world(marks: Path) -> dict[str, object]:
-    """The example ensemble, with each job also appending a line to a file of its group."""
+    """The example ensemble, with each job also appending a line to a file of its group (from its first task:
+    a job is a task per node, as on Flux)."""
     document = yaml.safe_load((REPO / "examples/hello-world.yaml").read_text())
     for job in document["spec"]["members"][0]["jobs"]:
-        job["command"] = f"sh -c 'echo ran >> {marks}/{job['name']}; sleep 1'"
+        job["command"] = f"sh -c 'test $FLUX_TASK_RANK != 0 || echo ran >> {marks}/{job['name']}; sleep 1'"
     return document
 
 
