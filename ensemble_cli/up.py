@@ -50,7 +50,7 @@ from rich.text import Text
 from ensemble_core import flags, natsauth
 from ensemble_core.messages import Applied, Decision, MemberEvent, Metrics, decode
 from ensemble_core.sidecar_client import SidecarClient
-from ensemble_core.spec import Ensemble, Member, SpecError, load
+from ensemble_core.spec import Ensemble, Member, SpecError, load, warnings
 from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import JobInfo
 
@@ -474,6 +474,8 @@ async def run(args: argparse.Namespace) -> int:
         for error in exc.errors:
             console.print(f"  {error}", markup=False)
         return EXIT_INVALID
+    for warning in warnings(ensemble):
+        console.print(Text.assemble(("warning: ", "yellow"), warning), soft_wrap=True)
     token = secrets.token_urlsafe(32)
     workdir = _workdir(args.logs)
     code = EXIT_INCOMPLETE  # until the run says otherwise (an exception or Ctrl-C keeps the directory)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ensemble_core.spec import SpecError, load
+from ensemble_core.spec import SpecError, load, warnings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,15 +13,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print ``FILE: valid`` or each error as ``FILE: <path>: <problem>``; exit 1 if any file is invalid."""
+    """Print ``FILE: valid`` or each error as ``FILE: <path>: <problem>``; exit 1 if any file is invalid.
+
+    A valid file's warnings (:func:`ensemble_core.spec.warnings`) come first, as ``FILE: warning: <path>:
+    <problem>``; they do not make it invalid.
+    """
     invalid = 0
     for path in args.files:
         try:
-            load(path)
+            ensemble = load(path)
         except SpecError as exc:
             invalid += 1
             for error in exc.errors:
                 print(f"{path}: {error}")
         else:
+            for warning in warnings(ensemble):
+                print(f"{path}: warning: {warning}")
             print(f"{path}: valid")
     return 1 if invalid else 0

@@ -514,3 +514,19 @@ def load(path: str | Path, namespace: str = "default") -> Ensemble:
     if ensemble is None:
         raise SpecError(errors)
     return ensemble
+
+
+def warnings(ensemble: Ensemble) -> list[str]:
+    """What a valid Ensemble says that is likely not meant, as ``<path>: <problem>``: a member with no job to
+    run (an empty ``jobs`` list, or every group at ``count: 0``) starts, has nothing to do and terminates, and
+    the run then "succeeds" having done nothing."""
+    found: list[str] = []
+    for member in ensemble.members:
+        if any(job.count for job in member.jobs):
+            continue
+        what = "the list is empty" if not member.jobs else "every job group has count 0"
+        found.append(
+            f"spec.members[{member.index}].jobs: {what}, so this member runs nothing (it starts and terminates); "
+            "add a job group or raise a count"
+        )
+    return found

@@ -188,6 +188,20 @@ def test_ensemble_up_exits_non_zero_and_names_a_failed_job(tmp_path: Path) -> No
     assert kept.parent == tmp_path / "tmp" and (kept / "sidecar-0" / "journal.jsonl").exists()
 
 
+def test_ensemble_up_warns_of_a_member_with_nothing_to_run(tmp_path: Path) -> None:
+    document = hello_world(tmp_path)
+    document["spec"]["members"][0]["jobs"] = [{"name": "none", "command": "true", "count": 0}]  # type: ignore[index]
+    document["spec"]["members"][0]["algorithm"]["options"]["terminateChecks"] = 2  # type: ignore[index]
+    path = tmp_path / "idle.yaml"
+    path.write_text(yaml.safe_dump(document))
+    result = run_up(path, "--quiet", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr  # nothing failed: a warning, not an error
+    assert result.stdout.startswith(
+        "warning: spec.members[0].jobs: every job group has count 0, so this member runs nothing"
+    )
+    assert "summary" in result.stdout
+
+
 def test_ensemble_up_that_times_out_keeps_its_directory_and_prints_what_it_has(tmp_path: Path) -> None:
     result = run_up(REPO / "examples/hello-world.yaml", "--quiet", "--timeout", "5", tmp=tmp_path)
     assert result.returncode == 3, result.stdout + result.stderr

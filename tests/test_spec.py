@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ensemble_core.spec import SpecError, load, validate
+from ensemble_core.spec import SpecError, load, validate, warnings
 from tests.conftest import REPO, SHARED
 
 VALID: dict[str, Any] = {
@@ -363,3 +363,41 @@ def test_a_command_with_a_quote_left_open_is_refused_at_validate_time_with_the_f
         "spec.members[0].jobs[1].command: cannot be split into arguments: a ' quote is never closed; "
         "close it, or escape it as \\'"
     ]
+
+
+@pytest.mark.parametrize(
+    ("jobs", "what"),
+    [([], "the list is empty"), ([{"name": "a", "command": "true", "count": 0}], "every job group has count 0")],
+)
+def test_validate_warns_of_a_member_with_nothing_to_run_and_still_calls_it_valid(
+    tmp_path: Path, jobs: list[dict[str, Any]], what: str
+) -> None:
+    document = copy.deepcopy(VALID)
+    document["spec"]["members"].append(copy.deepcopy(document["spec"]["members"][0]))
+    document["spec"]["members"][1]["jobs"] = jobs
+    path = tmp_path / "idle.yaml"
+    path.write_text(yaml.safe_dump(document))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**document, "kind": "Pod"}))
+    result = subprocess.run(
+        [sys.executable, "-m", "ensemble_cli", "validate", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr  # a warning, not an error
+    assert result.stdout.splitlines() == [
+        f"{path}: warning: spec.members[1].jobs: {what}, so this member runs nothing (it starts and terminates); "
+        "add a job group or raise a count",
+        f"{path}: valid",
+    ]
+    # an invalid file beside it still fails the command
+    both = subprocess.run(
+        [sys.executable, "-m", "ensemble_cli", "validate", str(path), str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert both.returncode == 1 and f"{bad}: kind: expected 'Ensemble'" in both.stdout
+
+
+def test_a_member_with_jobs_to_run_gives_no_warning() -> None:
+    ensemble, errors = validate(copy.deepcopy(VALID))
+    assert ensemble is not None and errors == [] and warnings(ensemble) == []
