@@ -48,7 +48,10 @@ _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "spec", "status"}
 _SPEC_KEYS = {"members", "algorithm", "checkSeconds"}
 _MEMBER_KEYS = {"minicluster", "jobs", "algorithm", "sidecar"}
-_MINICLUSTER_KEYS = {"metadata", "spec"}
+#: ``apiVersion`` and ``kind`` are taken (the original embedded a whole MiniCluster), but only naming the
+#: MiniCluster the creator makes
+_MINICLUSTER_KEYS = {"metadata", "spec", "apiVersion", "kind"}
+_MINICLUSTER_TYPE = {"apiVersion": "flux-framework.org/v1alpha2", "kind": "MiniCluster"}
 #: Kubernetes' ObjectMeta fields: what ``metadata`` may hold (``kubectl get -o yaml`` prints them all).
 _OBJECT_META_KEYS = {
     "name", "namespace", "labels", "annotations", "uid", "resourceVersion", "generation",
@@ -408,6 +411,13 @@ def _member(check: _Checker, raw: object, path: str, index: int, default_algorit
     if not given:
         check.error(f"{path}.minicluster", "required; give minicluster.spec.size at least")
     minicluster = check.mapping(data.get("minicluster"), f"{path}.minicluster", _MINICLUSTER_KEYS)
+    for key, expected in _MINICLUSTER_TYPE.items():
+        if minicluster.get(key, expected) != expected:
+            check.error(
+                f"{path}.minicluster.{key}",
+                f"must be {expected!r} (the MiniCluster the creator makes), got {minicluster[key]!r}; "
+                "set it so or remove it",
+            )
     _minicluster_metadata(check, minicluster.get("metadata"), f"{path}.minicluster.metadata")
     mc_path = f"{path}.minicluster.spec"
     if isinstance(data.get("minicluster"), dict) and minicluster.get("spec") is None:

@@ -401,3 +401,14 @@ def test_validate_warns_of_a_member_with_nothing_to_run_and_still_calls_it_valid
 def test_a_member_with_jobs_to_run_gives_no_warning() -> None:
     ensemble, errors = validate(copy.deepcopy(VALID))
     assert ensemble is not None and errors == [] and warnings(ensemble) == []
+
+
+def test_a_minicluster_may_name_its_type_as_the_original_embedded_it_but_only_the_one_made() -> None:
+    document = copy.deepcopy(VALID)
+    document["spec"]["members"][0]["minicluster"].update(apiVersion="flux-framework.org/v1alpha2", kind="MiniCluster")
+    assert validate(document)[1] == []
+    document["spec"]["members"][0]["minicluster"]["apiVersion"] = "flux-framework.org/v1alpha1"
+    assert validate(document)[1] == [
+        "spec.members[0].minicluster.apiVersion: must be 'flux-framework.org/v1alpha2' (the MiniCluster the "
+        "creator makes), got 'flux-framework.org/v1alpha1'; set it so or remove it"
+    ]
