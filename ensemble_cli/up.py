@@ -477,19 +477,23 @@ async def run(args: argparse.Namespace) -> int:
     for warning in warnings(ensemble):
         console.print(Text.assemble(("warning: ", "yellow"), warning), soft_wrap=True)
     token = secrets.token_urlsafe(32)
-    workdir = _workdir(args.logs)
+    try:
+        workdir = _workdir(args.logs)
+    except OSError as exc:
+        console.print(Text(f"--logs {args.logs}: cannot use it: {exc.strerror}; name a directory you can write", "red"))
+        return EXIT_INVALID
     code = EXIT_INCOMPLETE  # until the run says otherwise (an exception or Ctrl-C keeps the directory)
     try:
         stack = Stack(workdir)
         try:
             code = await _run_stack(args, ensemble, stack, token, console)
         except PartFailed as exc:
-            console.print(f"[red]{exc}[/red]", highlight=False)
+            console.print(Text(str(exc), "red"))
         finally:
             await stack.stop()
     finally:
-        if code == EXIT_OK and not args.logs:
-            shutil.rmtree(workdir, ignore_errors=True)
+        if not args.logs and (code == EXIT_OK or not any(workdir.iterdir())):
+            shutil.rmtree(workdir, ignore_errors=True)  # succeeded, or stopped before anything was written
         elif code != EXIT_OK:
             # named after everything has stopped: the directory is complete and nothing writes to it any more
             console.print(f"logs and state of this run kept in {workdir}", highlight=False, soft_wrap=True)

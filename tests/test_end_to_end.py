@@ -188,6 +188,19 @@ def test_ensemble_up_exits_non_zero_and_names_a_failed_job(tmp_path: Path) -> No
     assert kept.parent == tmp_path / "tmp" and (kept / "sidecar-0" / "journal.jsonl").exists()
 
 
+def test_ensemble_up_that_cannot_start_says_why_and_leaves_no_empty_directory(tmp_path: Path) -> None:
+    unusable = run_up(REPO / "examples/hello-world.yaml", "--logs", "/proc/no-such-dir", timeout=30, tmp=tmp_path)
+    assert unusable.returncode == 2 and "--logs /proc/no-such-dir: cannot use it" in unusable.stdout
+    env = {key: value for key, value in os.environ.items() if key != "FLUX_URI"}
+    no_flux = subprocess.run(
+        [*CLI, "up", str(REPO / "examples/hello-world.yaml"), "--backend", "flux"],
+        capture_output=True, text=True, timeout=30, check=False, env={**env, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert no_flux.returncode == 3 and "FLUX_URI is not set" in no_flux.stdout
+    assert "Traceback" not in unusable.stderr + no_flux.stderr and "kept in" not in no_flux.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ensemble_up_warns_of_a_member_with_nothing_to_run(tmp_path: Path) -> None:
     document = hello_world(tmp_path)
     document["spec"]["members"][0]["jobs"] = [{"name": "none", "command": "true", "count": 0}]  # type: ignore[index]
