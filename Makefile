@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXAMPLE ?= examples/hello-world.yaml
 
-.PHONY: setup up test tools lint typecheck stubs check-stubs pytest clean
+.PHONY: setup up test tools lint typecheck stubs check-stubs schema pytest clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ check-stubs: setup
 	diff -r -x __init__.py -x __pycache__ .stubs-check/ensemble_core/rpc ensemble_core/rpc \
 	  || (echo "generated gRPC stubs are stale: run 'make stubs' and commit the result" && exit 1)
 	rm -rf .stubs-check
+
+# The MiniCluster spec schema that validation reads, vendored from the Flux Operator's CRD (tests check it is fresh)
+schema: setup
+	$(BIN)/python tools/minicluster_schema.py
 
 pytest: setup
 	tools="$$(.ci/install-kubectl)" && PATH="$${tools:+$$tools:}$$PATH" $(BIN)/pytest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ensemble_cli.simulation import DEFAULT_DELAY, SimulationConfig, SimulationResult, simulate
-from ensemble_core import algorithms
+from ensemble_core import algorithms, flags
 from ensemble_core.messages import encode
 from ensemble_core.spec import SpecError, load
 from sidecar.sim import TraceError, load_trace
@@ -44,12 +45,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--default-duration",
-        type=float,
+        type=flags.seconds(),
         default=60.0,
         help="without --trace, a job runs for its `duration`; one without takes this many seconds (default 60)",
     )
-    parser.add_argument("--check-seconds", type=float, help="seconds between checks (default: the file's, else 10)")
-    parser.add_argument("--cooldown", type=float, default=0.0, help="the actuator's seconds between two scale changes")
+    parser.add_argument(
+        "--check-seconds",
+        type=flags.seconds(positive=True),
+        help="seconds between checks (default: the file's, else 10)",
+    )
+    parser.add_argument(
+        "--cooldown",
+        type=flags.seconds(),
+        default=0.0,
+        help="the actuator's seconds between two scale changes (default 0)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--plot", metavar="PNG", help="draw size, nodes up, jobs waiting and running over time")
@@ -68,13 +78,13 @@ def parse_options(pairs: list[str]) -> dict[str, str | int | float | bool]:
 
 
 def parse_delay(text: str) -> float | list[float]:
-    """``--delay``: one number or a comma-separated list of numbers, each >= 0."""
+    """``--delay``: one number or a comma-separated list of numbers, each finite and >= 0."""
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError as exc:
         raise ValueError(f"--delay {text!r}: expected a number of seconds or a list like 30,100,150") from exc
-    if not values or any(v < 0 for v in values):
-        raise ValueError(f"--delay {text!r}: give one or more numbers of seconds, each >= 0")
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        raise ValueError(f"--delay {text!r}: give one or more numbers of seconds, each finite and >= 0")
     return values[0] if len(values) == 1 else values
 
 
@@ -92,10 +102,6 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("\n".join(f"--option {problem}" for problem in problems))
         elif options:
             raise ValueError("--option needs --algorithm (the file's algorithms keep the file's options)")
-        if args.default_duration < 0:
-            raise ValueError(f"--default-duration {args.default_duration}: must be >= 0")
-        if args.check_seconds is not None and args.check_seconds <= 0:
-            raise ValueError(f"--check-seconds {args.check_seconds}: must be > 0")
     except SpecError as exc:
         for error in exc.errors:
             print(f"{args.file}: {error}", file=sys.stderr)

@@ -15,7 +15,9 @@ sidecar drains the ranks above its size and undrains them to grow, so a shrink n
 the members never share a rank. Node-seconds are then the seconds ranks were available to the member.
 
 Exit codes: 0 every job succeeded; 1 some job failed; 2 the Ensemble file is invalid; 3 the run
-could not complete (a part died, or ``--timeout`` passed).
+could not complete (a part died or did not start, or ``--timeout`` passed). The run's directory (logs,
+journals, state) is removed only after a run that succeeded without ``--logs``; after any other run it
+is kept and named, with the summary of what was done.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -48,9 +49,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ensemble_cli import results
-from ensemble_core import natsauth, subjects
+from ensemble_core import flags, natsauth, subjects
 from ensemble_core.messages import Applied, Decision, MemberEvent, Metrics, decode
-from ensemble_core.spec import Ensemble, Member, SpecError, load
+from ensemble_core.spec import Ensemble, Member, SpecError, load, warnings
 from ensemble_core.tokens import ensemble_token
 
 EXIT_OK, EXIT_JOBS_FAILED, EXIT_INVALID, EXIT_INCOMPLETE = 0, 1, 2, 3
@@ -62,18 +63,22 @@ STOP_TIMEOUT = 10.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ensemble up``."""
     parser.add_argument("file", help="the Ensemble file (same format as the Kubernetes resource)")
-    parser.add_argument("--cores", type=int, default=1, help="cores per virtual node of the local queue (default 1)")
+    parser.add_argument(
+        "--cores", type=flags.integer(1), default=1, help="cores per virtual node of the local queue (default 1)"
+    )
     parser.add_argument(
         "--provision-delay",
-        type=float,
+        type=flags.seconds(),
         default=2.0,
         help="seconds a new virtual node takes to come up, like a cloud node (default 2)",
     )
-    parser.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (default: never)")
+    parser.add_argument(
+        "--timeout", type=flags.seconds(), default=0, help="give up after this many seconds (default 0: never)"
+    )
     parser.add_argument(
         "--logs",
         help="keep the logs and state of every part in this directory, replacing a previous run's "
-        "(default: a temporary directory, removed at the end)",
+        "(default: a temporary directory, removed after a run that succeeded, kept and named after any other)",
     )
     parser.add_argument(
         "--results",
@@ -109,6 +114,19 @@ def _die_with_parent() -> None:
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class PartFailed(RuntimeError):
+    """A part of the stack did not start; the message says which and quotes its output."""
+
+
+def _tail(log: Path, limit: int = 2000) -> str:
+    """The end of a part's stdout log and of its stderr (``.err``) beside it: where a part says why it stopped."""
+    text = ""
+    for path in (log, log.with_suffix(".err")):
+        with contextlib.suppress(OSError):
+            text += path.read_text(errors="replace")[-limit:]
+    return text
 
 
 @dataclass
@@ -170,7 +188,7 @@ async def _first_line(part: Part, timeout: float) -> str:
         if part.process.poll() is not None:
             break
         await asyncio.sleep(0.05)
-    raise RuntimeError(f"{part.name} did not start: see {part.log}\n{part.log.read_text(errors='replace')[-2000:]}")
+    raise PartFailed(f"{part.name} did not start: see {part.log}\n{_tail(part.log)}")
 
 
 def nats_command(store: Path, ports: Path, port: int = -1, config: Path | None = None) -> list[str]:
@@ -245,7 +263,7 @@ async def start_nats(stack: Stack) -> NatsAccess:
         if url is not None:
             return NatsAccess(url, passwords)
         await asyncio.sleep(0.05)
-    raise RuntimeError(f"nats-server did not start: see {part.log}")
+    raise PartFailed(f"nats-server did not start: see {part.log}\n{_tail(part.log)}")
 
 
 @dataclass
@@ -486,20 +504,18 @@ def summary(
     return (EXIT_JOBS_FAILED if failures else EXIT_OK), figures
 
 
-@contextlib.contextmanager
-def _workdir(keep: str | None) -> Iterator[Path]:
-    if keep:
-        path = Path(keep)
-        path.mkdir(parents=True, exist_ok=True)
-        # a run's state must never leak into the next one (a sidecar would replay the old journal)
-        path.chmod(0o700)  # credentials and the server's port live here: this user's only
-        for old in (path / "jetstream", path / "ports", *path.glob("sidecar-*/")):
-            if old.is_dir():
-                shutil.rmtree(old)
-        yield path
-    else:
-        with tempfile.TemporaryDirectory(prefix="ensemble-up-") as tmp:
-            yield Path(tmp)
+def _workdir(keep: str | None) -> Path:
+    """The run's directory: ``keep`` (``--logs``) cleared of a previous run's state, else a new temporary one."""
+    if not keep:
+        return Path(tempfile.mkdtemp(prefix="ensemble-up-"))
+    path = Path(keep)
+    path.mkdir(parents=True, exist_ok=True)
+    # a run's state must never leak into the next one (a sidecar would replay the old journal)
+    path.chmod(0o700)  # credentials and the server's port live here: this user's only
+    for old in (path / "jetstream", path / "ports", *path.glob("sidecar-*/")):
+        if old.is_dir():
+            shutil.rmtree(old)
+    return path
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -514,13 +530,30 @@ async def run(args: argparse.Namespace) -> int:
         for error in exc.errors:
             console.print(f"  {error}", markup=False)
         return EXIT_INVALID
+    for warning in warnings(ensemble):
+        console.print(Text.assemble(("warning: ", "yellow"), warning), soft_wrap=True)
     token = secrets.token_urlsafe(32)
-    with _workdir(args.logs) as workdir:
+    try:
+        workdir = _workdir(args.logs)
+    except OSError as exc:
+        console.print(Text(f"--logs {args.logs}: cannot use it: {exc.strerror}; name a directory you can write", "red"))
+        return EXIT_INVALID
+    code = EXIT_INCOMPLETE  # until the run says otherwise (an exception or Ctrl-C keeps the directory)
+    try:
         stack = Stack(workdir)
         try:
-            return await _run_stack(args, ensemble, stack, token, console)
+            code = await _run_stack(args, ensemble, stack, token, console)
+        except PartFailed as exc:
+            console.print(Text(str(exc), "red"))
         finally:
             await stack.stop()
+    finally:
+        if not args.logs and (code == EXIT_OK or not any(workdir.iterdir())):
+            shutil.rmtree(workdir, ignore_errors=True)  # succeeded, or stopped before anything was written
+        elif code != EXIT_OK:
+            # named after everything has stopped: the directory is complete and nothing writes to it any more
+            console.print(f"logs and state of this run kept in {workdir}", highlight=False, soft_wrap=True)
+    return code
 
 
 class FluxPlanError(Exception):
@@ -632,6 +665,7 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
             if not args.quiet and console.is_terminal
             else contextlib.nullcontext()
         )
+        incomplete = False
         with view as live:
             printed = 0
             while not monitor.done():
@@ -644,14 +678,14 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
                     printed = len(monitor.log)
                 dead = stack.died()
                 if dead is not None:
-                    tail = dead.log.read_text(errors="replace")[-2000:]
-                    tail += dead.log.with_suffix(".err").read_text(errors="replace")[-2000:]
                     console.print(f"[red]{dead.name} exited with code {dead.process.returncode}[/red]; its log:")
-                    console.print(tail, markup=False, highlight=False)
-                    return EXIT_INCOMPLETE
+                    console.print(_tail(dead.log), markup=False, highlight=False)
+                    incomplete = True
+                    break
                 if deadline is not None and time.monotonic() > deadline:
-                    console.print(f"[red]gave up after {args.timeout:.0f}s[/red]; logs in {stack.workdir}")
-                    return EXIT_INCOMPLETE
+                    console.print(f"[red]gave up after {args.timeout:g}s[/red]")
+                    incomplete = True
+                    break
             if live is not None:
                 live.update(monitor.render())
             elif not args.quiet:
@@ -661,9 +695,21 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
     finally:
         await nc.drain()
     folder = results_folder(args, ensemble)
-    found = await collect_results(access, ensemble)
+    try:
+        async with asyncio.timeout(60):
+            found = await collect_results(access, ensemble)
+    except Exception as exc:  # NATS itself may be the part that died
+        console.print(f"[red]no results: the job reports cannot be read from NATS ({exc!r})[/red]", highlight=False)
+        return EXIT_INCOMPLETE
     code, figures = summary(monitor, found, console, available=args.backend == "flux", folder=folder)
     figures["seconds"] = round(time.time() - monitor.started, 3)
+    figures["completed"] = not incomplete
     results.write(folder, found, figures)
+    if incomplete:
+        console.print(
+            f"stopped after {figures['seconds']:.1f}s, before the ensemble completed; results so far in {folder}",
+            highlight=False,
+        )
+        return EXIT_INCOMPLETE
     console.print(f"finished in {figures['seconds']:.1f}s; results in {folder}", highlight=False)
     return code

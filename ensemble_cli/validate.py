@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ensemble_core.spec import Ensemble, SpecError, load
+from ensemble_core.spec import Ensemble, SpecError, load, warnings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,11 @@ def summary(ensemble: Ensemble) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print ``FILE: valid (<summary>)`` or each error as ``FILE: <path>: <problem>``; exit 1 if any is invalid."""
+    """Print ``FILE: valid (<summary>)`` or each error as ``FILE: <path>: <problem>``; exit 1 if any is invalid.
+
+    A valid file's warnings (:func:`ensemble_core.spec.warnings`) come first, as ``FILE: warning: <path>:
+    <problem>``; they do not make it invalid.
+    """
     invalid = 0
     for path in args.files:
         try:
@@ -34,5 +38,7 @@ def run(args: argparse.Namespace) -> int:
             for error in exc.errors:
                 print(f"{path}: {error}")
         else:
+            for warning in warnings(ensemble):
+                print(f"{path}: warning: {warning}")
             print(f"{path}: valid ({summary(ensemble)})")
     return 1 if invalid else 0

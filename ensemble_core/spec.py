@@ -8,6 +8,13 @@ an optional ``algorithm {name, options}`` and ``sidecar``; ``spec.algorithm`` an
 ``spec.checkSeconds`` apply to every member. :func:`validate` returns every problem at once, each as
 ``<path>: <problem>`` (``spec.members[0].jobs[1].nodes: 12 exceeds maxSize 8``).
 
+Unknown fields are errors everywhere, with the nearest valid name (``did you mean maxSize?``):
+``metadata`` takes Kubernetes' ObjectMeta fields, a member's ``minicluster`` takes ``metadata`` (its
+labels and annotations go on the MiniCluster) and ``spec``, and ``minicluster.spec`` is checked, at
+every depth, against the Flux Operator's MiniCluster CRD schema (field names and types), vendored in
+``ensemble_core/data/minicluster-spec-schema.json`` by ``tools/minicluster_schema.py``: the API server
+would otherwise drop a misspelt field silently (``maxsize: 4`` would leave the MiniCluster at ``size``).
+
 Defaults, where the original left a hole: ``minSize`` defaults to 1 and ``maxSize`` to ``size`` (the
 Flux Operator sizes its broker configuration for ``maxSize``, or ``size`` when unset, so a MiniCluster
 can never grow past it; the original instead refused every scale-up when ``maxSize`` was unset).
@@ -16,6 +23,9 @@ can never grow past it; the original instead refused every scale-up when ``maxSi
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib.resources
+import json
 import math
 import re
 import shlex
@@ -28,6 +38,7 @@ import yaml
 
 from ensemble_core import algorithms
 from ensemble_core import matrix as sweep
+from ensemble_core.commands import command_argv
 from ensemble_core.messages import DEFAULT_ALGORITHM, AlgorithmSpec, JobSpec, MemberSpec
 
 API_VERSION = "ensemble.flux-framework.org/v1alpha1"
@@ -41,6 +52,20 @@ _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "spec", "status"}
 _SPEC_KEYS = {"members", "algorithm", "checkSeconds"}
 _MEMBER_KEYS = {"minicluster", "jobs", "algorithm", "sidecar"}
+#: ``apiVersion`` and ``kind`` are taken (the original embedded a whole MiniCluster), but only naming the
+#: MiniCluster the creator makes
+_MINICLUSTER_KEYS = {"metadata", "spec", "apiVersion", "kind"}
+_MINICLUSTER_TYPE = {"apiVersion": "flux-framework.org/v1alpha2", "kind": "MiniCluster"}
+#: Kubernetes' ObjectMeta fields: what ``metadata`` may hold (``kubectl get -o yaml`` prints them all).
+_OBJECT_META_KEYS = {
+    "name", "namespace", "labels", "annotations", "uid", "resourceVersion", "generation",
+    "creationTimestamp", "managedFields", "ownerReferences", "finalizers", "generateName",
+    "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink",
+}  # fmt: skip
+#: The member MiniCluster's metadata the creator takes from the file; the rest of it the operator sets.
+_MINICLUSTER_META_KEYS = {"labels", "annotations"}
+#: The MiniCluster spec fields read (and checked) by :func:`_member` itself, whose integers may be strings.
+_SIZE_KEYS = {"size", "minSize", "maxSize"}
 _JOB_KEYS = {"name", "command", "count", "nodes", "tasks", "workdir", "duration", "matrix", "retries", "lostRetries"}
 _ALGORITHM_KEYS = {"name", "options", "rules"}
 _SIDECAR_KEYS = {"image", "pullAlways", "port", "workers", "runAsUser"}
@@ -183,6 +208,93 @@ def _kind(value: object) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}.get(
         type(value), type(value).__name__
     )
+
+
+@functools.cache
+def minicluster_spec_schema() -> dict[str, Any]:
+    """The Flux Operator's MiniCluster ``spec`` schema (vendored; see the module docstring)."""
+    text = (importlib.resources.files("ensemble_core") / "data" / "minicluster-spec-schema.json").read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)["spec"]
+    return schema
+
+
+#: What a value of each JSON schema type is, and how an error calls it.
+_SCHEMA_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "object": ((dict,), "a mapping"),
+    "array": ((list,), "a list"),
+    "string": ((str,), "a string"),
+    "integer": ((int,), "an integer"),
+    "number": ((int, float), "a number"),
+    "boolean": ((bool,), "true or false"),
+}
+
+
+def _schema_check(check: _Checker, value: object, schema: Mapping[str, Any], path: str) -> None:
+    """Report where ``value`` leaves ``schema`` (a CRD's structural schema): unknown fields, at any depth,
+    with the nearest known name, and values of the wrong type. A null is an unset field, as the API server
+    takes it."""
+    if value is None or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return
+    if schema.get("x-kubernetes-int-or-string"):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            check.error(path, f"expected an integer or a string (a quantity such as 2 or 500m), got {_kind(value)}")
+        return
+    kind = schema.get("type")
+    if kind in _SCHEMA_TYPES:
+        types, name = _SCHEMA_TYPES[kind]
+        if not isinstance(value, types) or (isinstance(value, bool) and kind != "boolean"):
+            check.error(path, f"expected {name}, got {_kind(value)} {value!r}"[:200])
+            return
+    if "enum" in schema and value not in schema["enum"]:
+        check.error(path, f"{value!r} is not one of {', '.join(map(repr, schema['enum']))}")
+    if isinstance(value, dict):
+        properties: Mapping[str, Any] = schema.get("properties") or {}
+        extra = schema.get("additionalProperties")
+        for key, child in value.items():
+            shown = str(key) if str(key).strip() else f'"{key}"'
+            if str(key) in properties:
+                _schema_check(check, child, properties[str(key)], f"{path}.{shown}")
+            elif isinstance(extra, dict):
+                _schema_check(check, child, extra, f"{path}.{shown}")
+            elif properties and extra is not True:
+                check.error(f"{path}.{shown}", _suggest(shown, set(properties)))
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            _schema_check(check, item, schema["items"], f"{path}[{i}]")
+
+
+def _string_map(check: _Checker, metadata: Mapping[str, Any], key: str, path: str) -> None:
+    """Report ``metadata[key]`` (labels, annotations) unless it is unset or a mapping of names to strings."""
+    value = metadata.get(key)
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        check.error(f"{path}.{key}", f"expected a mapping of names to strings, got {_kind(value)}")
+        return
+    for name, text in value.items():
+        if not isinstance(text, str):
+            check.error(f"{path}.{key}.{name}", f"expected a string, got {_kind(text)} {text!r}; quote it")
+
+
+def _minicluster_metadata(check: _Checker, value: object, path: str) -> None:
+    """Check a member's ``minicluster.metadata``: labels and annotations; the rest of ObjectMeta is the operator's."""
+    if value is not None and not isinstance(value, dict):
+        check.error(path, f"expected a mapping, got {_kind(value)}")
+        return
+    for key in value or {}:
+        if str(key) in _MINICLUSTER_META_KEYS:
+            continue
+        shown = str(key) if str(key).strip() else f'"{key}"'
+        if str(key) in _OBJECT_META_KEYS:
+            check.error(
+                f"{path}.{shown}",
+                "set by the operator (the MiniCluster is named <ensemble>-<member index>, in the Ensemble's "
+                "namespace, owned by it); only labels and annotations are taken from here: remove it",
+            )
+        else:
+            check.error(f"{path}.{shown}", _suggest(shown, _MINICLUSTER_META_KEYS))
+    for key in _MINICLUSTER_META_KEYS:
+        _string_map(check, value or {}, key, path)
 
 
 def _algorithm(check: _Checker, value: object, path: str) -> AlgorithmSpec | None:
@@ -505,14 +617,42 @@ def _jobs(check: _Checker, value: object, path: str, max_size: int | None) -> tu
     return tuple(jobs)
 
 
+def _commands(check: _Checker, value: object, path: str) -> None:
+    """Report each job command no backend could run: one with a quote left open (see ``ensemble_core.commands``)."""
+    for i, raw in enumerate(value if isinstance(value, list) else []):
+        command = raw.get("command") if isinstance(raw, dict) else None
+        if not isinstance(command, str):
+            continue
+        try:
+            command_argv(command)
+        except ValueError as exc:
+            check.error(f"{path}[{i}].command", f"cannot be split into arguments: {exc}")
+
+
 def _member(check: _Checker, raw: object, path: str, index: int, default_algorithm: AlgorithmSpec) -> Member | None:
     data = check.mapping(raw, path, _MEMBER_KEYS)
     if not data:
         check.error(path, "empty member; give at least minicluster and jobs")
         return None
-    minicluster = check.mapping(data.get("minicluster"), f"{path}.minicluster")
+    given = data.get("minicluster") is not None
+    if not given:
+        check.error(f"{path}.minicluster", "required; give minicluster.spec.size at least")
+    minicluster = check.mapping(data.get("minicluster"), f"{path}.minicluster", _MINICLUSTER_KEYS)
+    for key, expected in _MINICLUSTER_TYPE.items():
+        if minicluster.get(key, expected) != expected:
+            check.error(
+                f"{path}.minicluster.{key}",
+                f"must be {expected!r} (the MiniCluster the creator makes), got {minicluster[key]!r}; "
+                "set it so or remove it",
+            )
+    _minicluster_metadata(check, minicluster.get("metadata"), f"{path}.minicluster.metadata")
     mc_path = f"{path}.minicluster.spec"
+    if isinstance(data.get("minicluster"), dict) and minicluster.get("spec") is None:
+        check.error(mc_path, "required; give spec.size at least")
     mc_spec = check.mapping(minicluster.get("spec"), mc_path)
+    # the sizes are read (and checked) below, where a quoted number is also taken
+    rest = {key: value for key, value in mc_spec.items() if key not in _SIZE_KEYS}
+    _schema_check(check, rest, minicluster_spec_schema(), mc_path)
     size = check.integer(mc_spec, "size", mc_path, 1, 1, MAX_SIZE)
     min_size = check.integer(mc_spec, "minSize", mc_path, 1, 1, MAX_SIZE)
     max_size = check.integer(mc_spec, "maxSize", mc_path, size, 1, MAX_SIZE)
@@ -520,7 +660,9 @@ def _member(check: _Checker, raw: object, path: str, index: int, default_algorit
         check.error(f"{mc_path}.minSize", f"{min_size} is above size {size}; minSize <= size <= maxSize")
     if size is not None and max_size is not None and size > max_size:
         check.error(f"{mc_path}.maxSize", f"{max_size} is below size {size}; minSize <= size <= maxSize")
-    jobs = _jobs(check, data.get("jobs"), f"{path}.jobs", max_size)
+    # without a minicluster the sizes are defaults: measuring the jobs against them would only add noise
+    jobs = _jobs(check, data.get("jobs"), f"{path}.jobs", max_size if given else None)
+    _commands(check, data.get("jobs"), f"{path}.jobs")
     own = _algorithm(check, data.get("algorithm"), f"{path}.algorithm")
     algorithm = own or default_algorithm
     if own is not None:
@@ -560,7 +702,9 @@ def validate(document: object, namespace: str = "default") -> tuple[Ensemble | N
         check.error("apiVersion", f"expected {API_VERSION!r}, got {top.get('apiVersion')!r}")
     if top.get("kind") != KIND:
         check.error("kind", f"expected {KIND!r}, got {top.get('kind')!r}")
-    metadata = check.mapping(top.get("metadata"), "metadata")
+    metadata = check.mapping(top.get("metadata"), "metadata", _OBJECT_META_KEYS)
+    for key in ("labels", "annotations"):
+        _string_map(check, metadata, key, "metadata")
     name = check.string(metadata, "name", "metadata", required=True)
     if name and (len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name)):
         check.error(
@@ -611,3 +755,19 @@ def load(path: str | Path, namespace: str = "default") -> Ensemble:
     if ensemble is None:
         raise SpecError(errors)
     return ensemble
+
+
+def warnings(ensemble: Ensemble) -> list[str]:
+    """What a valid Ensemble says that is likely not meant, as ``<path>: <problem>``: a member with no job to
+    run (an empty ``jobs`` list, or every group at ``count: 0``) starts, has nothing to do and terminates, and
+    the run then "succeeds" having done nothing."""
+    found: list[str] = []
+    for member in ensemble.members:
+        if any(job.count for job in member.jobs):
+            continue
+        what = "the list is empty" if not member.jobs else "every job group has count 0"
+        found.append(
+            f"spec.members[{member.index}].jobs: {what}, so this member runs nothing (it starts and terminates); "
+            "add a job group or raise a count"
+        )
+    return found

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from ensemble_core import flags
 from ensemble_core.hardening import make_private
 from sidecar.backend import SHRINK_GRACE, Backend
 from sidecar.local import JournalBusy, LocalBackend
@@ -42,14 +43,6 @@ class BackendUnavailable(Exception):
     """The chosen backend cannot run in this environment; the message says why and what to do."""
 
 
-def _delays(text: str) -> list[float]:
-    """``--provision-delay``: one number of seconds, or a comma-separated list to draw from."""
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds or a comma-separated list of them, got {text!r}") from None
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ensemble sidecar",
@@ -58,16 +51,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--backend", choices=("local", "sim", "flux"), default="local", help="queue backend")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, required=True, help="port to listen on; 0 picks a free one")
+    parser.add_argument(
+        "--port", type=flags.integer(0, 65535), required=True, help="port to listen on; 0 picks a free one"
+    )
     parser.add_argument(
         "--nodes",
-        type=int,
+        type=flags.integer(0),
         default=None,
         help="nodes up at start (default 1); flux: the ranks the member may use at start (default: keep "
         "what Flux has — the partition's ranks this member has not drained)",
     )
-    parser.add_argument("--cores", type=int, default=1, help="cores per node (default 1)")
-    parser.add_argument("--max-nodes", type=int, default=None, help="largest size allowed (default --nodes)")
+    parser.add_argument("--cores", type=flags.integer(1), default=1, help="cores per node (default 1)")
+    parser.add_argument(
+        "--max-nodes", type=flags.integer(1), default=None, help="largest size allowed (default --nodes)"
+    )
     parser.add_argument(
         "--shrink-grace",
         type=float,
@@ -78,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--provision-delay",
-        type=_delays,
+        type=flags.seconds_list,
         default=[0.0],
         help="seconds before grown nodes come up (default 0); sim: a comma-separated list to draw from",
     )
@@ -110,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     flux.add_argument(
         "--wait-for-broker",
-        type=float,
+        type=flags.seconds(forever=True),
         default=0.0,
         help="seconds to wait at start for a broker whose socket is not there yet (default 0)",
     )
@@ -119,20 +116,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--serve-on-index",
-        type=int,
+        type=flags.integer(0),
         default=None,
         help="serve only in the pod whose JOB_COMPLETION_INDEX is this (a MiniCluster's lead broker: 0); in the "
         "others wait idle until stopped. Without JOB_COMPLETION_INDEX in the environment: serve",
     )
     sim = parser.add_argument_group("sim backend")
-    sim.add_argument("--speed", type=float, default=1.0, help="virtual seconds per wall second (default 1)")
+    sim.add_argument(
+        "--speed", type=flags.positive_number(), default=1.0, help="virtual seconds per wall second (default 1)"
+    )
     sim.add_argument("--trace", default=None, help="Flux job records (JSON Lines or a jobs dump) giving run times")
     sim.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     sim.add_argument(
-        "--default-duration", type=float, default=None, help="run time of jobs without a duration and no trace"
+        "--default-duration",
+        type=flags.seconds(),
+        default=None,
+        help="run time of jobs without a duration and no trace",
     )
     parser.add_argument(
-        "--heartbeat", type=float, default=5.0, help="WatchStatus heartbeat interval in seconds (default 5)"
+        "--heartbeat",
+        type=flags.seconds(positive=True),
+        default=5.0,
+        help="WatchStatus heartbeat interval in seconds (default 5)",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument(
@@ -183,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port: must be in 0..65535, got {args.port}")
     if args.heartbeat <= 0:
         parser.error(f"--heartbeat: must be > 0, got {args.heartbeat}")
+    nodes = 1 if args.nodes is None else args.nodes
+    if args.max_nodes is not None and args.max_nodes < nodes:
+        parser.error(f"argument --max-nodes: must be >= --nodes ({nodes}), got {args.max_nodes}")
     tls = _tls(parser, args.tls_cert, args.tls_key)
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -28,12 +28,12 @@ import itertools
 import math
 import os
 import re
-import shlex
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ensemble_core.commands import command_argv, command_text
 from ensemble_core.messages import JobSpec, NodeCounts, QueueCounts
 from ensemble_core.wire import JobInfo, StatusPayload
 from sidecar.backend import SHRINK_EXCEPTION
@@ -640,7 +640,7 @@ class JournalState:
             nodes=jobspec_nodes(jobspec),
             group=jobspec_group(jobspec),
             t_submit=timestamp,
-            command=shlex.join(jobspec_command(jobspec)),
+            command=command_text(jobspec_command(jobspec)),
         )
         self._jobs[job_id] = self._active[job_id] = job
         self._states[JobState.NEW] += 1
@@ -751,11 +751,13 @@ def build_jobspec(
     template's environment, and the user attributes the journal reads back (group, member, key, index
     in the submit, the job's index in its group, its attempt and its parameters).
 
-    Raises :class:`QueueError` naming the field when the command cannot be split into arguments.
+    The command is :func:`~ensemble_core.commands.command_argv`'s: through ``/bin/sh -c`` when it uses
+    shell syntax, else its words (the local backend's rule). Raises :class:`QueueError` naming the field
+    when the command cannot be split into arguments.
     """
     params = dict(params or {})
     try:
-        command = shlex.split(job_command(spec, params))
+        command = command_argv(job_command(spec, params))
     except ValueError as exc:
         raise QueueError(f"command: cannot be split into arguments: {exc}") from None
     if not command:

@@ -1,10 +1,18 @@
 """The ``local`` backend: the queue model of :mod:`sidecar.queue` running each job as a real subprocess.
 
-Every job runs ``shlex.split(command)`` (no shell) in ``workdir`` when set, in its own session, so
-the whole process group is killed when the job times out, when it exits leaving children behind, or
-when the backend closes: no job process outlives the backend. stdout and stderr are merged and the
-last ``output_limit`` bytes are kept per job. ``tasks`` is recorded but not used: a job is one
-process whatever its width. Nodes are virtual; the job sees ``FLUX_JOB_ID`` and ``FLUX_JOB_NNODES``.
+Every job runs :func:`~ensemble_core.commands.command_argv` of its command (through ``/bin/sh -c``
+when it uses shell syntax, else its words without a shell, the rule the flux backend follows too) in
+``workdir`` when set. Like ``flux run -N nodes -n tasks``, a job is ``max(tasks, nodes)`` processes of
+its command (its tasks), spread over its nodes as Flux's job shell spreads them (as evenly as they go,
+the first nodes taking one more, task ranks numbered node after node), each seeing the variables
+Flux's job shell sets: ``FLUX_JOB_ID``, ``FLUX_JOB_NNODES``, ``FLUX_JOB_SIZE`` (its number of tasks),
+``FLUX_TASK_RANK`` (0 … size - 1) and ``FLUX_TASK_LOCAL_ID`` (the task's index on its node). The job
+succeeds when every task does; its return code is the worst of theirs (a non-zero one over zero, the
+largest, a signal counting as 128 + its number, as a shell reports it); its output is theirs
+concatenated in task order (stdout and stderr merged, the last ``output_limit`` bytes kept). A job has
+at most :data:`MAX_TASKS` tasks here: more is refused at submit. Each task runs in its own session, so
+its whole process group is killed when the job times out, when the job ends leaving children behind,
+or when the backend closes: no job process outlives the backend. Nodes are virtual.
 
 With a state directory the backend survives its own restart, ``kill -9`` included: every change of
 the queue is appended to ``<state-dir>/journal.jsonl`` (:class:`Journal`) before it is answered or
@@ -29,7 +37,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import shlex
 import signal
 import time
 from collections.abc import Callable
@@ -38,6 +45,7 @@ from typing import IO, TypeAlias
 
 import msgspec
 
+from ensemble_core.commands import command_argv
 from ensemble_core.messages import JobSpec
 from ensemble_core.wire import (
     EndedResult,
@@ -66,6 +74,9 @@ log = logging.getLogger(__name__)
 #: Return codes of a job whose command could not be started, as a shell reports them.
 NOT_FOUND = 127
 NOT_EXECUTABLE = 126
+
+#: Most tasks (processes) of one job on this machine: a job asking for more is refused at submit.
+MAX_TASKS = 1024
 
 #: Seconds a cancelled job's processes get after SIGTERM before SIGKILL.
 CANCEL_GRACE = 5.0
@@ -134,7 +145,8 @@ class Started(_Record, tag="start"):
 
 
 class Spawned(_Record, tag="pid"):
-    """A job's process: its pid (also its process group) and its start time in clock ticks after boot."""
+    """A process of a job (one per task): its pid (also its process group) and its start time in clock
+    ticks after boot."""
 
     id: int
     pid: int
@@ -290,7 +302,8 @@ class LocalBackend(Listeners):
         self._clock = clock
         super().__init__()
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        #: the processes of each running job, one per task, in task order
+        self._procs: dict[int, list[asyncio.subprocess.Process]] = {}
         self._cancelled: set[int] = set()
         self._kill_timers: list[asyncio.TimerHandle] = []
         self._timers: set[asyncio.TimerHandle] = set()
@@ -322,13 +335,19 @@ class LocalBackend(Listeners):
     async def submit(self, payload: SubmitPayload) -> SubmitResult:
         """Queue the jobs and start what fits; idempotent on ``payload.key``.
 
-        Raises :class:`QueueError` naming the field (e.g. a command ``shlex`` cannot split).
+        Raises :class:`QueueError` naming the field (e.g. a command with a quote left open, or more
+        than :data:`MAX_TASKS` tasks).
         """
         for i, spec in enumerate(payload.jobs):
             try:
-                shlex.split(spec.command)
+                command_argv(spec.command)
             except ValueError as exc:
                 raise QueueError(f"jobs[{i}].command: cannot be split into arguments: {exc}") from None
+            if spec.tasks > MAX_TASKS:
+                raise QueueError(
+                    f"jobs[{i}].tasks: {spec.tasks} exceeds the local backend's limit of {MAX_TASKS} processes "
+                    "per job; lower tasks, or run the ensemble on Flux"
+                )
         now = self._clock()
         result = self.queue.submit(payload.jobs, now, order=payload.order, seed=payload.seed, key=payload.key)
         if result.duplicate:
@@ -401,11 +420,11 @@ class LocalBackend(Listeners):
             self._pump()
         for job in running:
             self._cancelled.add(job.id)
-            proc = self._procs[job.id]
-            _signal_group(proc, signal.SIGTERM)
-            self._kill_timers.append(
-                asyncio.get_running_loop().call_later(CANCEL_GRACE, _signal_group, proc, signal.SIGKILL)
-            )
+            for proc in self._procs[job.id]:
+                _signal_group(proc, signal.SIGTERM)
+                self._kill_timers.append(
+                    asyncio.get_running_loop().call_later(CANCEL_GRACE, _signal_group, proc, signal.SIGKILL)
+                )
         return cancelled + len(running)
 
     async def terminate(self) -> ResizeResult:
@@ -433,12 +452,14 @@ class LocalBackend(Listeners):
         for timer in self._kill_timers:
             timer.cancel()
         tasks = list(self._tasks.values())
-        for proc in self._procs.values():
-            _signal_group(proc, signal.SIGTERM)
+        for procs in self._procs.values():
+            for proc in procs:
+                _signal_group(proc, signal.SIGTERM)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
-            for proc in self._procs.values():
-                _signal_group(proc, signal.SIGKILL)
+            for procs in self._procs.values():
+                for proc in procs:
+                    _signal_group(proc, signal.SIGKILL)
             if pending:
                 await asyncio.wait(pending)
         await asyncio.to_thread(self._reaper.close)
@@ -483,7 +504,7 @@ class LocalBackend(Listeners):
         self.queue = queue = Queue(
             nodes=opened.nodes, cores=opened.cores, max_nodes=opened.max_nodes, instance=instance
         )
-        pids: dict[int, Spawned] = {}
+        pids: dict[int, list[Spawned]] = {}
         for number, record in enumerate(records[1:], 2):
             try:
                 self._replay(queue, record, pids)
@@ -494,16 +515,16 @@ class LocalBackend(Listeners):
             for job in queue.page(0, _last_id(queue)):
                 if job.t_run is not None:
                     job.stdout, job.stderr = output_paths(str(self.output_dir), job.group, job.index, job.attempt)
-        for job_id, process in pids.items():
+        for job_id, processes in pids.items():
             ended = queue.job(job_id)
             if ended is not None and ended.lost and ended.reason != LOST:
                 # killed after the shrink grace: its record came first, so its processes may have outlived us
-                _kill_leftover(process)
+                for process in processes:
+                    _kill_leftover(process)
         now = self._clock()
         lost = queue.running_jobs()
         for job in lost:
-            spawned = pids.get(job.id)
-            if spawned is not None:
+            for spawned in pids.get(job.id, []):
                 _kill_leftover(spawned)
             self._record(Lost(t=now, id=job.id))
             queue.lose(job.id, now, LOST)
@@ -520,7 +541,7 @@ class LocalBackend(Listeners):
         self._pump()
 
     @staticmethod
-    def _replay(queue: Queue, record: Record, pids: dict[int, Spawned]) -> None:
+    def _replay(queue: Queue, record: Record, pids: dict[int, list[Spawned]]) -> None:
         """Apply one journal record to the queue model (no process is started or signalled)."""
         if isinstance(record, Submitted):
             result = queue.submit(record.jobs, record.t, order=record.order, seed=record.seed, key=record.key)
@@ -537,7 +558,7 @@ class LocalBackend(Listeners):
             if ids != record.ids:
                 raise QueueError(f"start: replay started jobs {ids}, the journal says {record.ids}")
         elif isinstance(record, Spawned):
-            pids[record.id] = record
+            pids.setdefault(record.id, []).append(record)
         elif isinstance(record, Finished):
             queue.finish(record.id, record.t, record.rc, record.output)
         elif isinstance(record, Lost):
@@ -623,8 +644,7 @@ class LocalBackend(Listeners):
         for job in self.queue.jobs_beyond_size():
             self._record(Lost(t=now, id=job.id, reason=reason))
             self.queue.lose(job.id, now, reason)
-            proc = self._procs.get(job.id)
-            if proc is not None:
+            for proc in self._procs.get(job.id, []):
                 _signal_group(proc, signal.SIGKILL)
             log.warning("job id=%d group=%r: %s", job.id, job.group, reason)
         self._pump()
@@ -650,68 +670,86 @@ class LocalBackend(Listeners):
         self._pump()
 
     async def _execute(self, job: Job) -> tuple[int, str]:
-        """Run the job's command; return its return code and the tail of its output."""
+        """Run the job's tasks (see the module docstring); return their worst return code and their output."""
+        argv = command_argv(job.command)
+        layout = task_layout(job.nodes, job.tasks)
         env = job_environment(os.environ)
-        env["FLUX_JOB_ID"] = str(job.id)
-        env["FLUX_JOB_NNODES"] = str(job.nodes)
+        env.update(FLUX_JOB_ID=str(job.id), FLUX_JOB_NNODES=str(job.nodes), FLUX_JOB_SIZE=str(len(layout)))
         env.update(job_identity_environment(job.group, job.index, job.attempt))
         env.update(job_environment_params(job.params))
+        procs: list[asyncio.subprocess.Process] = []
+        self._procs[job.id] = procs
+        tails: list[bytearray] = []
+        readers: list[asyncio.Task[None]] = []
+        failed: tuple[int, str] | None = None
         files: tuple[IO[bytes], IO[bytes]] | None = None
         try:
-            if self.output_dir is not None:
-                files = _open_outputs(self.output_dir, job)
-            proc = await asyncio.create_subprocess_exec(
-                *shlex.split(job.command),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE if files is None else files[0],
-                stderr=asyncio.subprocess.STDOUT if files is None else files[1],
-                cwd=job.workdir or None,
-                env=env,
-                start_new_session=True,
-            )
-        except FileNotFoundError as exc:
-            _close(files)
-            return NOT_FOUND, f"sidecar: cannot start job: {exc}\n"
+            # every task writes to the attempt's two files (one open file each: their writes interleave, as
+            # Flux's shell writes a job's tasks into one file)
+            files = _open_outputs(self.output_dir, job) if self.output_dir is not None else None
         except OSError as exc:
-            _close(files)
-            return NOT_EXECUTABLE, f"sidecar: cannot start job: {exc}\n"
-        _close(files)  # the job's process holds them now
-        self._procs[job.id] = proc
-        self._reaper.add(proc.pid)
-        # not fsync'd: it only helps a restart kill what this process leaves behind, and the page cache
-        # outlives a killed sidecar
-        self._record(Spawned(id=job.id, pid=proc.pid, since=_start_time(proc.pid)), sync=False)
-        log.info("job start id=%d group=%r pid=%d", job.id, job.group, proc.pid)
-        if self._closed or job.state is not JobState.RUN:  # closed, or lost to the shrink grace meanwhile
-            _signal_group(proc, signal.SIGKILL)
-        tail = bytearray()
-        reader = (
-            asyncio.get_running_loop().create_task(self._read(proc.stdout, tail))
-            if proc.stdout is not None
-            else asyncio.get_running_loop().create_task(asyncio.sleep(0))
-        )
+            failed = NOT_EXECUTABLE, f"sidecar: cannot open the job's output files: {exc}\n"
+        for rank, local_id in layout if failed is None else []:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE if files is None else files[0],
+                    stderr=asyncio.subprocess.STDOUT if files is None else files[1],
+                    cwd=job.workdir or None,
+                    env={**env, "FLUX_TASK_RANK": str(rank), "FLUX_TASK_LOCAL_ID": str(local_id)},
+                    start_new_session=True,
+                )
+            except FileNotFoundError as exc:
+                failed = NOT_FOUND, f"sidecar: cannot start job: {exc}\n"
+                break
+            except OSError as exc:
+                failed = NOT_EXECUTABLE, f"sidecar: cannot start job: {exc}\n"
+                break
+            procs.append(proc)
+            self._reaper.add(proc.pid)
+            # not fsync'd: it only helps a restart kill what this process leaves behind, and the page cache
+            # outlives a killed sidecar
+            self._record(Spawned(id=job.id, pid=proc.pid, since=_start_time(proc.pid)), sync=False)
+            log.info("job start id=%d group=%r task=%d pid=%d", job.id, job.group, rank, proc.pid)
+            if self._closed or job.state is not JobState.RUN:  # closed, or lost to the shrink grace meanwhile
+                _signal_group(proc, signal.SIGKILL)
+            elif job.id in self._cancelled:  # cancelled while its first tasks were starting
+                _signal_group(proc, signal.SIGTERM)
+            tails.append(bytearray())
+            if proc.stdout is not None:  # stdout=PIPE: no output files
+                readers.append(asyncio.get_running_loop().create_task(self._read(proc.stdout, tails[-1])))
+        _close(files)  # the tasks hold them now
+        if failed is not None:
+            # a task that could not start fails the job: the tasks already started end with it
+            for proc in procs:
+                _signal_group(proc, signal.SIGKILL)
         note = ""
         try:
             async with asyncio.timeout(job.duration or None):  # not wait_for: it can swallow a cancel (3.11)
-                await proc.wait()
+                await asyncio.gather(*(proc.wait() for proc in procs))
         except TimeoutError:
-            _signal_group(proc, signal.SIGKILL)
-            await proc.wait()
+            for proc in procs:
+                _signal_group(proc, signal.SIGKILL)
+            await asyncio.gather(*(proc.wait() for proc in procs))
             note = f"sidecar: killed after its duration of {job.duration} s\n"
-        # Children the command left behind belong to the job: they end with it.
-        _signal_group(proc, signal.SIGKILL)
-        self._reaper.remove(proc.pid)
+        # Children the tasks left behind belong to the job: they end with it.
+        for proc in procs:
+            _signal_group(proc, signal.SIGKILL)
+            self._reaper.remove(proc.pid)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_DRAIN_SECONDS):
-                await reader
+                await asyncio.gather(*readers)
         if job.id in self._cancelled:
             self._cancelled.discard(job.id)
             note += "sidecar: cancelled\n"
         if files is not None:
-            tail = bytearray(_tail(job.stdout, self.output_limit // 2) + _tail(job.stderr, self.output_limit // 2))
-        output = bytes(tail).decode("utf-8", errors="replace") + note
-        assert proc.returncode is not None  # proc.wait() returned
-        return proc.returncode, output
+            tails = [bytearray(_tail(job.stdout, self.output_limit // 2) + _tail(job.stderr, self.output_limit // 2))]
+        output = b"".join(tails)[-self.output_limit :].decode("utf-8", errors="replace") + note
+        if failed is not None:
+            return failed[0], output + failed[1]
+        codes = [proc.returncode for proc in procs if proc.returncode is not None]  # every one: proc.wait() returned
+        return max(codes, key=_badness), output
 
     async def _read(self, stream: asyncio.StreamReader, tail: bytearray) -> None:
         """Append ``stream`` to ``tail`` until EOF, keeping only the last ``output_limit`` bytes."""
@@ -748,6 +786,23 @@ def _tail(path: str, limit: int) -> bytes:
             return file.read()
     except OSError:
         return b""
+
+
+def task_layout(nodes: int, tasks: int) -> list[tuple[int, int]]:
+    """``(FLUX_TASK_RANK, FLUX_TASK_LOCAL_ID)`` of each task of a job of ``nodes`` nodes and ``tasks`` tasks
+    (0: one per node), in rank order: as Flux's job shell places them on nodes of equal size, the tasks
+    spread as evenly as they go, the first nodes taking one more, ranks numbered node after node."""
+    total = max(tasks, nodes)
+    layout: list[tuple[int, int]] = []
+    for node in range(nodes):
+        here = total // nodes + (1 if node < total % nodes else 0)
+        layout += [(len(layout) + local_id, local_id) for local_id in range(here)]
+    return layout
+
+
+def _badness(returncode: int) -> tuple[bool, int]:
+    """How bad a task's return code is: failure over success, then as a shell numbers it (a signal: 128 + it)."""
+    return returncode != 0, returncode if returncode >= 0 else 128 - returncode
 
 
 def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:

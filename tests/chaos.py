@@ -104,11 +104,13 @@ def ensemble_document(marks: Path) -> dict[str, Any]:
 
     def jobs(member: int) -> list[dict[str, Any]]:
         who = "$ENSEMBLE_JOB_GROUP $ENSEMBLE_JOB_INDEX $ENSEMBLE_JOB_ATTEMPT $FLUX_JOB_ID $(date +%s.%N)"
+        # from the first task only: a job is a task per node, as on Flux
         mark = f">> {marks}/ran-{member}"
         return [
             {
                 "name": name,
-                "command": f"sh -c 'echo start {who} {mark} && sleep {seconds} && echo end {who} {mark}'",
+                "command": f"sh -c 'test $FLUX_TASK_RANK != 0 || echo start {who} {mark}; "
+                f"sleep {seconds} && {{ test $FLUX_TASK_RANK != 0 || echo end {who} {mark}; }}'",
                 "count": count,
                 "nodes": nodes,
             }

@@ -189,8 +189,6 @@ def ensembles(draw: st.DrawFn) -> object:
 
 
 OWNER = {"apiVersion": "ensemble.flux-framework.org/v1alpha1", "kind": "Ensemble", "name": "demo.v1", "uid": "u"}
-#: The JSON schema keyword of an unknown field.
-UNKNOWN_FIELD = "additionalProperties"
 
 
 @functools.cache
@@ -213,15 +211,16 @@ def assert_rejected_by_path_or_usable(document: object) -> None:
         options = algorithms.parse_options(record.algorithm.name, record.algorithm.options)
         algorithms.get(record.algorithm.name).initial_state(record, options)
         # Kubernetes mode: the creator's extra checks name their field too, and a member that passes
-        # them becomes a MiniCluster the Flux Operator's CRD accepts, but for unknown fields, which the
-        # API server refuses (400, naming them) because the creator asks for strict field validation
-        # (test_an_unknown_minicluster_field_fails_the_ensemble_naming_it)
+        # them becomes a MiniCluster the Flux Operator's CRD accepts, unknown fields included: the spec
+        # checks them against the vendored CRD schema (and an API server with another CRD refuses what
+        # it does not know, since the creator asks for strict field validation:
+        # test_a_minicluster_the_api_refuses_fails_the_ensemble_naming_the_field)
         problems = minicluster.check(member)
         for problem in problems:
             assert problem.startswith(f"spec.members[{member.index}].minicluster"), problem
         if not problems:
             body = minicluster.build(ensemble, member, OWNER, token_secret="demo-sidecar-token-0123456789")
-            schema_errors = [e.message for e in _minicluster_schema().iter_errors(body) if e.validator != UNKNOWN_FIELD]
+            schema_errors = [e.message for e in _minicluster_schema().iter_errors(body)]
             assert schema_errors == [], schema_errors
 
 
@@ -360,16 +359,37 @@ def test_a_dotted_name_is_accepted_and_travels_escaped() -> None:
     assert MemberAddress.from_subject(subjects.metrics(address)) == address
 
 
-async def test_an_unknown_minicluster_field_fails_the_ensemble_naming_it(nc: Client, settings: Settings) -> None:
-    """The creator passes the user's MiniCluster spec on; a typo in it must not vanish silently."""
+async def test_a_misspelt_minicluster_field_fails_the_ensemble_before_any_minicluster_is_made(
+    nc: Client, settings: Settings
+) -> None:
+    """A typo in the user's MiniCluster spec is named by validation (from the Flux Operator's CRD schema),
+    so it never reaches an API server that would drop it (its default field validation only warns)."""
     document = copy.deepcopy(ENSEMBLE)
-    document["spec"]["members"][0]["minicluster"]["spec"]["scaleUpChecks"] = 4
+    document["spec"]["members"][0]["minicluster"]["spec"]["maxsize"] = 4
+    async with kube_emulator() as (emulator, url):
+        await create_ensemble(url, document)
+        async with service_running(run_creator, k8s_settings(settings, url)) as task:
+            await wait_for(lambda: condition(emulator, "Failed").get("status") == "True", timeout=10)
+            assert not task.done()
+        failed = condition(emulator, "Failed")
+        assert failed["reason"] == "InvalidSpec"
+        assert "spec.members[0].minicluster.spec.maxsize: unknown field; did you mean maxSize?" in failed["message"]
+        assert live(emulator, MINICLUSTERS) == []
+
+
+async def test_a_minicluster_the_api_refuses_fails_the_ensemble_naming_the_field(
+    nc: Client, settings: Settings
+) -> None:
+    """A field the vendored schema knows but the cluster's Flux Operator does not (an older CRD): the creator
+    asks for strict field validation, so the API server refuses it, and the refusal names it."""
+    document = copy.deepcopy(ENSEMBLE)
+    document["spec"]["members"][0]["minicluster"]["spec"]["shareProcessNamespace"] = True
     async with kube_emulator() as (emulator, url):
         # what an API server answers to fieldValidation=Strict; its default (Warn) drops the field and creates
         refusal = {
             "kind": "Status",
             "code": 400,
-            "message": 'strict decoding error: unknown field "spec.scaleUpChecks"',
+            "message": 'strict decoding error: unknown field "spec.shareProcessNamespace"',
         }
         (emulator**1)["post", MINICLUSTERS, kmock.params(fieldValidation="Strict")] << 400 << refusal
         await create_ensemble(url, document)
@@ -379,7 +399,7 @@ async def test_an_unknown_minicluster_field_fails_the_ensemble_naming_it(nc: Cli
         failed = condition(emulator, "Failed")
         assert failed["reason"] == "MiniClusterRefused"
         assert failed["message"].startswith("spec.members[0].minicluster: the API refused the MiniCluster")
-        assert 'unknown field "spec.scaleUpChecks"' in failed["message"]
+        assert 'unknown field "spec.shareProcessNamespace"' in failed["message"]
         assert not [event for event in live(emulator, EVENTS) if event["reason"] == "Created"]
 
 

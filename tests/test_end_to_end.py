@@ -4,6 +4,8 @@ jobs as real subprocesses. Also `ensemble up` as a user runs it."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import pytest
 import yaml
 from nats.aio.client import Client
 
@@ -28,10 +31,11 @@ CLI = [sys.executable, "-m", "ensemble_cli"]
 
 
 def hello_world(marks: Path) -> dict[str, object]:
-    """The example ensemble, with each job also appending a line to a file of its group."""
+    """The example ensemble, with each job also appending a line to a file of its group (from its first task:
+    a job is a task per node, as on Flux)."""
     document = yaml.safe_load((REPO / "examples/hello-world.yaml").read_text())
     for job in document["spec"]["members"][0]["jobs"]:
-        job["command"] = f"sh -c 'echo ran >> {marks}/{job['name']}; sleep 1'"
+        job["command"] = f"sh -c 'test $FLUX_TASK_RANK != 0 || echo ran >> {marks}/{job['name']}; sleep 1'"
     return document
 
 
@@ -132,19 +136,34 @@ async def test_ensemble_runs_end_to_end_through_all_services(nc: Client, setting
 
 
 def run_up(
-    path: Path, *extra: str, timeout: float = 120, results: Path | None = None
+    path: Path, *extra: str, timeout: float = 120, tmp: Path | None = None, results: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    results = results or path.parent / "results"
+    """``ensemble up`` as a user runs it; with ``tmp``, its temporary run directory is made there (TMPDIR).
+    Its results folder goes to ``results`` (default: ``results`` in ``tmp``, else beside ``path``: give one of
+    them for a file of the repository, so that nothing is written into it)."""
+    env = {**os.environ, "TMPDIR": str(tmp)} if tmp is not None else None
+    results = results or (tmp or path.parent) / "results"
     return subprocess.run(
         [*CLI, "up", str(path), "--timeout", "90", "--results", str(results), *extra],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True, text=True, timeout=timeout, check=False, env=env,
     )  # fmt: skip
+
+
+def kept_directory(stdout: str) -> Path:
+    """The run directory ``ensemble up`` says it kept; it must exist."""
+    found = re.search(r"logs and state of this run kept in (\S+)", stdout)
+    assert found is not None, stdout
+    path = Path(found[1])
+    assert path.is_dir(), f"{path} was named but is gone"
+    return path
 
 
 def test_ensemble_up_runs_the_example_to_completion(tmp_path: Path) -> None:
     started = time.monotonic()
-    result = run_up(REPO / "examples/hello-world.yaml", results=tmp_path / "results")
+    result = run_up(REPO / "examples/hello-world.yaml", tmp=tmp_path, results=tmp_path / "results")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == [], "a run that succeeded without --logs leaves nothing behind"
+    assert "kept in" not in result.stdout
     assert "summary" in result.stdout
     assert "scaled 1 → " in result.stdout and "→ 1" in result.stdout
     assert "terminated" in result.stdout
@@ -164,10 +183,66 @@ def test_ensemble_up_exits_non_zero_and_names_a_failed_job(tmp_path: Path) -> No
     document["spec"]["members"][0]["algorithm"]["options"]["terminateChecks"] = 2  # type: ignore[index]
     path = tmp_path / "failing.yaml"
     path.write_text(yaml.safe_dump(document))
-    result = run_up(path, "--quiet")
+    (tmp_path / "tmp").mkdir()
+    result = run_up(path, "--quiet", tmp=tmp_path / "tmp")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "job broken[0] failed after 1 attempt (exit 3): disk full" in result.stdout
     assert "job missing[0] failed after 1 attempt (exit 127)" in result.stdout
+    # a run that did not succeed keeps its directory, for the logs of the job that failed
+    kept = kept_directory(result.stdout)
+    assert kept.parent == tmp_path / "tmp" and (kept / "sidecar-0" / "journal.jsonl").exists()
+
+
+def test_ensemble_up_that_cannot_start_says_why_and_leaves_no_empty_directory(tmp_path: Path) -> None:
+    unusable = run_up(REPO / "examples/hello-world.yaml", "--logs", "/proc/no-such-dir", timeout=30, tmp=tmp_path)
+    assert unusable.returncode == 2 and "--logs /proc/no-such-dir: cannot use it" in unusable.stdout
+    env = {key: value for key, value in os.environ.items() if key != "FLUX_URI"}
+    no_flux = subprocess.run(
+        [*CLI, "up", str(REPO / "examples/hello-world.yaml"), "--backend", "flux"],
+        capture_output=True, text=True, timeout=30, check=False, env={**env, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert no_flux.returncode == 3 and "FLUX_URI is not set" in no_flux.stdout
+    assert "Traceback" not in unusable.stderr + no_flux.stderr and "kept in" not in no_flux.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ensemble_up_warns_of_a_member_with_nothing_to_run(tmp_path: Path) -> None:
+    document = hello_world(tmp_path)
+    document["spec"]["members"][0]["jobs"] = [{"name": "none", "command": "true", "count": 0}]  # type: ignore[index]
+    document["spec"]["members"][0]["algorithm"]["options"]["terminateChecks"] = 2  # type: ignore[index]
+    path = tmp_path / "idle.yaml"
+    path.write_text(yaml.safe_dump(document))
+    result = run_up(path, "--quiet", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr  # nothing failed: a warning, not an error
+    assert result.stdout.startswith(
+        "warning: spec.members[0].jobs: every job group has count 0, so this member runs nothing"
+    )
+    assert "summary" in result.stdout
+
+
+def test_ensemble_up_that_times_out_keeps_its_directory_and_prints_what_it_has(tmp_path: Path) -> None:
+    result = run_up(REPO / "examples/hello-world.yaml", "--quiet", "--timeout", "5", tmp=tmp_path)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "gave up after 5s" in result.stdout
+    assert "summary" in result.stdout and "before the ensemble completed" in result.stdout
+    kept = kept_directory(result.stdout)
+    assert kept.parent == tmp_path
+    assert "Traceback" not in result.stdout + result.stderr
+    for name in ("nats-server", "sidecar-0", "creator", "poller", "decider", "actuator"):
+        assert (kept / f"{name}.log").exists(), name
+
+
+def test_ensemble_up_names_a_part_that_did_not_start_with_its_message_and_keeps_the_logs(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "sidecar-0").write_text("a file where the sidecar's state directory goes\n")
+    result = run_up(REPO / "examples/hello-world.yaml", "--quiet", "--logs", str(logs), timeout=60)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "sidecar-0 did not start" in result.stdout
+    assert "--state-dir" in result.stdout  # the sidecar's own reason, from its stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert kept_directory(result.stdout) == logs
+    assert (logs / "sidecar-0.err").exists()
 
 
 def test_ensemble_up_refuses_a_bad_spec_with_the_field_path(tmp_path: Path) -> None:
@@ -178,6 +253,30 @@ def test_ensemble_up_refuses_a_bad_spec_with_the_field_path(tmp_path: Path) -> N
     result = run_up(path, timeout=30)
     assert result.returncode == 2
     assert "spec.members[0].jobs[0].nodes: 12 exceeds maxSize 4" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--cores", "0", "argument --cores: must be an integer >= 1, got 0"),
+        ("--cores", "many", "argument --cores: must be an integer >= 1, got 'many'"),
+        ("--provision-delay", "-1", "argument --provision-delay: must be a number of seconds >= 0, got -1"),
+        ("--provision-delay", "nan", "argument --provision-delay: must be a number of seconds >= 0, got nan"),
+        ("--timeout", "-5", "argument --timeout: must be a number of seconds >= 0, got -5"),
+        ("--timeout", "inf", "argument --timeout: must be a number of seconds >= 0, got inf"),
+    ],
+)
+def test_ensemble_up_refuses_a_bad_flag_before_starting_anything(
+    tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    started = time.monotonic()
+    result = run_up(REPO / "examples/hello-world.yaml", f"{flag}={value}", timeout=30, tmp=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr  # 1 would say a job failed
+    assert f"ensemble up: error: {message}" in result.stderr
+    assert result.stderr.startswith("usage: ensemble up")
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # refused before any part or directory was made
+    assert time.monotonic() - started < 10
 
 
 def _children(pid: int) -> set[int]:

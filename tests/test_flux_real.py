@@ -185,6 +185,18 @@ async def test_jobs_get_the_sidecars_environment_without_its_secrets(tmp_path: P
         assert not any(name.startswith("ENSEMBLE_") for name in helper_of(sidecar).environ())
 
 
+async def test_a_command_with_shell_syntax_runs_through_sh_on_flux_as_on_the_local_backend(tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    command = f"echo nodes $FLUX_JOB_NNODES > {out} && echo done >> {out}"
+    async with flux_instance(tmp_path / "flux", 1) as uri, flux_sidecar(uri, tmp_path / "sidecar.log") as sidecar:
+        await submit(sidecar, JobSpec(name="shell", command=command), JobSpec(name="plain", command="echo '$HOME >'"))
+        status = await status_when(sidecar, lambda s: s.finished == 2)
+        infos = {info.group: info for info in await sidecar.client.action("jobinfo", {}, list[JobInfo])}
+    assert status.failed == 0
+    assert out.read_text() == "nodes 1\ndone\n"
+    assert infos["shell"].command == command and infos["plain"].command == "echo '$HOME >'"
+
+
 async def test_grow_and_shrink_drain_the_highest_ranks_and_never_kill_a_running_job(tmp_path: Path) -> None:
     async with flux_instance(tmp_path / "flux", 4) as uri:
         async with flux_sidecar(uri, tmp_path / "sidecar.log", "--nodes", "2", "--member", "m0") as sidecar:

@@ -342,6 +342,10 @@ def _zero_nodes(d: dict[str, Any]) -> None:
     d["spec"]["members"][0]["jobs"][0]["nodes"] = 0
 
 
+def _no_minicluster(d: dict[str, Any]) -> None:
+    del d["spec"]["members"][0]["minicluster"]
+
+
 def _no_members(d: dict[str, Any]) -> None:
     d["spec"]["members"] = []
 
@@ -355,6 +359,7 @@ def _option_as_list(d: dict[str, Any]) -> None:
     [
         (_size_as_string, "spec.members.0.minicluster.spec.size"),
         (_no_jobs, "spec.members.0"),
+        (_no_minicluster, "spec.members.0"),
         (_jobs_not_a_list, "spec.members.0.jobs"),
         (_job_without_command, "spec.members.0.jobs.0"),
         (_misspelt_field, "spec"),

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ensemble_core import minicluster
-from ensemble_core.spec import Ensemble, validate
+from ensemble_core.spec import Ensemble, minicluster_spec_schema, validate
 from ensemble_core.version import VERSION
 from tests.conftest import REPO, SHARED
 
@@ -344,3 +344,17 @@ def test_a_sidecar_container_that_cannot_run_is_named_with_its_reason(
     else:
         assert problem is not None and problem.endswith(expected), problem
         assert problem.startswith("pod demo-0-0-")
+
+
+def test_the_vendored_minicluster_schema_is_what_the_script_derives_from_the_flux_operator_crd() -> None:
+    """``ensemble_core/data/minicluster-spec-schema.json`` is generated (``make schema``), never edited."""
+    crd_path = SHARED / "reference" / "minicluster-crd.yaml"
+    if not crd_path.exists():
+        pytest.skip(f"{crd_path} is not beside the clone: nothing to compare the vendored schema with")
+    from tools import minicluster_schema
+
+    assert minicluster_schema.VERSION == minicluster.VERSION
+    derived = minicluster_schema.render(minicluster_schema.derive(yaml.safe_load(crd_path.read_text())))
+    assert (REPO / "ensemble_core" / "data" / "minicluster-spec-schema.json").read_text() == derived
+    # and it is the schema validation reads: every property of the CRD's spec, at any depth
+    assert minicluster_spec_schema() == minicluster_schema.derive(yaml.safe_load(crd_path.read_text()))["spec"]

@@ -290,6 +290,22 @@ def test_jobspecs_ask_for_whole_nodes_name_the_group_and_carry_no_secret() -> No
         build_jobspec(JobSpec(name="g", command="echo 'unclosed"), template)
 
 
+def test_a_jobspec_runs_a_command_with_shell_syntax_through_sh_like_the_local_backend() -> None:
+    template = JobTemplate(environment={})
+    shell = build_jobspec(JobSpec(name="g", command="lmp -in in.$N > log && gzip log"), template)
+    assert shell["tasks"][0]["command"] == ["/bin/sh", "-c", "lmp -in in.$N > log && gzip log"]
+    plain = build_jobspec(JobSpec(name="g", command="sh -c 'a; b'"), template)
+    assert plain["tasks"][0]["command"] == ["sh", "-c", "a; b"]
+    # and the journal gives jobinfo the command as it was given
+    state = JournalState()
+    state.apply_event(7, "submit", 1.0, {}, jobspec=shell)
+    state.apply_event(8, "submit", 1.0, {}, jobspec=plain)
+    assert [info.command for info in map(state.job, (7, 8)) if info is not None] == [
+        "lmp -in in.$N > log && gzip log",
+        "sh -c 'a; b'",
+    ]
+
+
 def test_the_journal_keeps_each_jobs_record_with_flux_return_codes() -> None:
     state = JournalState(member="m")
     state.apply_records(

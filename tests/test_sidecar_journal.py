@@ -90,7 +90,8 @@ async def test_a_killed_sidecar_keeps_results_queue_keys_and_size_and_reports_ru
     tmp_path: Path,
 ) -> None:
     state, ran, pidfile = tmp_path / "state", tmp_path / "ran", tmp_path / "pid"
-    marker = f"echo $FLUX_JOB_ID >> {ran}"
+    # a job of N nodes is N tasks (one per node, as on Flux): its first task marks that the job ran
+    marker = f"test $FLUX_TASK_RANK != 0 || echo $FLUX_JOB_ID >> {ran}"
     async with sidecar(state, "--provision-delay", "60") as first:
         submitted = await first.submit(
             "decision-1",
@@ -147,6 +148,20 @@ async def test_a_sidecar_stopped_with_sigterm_reports_its_killed_jobs_lost_after
             return bool((await second.job(2)).success)
 
         await wait_for(next_ran, timeout=10)  # the waiting job starts on the node the lost one freed
+
+
+async def test_every_task_a_killed_sidecar_left_running_is_killed_by_the_next_one(tmp_path: Path) -> None:
+    state, pids = tmp_path / "state", tmp_path / "pids"
+    async with sidecar(state) as first:
+        await first.submit("k", JobSpec(name="tasks", command=f"sh -c 'echo $$ >> {pids}; exec sleep 60'", tasks=3))
+        await wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 3, timeout=10)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+        left = [int(pid) for pid in pids.read_text().split()]
+        assert all(alive(pid) for pid in left)  # the tasks outlived their sidecar
+    async with sidecar(state) as second:
+        assert (await second.job(1)).output == LOST
+        await wait_for(lambda: not any(alive(pid) for pid in left), timeout=5)
 
 
 async def test_a_terminated_queue_stays_terminated_after_a_restart(tmp_path: Path) -> None:

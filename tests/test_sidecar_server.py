@@ -102,6 +102,104 @@ async def test_real_jobs_succeed_fail_time_out_or_do_not_exist(tmp_path: Path) -
     assert snapshot["nodes"]["node_free_count"] == 2
 
 
+async def test_a_command_with_shell_syntax_runs_through_sh_and_a_plain_one_without(tmp_path: Path) -> None:
+    jobs = [
+        job("redirect", "echo one > out.txt && echo two >> out.txt; echo job $FLUX_JOB_ID", workdir=str(tmp_path)),
+        job("glob", "ls *.txt | wc -l", workdir=str(tmp_path)),
+        job("plain", "echo '$HOME && > not.txt'", workdir=str(tmp_path)),
+    ]
+    async with sidecar() as (_, stub):
+        await act(stub, "submit", {"jobs": jobs[:1]})
+
+        async def done(count: int) -> list[dict[str, Any]] | None:
+            _, infos = await act(stub, "jobinfo")
+            return infos if len(infos) == count and all(i["state"] == "inactive" for i in infos) else None
+
+        await eventually(lambda: done(1))
+        await act(stub, "submit", {"jobs": jobs[1:]})
+        infos = {info["group"]: info for info in await eventually(lambda: done(3))}
+    assert (tmp_path / "out.txt").read_text() == "one\ntwo\n"
+    assert infos["redirect"]["output"] == f"job {infos['redirect']['id']}\n" and infos["redirect"]["success"]
+    assert infos["redirect"]["command"] == jobs[0]["command"]  # as given, not as run
+    assert infos["glob"]["output"].strip() == "1"
+    # no shell: the words are passed as they are, nothing expanded or redirected
+    assert infos["plain"]["output"] == "$HOME && > not.txt\n" and not (tmp_path / "not.txt").exists()
+
+
+async def test_a_command_with_a_quote_left_open_is_refused_naming_the_job() -> None:
+    async with sidecar() as (_, stub):
+        code, result = await act(stub, "submit", {"jobs": [job("ok", "true"), job("open", "echo 'oops && ls")]})
+    assert code == pb.Response.ERROR
+    assert result["error"].startswith("jobs[1].command: cannot be split into arguments: a ' quote is never closed")
+
+
+async def finished(stub: Any, count: int, seconds: float = 10.0) -> dict[str, dict[str, Any]]:
+    """The job records by group once ``count`` jobs are inactive (all of them, else the test fails)."""
+
+    async def done() -> list[dict[str, Any]] | None:
+        _, infos = await act(stub, "jobinfo")
+        return infos if len(infos) == count and all(i["state"] == "inactive" for i in infos) else None
+
+    infos = await eventually(done, seconds)
+    assert infos, "the jobs did not finish"
+    return {info["group"]: info for info in infos}
+
+
+async def test_a_job_runs_its_tasks_as_processes_with_fluxs_task_variables() -> None:
+    variables = "$FLUX_TASK_RANK $FLUX_TASK_LOCAL_ID $FLUX_JOB_SIZE $FLUX_JOB_NNODES"
+    show = f"sh -c 'sleep 0.$((3 - FLUX_TASK_RANK)); echo {variables}'"
+    jobs = [
+        job("three-on-two", show, nodes=2, tasks=3),
+        job("one-per-node", show, nodes=2),  # tasks 0: one per node, as flux run -N2 runs it
+        job("worst", "sh -c 'exit $FLUX_TASK_RANK'", tasks=4),
+        job("one-fails", "sh -c 'test $FLUX_TASK_RANK != 1'", tasks=3),
+        job("all-succeed", "true", tasks=5),
+    ]
+    async with sidecar(nodes=4, max_nodes=4) as (_, stub):
+        await act(stub, "submit", {"jobs": jobs})
+        infos = await finished(stub, len(jobs))
+    # the last task finishes first, yet the output is in task order; ranks go node after node, the first
+    # node taking the extra task (Flux's job shell places three tasks on two nodes 2 + 1)
+    assert infos["three-on-two"]["output"] == "0 0 3 2\n1 1 3 2\n2 0 3 2\n" and infos["three-on-two"]["success"]
+    assert infos["one-per-node"]["output"] == "0 0 2 2\n1 0 2 2\n"
+    assert (infos["worst"]["returncode"], infos["worst"]["success"]) == (3, False)  # the largest
+    assert (infos["one-fails"]["returncode"], infos["one-fails"]["success"]) == (1, False)
+    assert (infos["all-succeed"]["returncode"], infos["all-succeed"]["success"]) == (0, True)
+
+
+async def test_every_task_is_killed_at_the_jobs_duration_and_on_cancel(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    record = f"sh -c 'echo $$ >> {pids}; exec sleep 60'"
+    async with sidecar(nodes=2, max_nodes=2) as (_, stub):
+        await act(stub, "submit", {"jobs": [job("timed", record, tasks=3, duration=1)]})
+        timed = (await finished(stub, 1))["timed"]
+        assert timed["success"] is False and "duration" in timed["output"]
+        assert len(pids.read_text().split()) == 3 and not any(_alive(int(pid)) for pid in pids.read_text().split())
+        pids.unlink()
+        await act(stub, "submit", {"jobs": [job("cancelled", record, nodes=2, tasks=4)]})
+
+        async def four_running() -> bool:
+            return pids.exists() and len(pids.read_text().split()) == 4
+
+        assert await eventually(four_running)
+        code, result = await act(stub, "cancel", {"group": "cancelled"})
+        assert (code, result) == (pb.Response.SUCCESS, {"cancelled": 1})
+        cancelled = (await finished(stub, 2))["cancelled"]
+    assert cancelled["success"] is False and "cancelled" in cancelled["output"]
+    assert not any(_alive(int(pid)) for pid in pids.read_text().split())
+
+
+async def test_more_tasks_than_the_local_backend_runs_is_refused_naming_the_field() -> None:
+    async with sidecar() as (_, stub):
+        code, result = await act(stub, "submit", {"jobs": [job("ok", "true"), job("huge", "true", tasks=10_000)]})
+        _, infos = await act(stub, "jobinfo")
+    assert code == pb.Response.ERROR and infos == []
+    assert result["error"] == (
+        "jobs[1].tasks: 10000 exceeds the local backend's limit of 1024 processes per job; lower tasks, "
+        "or run the ensemble on Flux"
+    )
+
+
 async def test_token_is_required_and_checked() -> None:
     async with sidecar() as (running, stub):
         for metadata in [(), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)]:

@@ -283,6 +283,32 @@ async def test_command_line_runs_a_trace_fast_and_refuses_a_bad_trace_or_missing
     assert "--flux" in stderr and "/mnt/flux/view/bin/flux" in stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--cores", "0"), "argument --cores: must be an integer >= 1, got 0"),
+        (("--nodes", "-1"), "argument --nodes: must be an integer >= 0, got -1"),
+        (("--nodes", "4", "--max-nodes", "2"), "argument --max-nodes: must be >= --nodes (4), got 2"),
+        (("--port", "70000"), "argument --port: must be an integer in 0..65535, got 70000"),
+        (("--provision-delay", "-1"), "argument --provision-delay: must be a number of seconds >= 0"),
+        (("--provision-delay", "nan"), "argument --provision-delay: must be a number of seconds >= 0"),
+        (("--backend", "sim", "--provision-delay", "1,inf"), "argument --provision-delay: must be a number"),
+        (("--heartbeat", "0"), "argument --heartbeat: must be a number of seconds > 0, got 0"),
+        (("--heartbeat", "nan"), "argument --heartbeat: must be a number of seconds > 0, got nan"),
+        (("--wait-for-broker", "nan"), "argument --wait-for-broker: must be a number of seconds >= 0 (inf: forever)"),
+        (("--backend", "sim", "--speed", "inf"), "argument --speed: must be a number > 0, got inf"),
+        (("--backend", "sim", "--default-duration", "-3"), "argument --default-duration: must be a number of seconds"),
+        (("--serve-on-index", "-1"), "argument --serve-on-index: must be an integer >= 0, got -1"),
+    ],
+)
+def test_a_bad_numeric_flag_exits_2_naming_the_flag_and_its_range(args: tuple[str, ...], message: str) -> None:
+    proc = _sidecar(*args)
+    stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 2, stdout + stderr
+    assert f"ensemble sidecar: error: {message}" in stderr and stderr.startswith("usage: ")
+    assert stdout == ""  # never served
+
+
 def test_a_listener_that_fails_does_not_stop_the_others_nor_the_queue(caplog: pytest.LogCaptureFixture) -> None:
     called: list[str] = []
 

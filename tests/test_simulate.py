@@ -126,6 +126,11 @@ def test_command_json_record_and_plot(tmp_path: Path) -> None:
         (["--algorithm", "nope"], "unknown algorithm 'nope'"),
         (["--option", "waves=2"], "--option needs --algorithm"),
         (["--delay", "soon"], "--delay 'soon'"),
+        (["--delay", "nan"], "--delay 'nan': give one or more numbers of seconds, each finite and >= 0"),
+        (["--cooldown", "-1"], "argument --cooldown: must be a number of seconds >= 0, got -1"),
+        (["--check-seconds", "nan"], "argument --check-seconds: must be a number of seconds > 0, got nan"),
+        (["--check-seconds", "inf"], "argument --check-seconds: must be a number of seconds > 0, got inf"),
+        (["--default-duration", "inf"], "argument --default-duration: must be a number of seconds >= 0, got inf"),
         (["--trace", "/nonexistent/jobs.jsonl"], "jobs.jsonl"),
     ],
 )

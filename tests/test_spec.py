@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import yaml
 
 from ensemble_core import matrix
 from ensemble_core.matrix import MatrixRange
-from ensemble_core.spec import SpecError, load, validate
+from ensemble_core.spec import SpecError, load, validate, warnings
 from tests.conftest import REPO, SHARED
 
 VALID: dict[str, Any] = {
@@ -423,6 +425,177 @@ def test_validate_prints_the_job_count_of_each_group(tmp_path: Path) -> None:
     assert result.stdout == f"{path}: valid (1 member, 36 jobs: member 0: small 4, big 2, sweep 30)\n"
 
 
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            lambda m: m["minicluster"]["spec"].update(maxsize=4),
+            "spec.members[0].minicluster.spec.maxsize: unknown field; did you mean maxSize?",
+        ),
+        (
+            lambda m: m["minicluster"]["spec"].update(minsize=1),
+            "spec.members[0].minicluster.spec.minsize: unknown field; did you mean minSize?",
+        ),
+        (
+            lambda m: m["minicluster"]["spec"].update(containers=[{"image": "flux", "workingdir": "/opt"}]),
+            "spec.members[0].minicluster.spec.containers[0].workingdir: unknown field; did you mean workingDir?",
+        ),
+        (
+            lambda m: m["minicluster"]["spec"].update(flux={"container": {"mountpath": "/x"}}),
+            "spec.members[0].minicluster.spec.flux.container.mountpath: unknown field; did you mean mountPath?",
+        ),
+        (
+            lambda m: m["minicluster"]["spec"].update(interactive="yes"),
+            "spec.members[0].minicluster.spec.interactive: expected true or false, got a string 'yes'",
+        ),
+        (
+            lambda m: m["minicluster"]["spec"].update(containers={"image": "flux"}),
+            "spec.members[0].minicluster.spec.containers: expected a list, got a mapping",
+        ),
+        (
+            lambda m: m["minicluster"]["spec"].update(containers=[{"image": "flux", "environment": {"N": 4}}]),
+            "spec.members[0].minicluster.spec.containers[0].environment.N: expected a string, got an integer 4",
+        ),
+        (
+            lambda m: m["minicluster"]["spec"].update(pod={"resources": {"cpu": [1]}}),
+            "spec.members[0].minicluster.spec.pod.resources.cpu: expected an integer or a string",
+        ),
+        (
+            lambda m: m["minicluster"].update(specs={}),
+            "spec.members[0].minicluster.specs: unknown field; did you mean spec?",
+        ),
+        (
+            lambda m: m["minicluster"].update(metadata={"label": {"a": "b"}}),
+            "spec.members[0].minicluster.metadata.label: unknown field; did you mean labels?",
+        ),
+        (
+            lambda m: m["minicluster"].update(metadata={"name": "mine"}),
+            "spec.members[0].minicluster.metadata.name: set by the operator",
+        ),
+        (
+            lambda m: m["minicluster"].update(metadata={"labels": {"team": 7}}),
+            "spec.members[0].minicluster.metadata.labels.team: expected a string, got an integer 7; quote it",
+        ),
+        (lambda m: m.pop("minicluster"), "spec.members[0].minicluster: required; give minicluster.spec.size at least"),
+        (lambda m: m.update(minicluster={}), "spec.members[0].minicluster.spec: required; give spec.size at least"),
+    ],
+)
+def test_unknown_minicluster_fields_and_wrong_types_are_named_with_the_nearest_field(
+    change: Any, expected: str
+) -> None:
+    errors = errors_of(lambda d: change(d["spec"]["members"][0]))
+    assert any(error.startswith(expected) for error in errors), errors
+
+
+def test_a_member_without_minicluster_gets_one_error_not_a_cascade_about_default_sizes() -> None:
+    errors = errors_of(lambda d: d["spec"]["members"][0].pop("minicluster"))
+    assert errors == ["spec.members[0].minicluster: required; give minicluster.spec.size at least"]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({"name": "demo", "lables": {"a": "b"}}, "metadata.lables: unknown field; did you mean labels?"),
+        ({"name": "demo", "namespce": "x"}, "metadata.namespce: unknown field; did you mean namespace?"),
+        ({"name": "demo", "annotations": "x"}, "metadata.annotations: expected a mapping of names to strings"),
+    ],
+)
+def test_unknown_metadata_fields_are_errors(metadata: dict[str, Any], expected: str) -> None:
+    errors = errors_of(lambda d: d.update(metadata=metadata))
+    assert any(error.startswith(expected) for error in errors), errors
+
+
+def test_metadata_as_kubectl_prints_it_and_a_full_minicluster_spec_are_valid() -> None:
+    document = copy.deepcopy(VALID)
+    document["metadata"].update(
+        namespace="science",
+        uid="3f9c2a10-0000-4000-8000-00000000d3e0",
+        resourceVersion="42",
+        generation=2,
+        creationTimestamp="2024-05-01T10:00:00Z",
+        labels={"team": "md"},
+        annotations={"note": "x"},
+        finalizers=[],
+        managedFields=[{"manager": "kubectl"}],
+    )
+    member = document["spec"]["members"][0]
+    member["minicluster"]["metadata"] = {"labels": {"team": "md"}, "annotations": {"a": "b"}}
+    member["minicluster"]["spec"].update(
+        size="2",  # a quoted size is taken, as before
+        tasks=4,
+        logging={"quiet": True},
+        flux={"completeWorkers": True, "container": {"mountPath": "/mnt/flux"}, "environment": {"A": "1"}},
+        containers=[{"image": "flux", "resources": {"limits": {"cpu": 3, "memory": "1Gi"}}, "workingDir": "/opt"}],
+        pod={"labels": {"a": "b"}, "nodeSelector": {"disk": "ssd"}},
+    )
+    ensemble, errors = validate(document)
+    assert errors == [] and ensemble is not None
+
+
+def test_the_schema_comes_from_the_package_not_from_the_shared_reference(tmp_path: Path) -> None:
+    """Validation reads the vendored schema only: a copy of the package with no ../shared beside it works."""
+    shutil.copytree(REPO / "ensemble_core", tmp_path / "repo" / "ensemble_core")
+    document = copy.deepcopy(VALID)
+    document["spec"]["members"][0]["minicluster"]["spec"]["maxsize"] = 4
+    code = (
+        "import json, sys; from ensemble_core import spec; print(spec.__file__); "
+        "print(spec.validate(json.loads(sys.argv[1]))[1])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-E", "-c", code, json.dumps(document)],
+        cwd=tmp_path / "repo",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert not (tmp_path / "shared").exists()
+    assert result.stdout.startswith(str(tmp_path / "repo" / "ensemble_core" / "spec.py"))
+    assert "minicluster.spec.maxsize: unknown field; did you mean maxSize?" in result.stdout
+
+
+def test_a_command_with_a_quote_left_open_is_refused_at_validate_time_with_the_fix() -> None:
+    def change(d: dict[str, Any]) -> None:
+        d["spec"]["members"][0]["jobs"][1]["command"] = "lmp -in 'in file"
+
+    assert errors_of(change) == [
+        "spec.members[0].jobs[1].command: cannot be split into arguments: a ' quote is never closed; "
+        "close it, or escape it as \\'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("jobs", "what"),
+    [([], "the list is empty"), ([{"name": "a", "command": "true", "count": 0}], "every job group has count 0")],
+)
+def test_validate_warns_of_a_member_with_nothing_to_run_and_still_calls_it_valid(
+    tmp_path: Path, jobs: list[dict[str, Any]], what: str
+) -> None:
+    document = copy.deepcopy(VALID)
+    document["spec"]["members"].append(copy.deepcopy(document["spec"]["members"][0]))
+    document["spec"]["members"][1]["jobs"] = jobs
+    path = tmp_path / "idle.yaml"
+    path.write_text(yaml.safe_dump(document))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**document, "kind": "Pod"}))
+    result = subprocess.run(
+        [sys.executable, "-m", "ensemble_cli", "validate", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr  # a warning, not an error
+    assert result.stdout.splitlines() == [
+        f"{path}: warning: spec.members[1].jobs: {what}, so this member runs nothing (it starts and terminates); "
+        "add a job group or raise a count",
+        f"{path}: valid (2 members, 6 jobs: member 0: small 4, big 2; member 1: {'no jobs' if not jobs else 'a 0'})",
+    ]
+    # an invalid file beside it still fails the command
+    both = subprocess.run(
+        [sys.executable, "-m", "ensemble_cli", "validate", str(path), str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert both.returncode == 1 and f"{bad}: kind: expected 'Ensemble'" in both.stdout
+
+
 def test_the_sweep_example_runs_twelve_jobs_in_product_order() -> None:
     (member,) = load(REPO / "examples/sweep.yaml").members
     (job,) = member.jobs
@@ -448,3 +621,19 @@ def test_the_readme_sweep_is_valid_and_in_the_order_it_says() -> None:
     assert job.count == 30
     said = {0: ("1", "0"), 1: ("1", "1"), 10: ("2", "0"), 29: ("4", "9")}
     assert {i: tuple(matrix.params(job.matrix, i).values()) for i in said} == said
+
+
+def test_a_member_with_jobs_to_run_gives_no_warning() -> None:
+    ensemble, errors = validate(copy.deepcopy(VALID))
+    assert ensemble is not None and errors == [] and warnings(ensemble) == []
+
+
+def test_a_minicluster_may_name_its_type_as_the_original_embedded_it_but_only_the_one_made() -> None:
+    document = copy.deepcopy(VALID)
+    document["spec"]["members"][0]["minicluster"].update(apiVersion="flux-framework.org/v1alpha2", kind="MiniCluster")
+    assert validate(document)[1] == []
+    document["spec"]["members"][0]["minicluster"]["apiVersion"] = "flux-framework.org/v1alpha1"
+    assert validate(document)[1] == [
+        "spec.members[0].minicluster.apiVersion: must be 'flux-framework.org/v1alpha2' (the MiniCluster the "
+        "creator makes), got 'flux-framework.org/v1alpha1'; set it so or remove it"
+    ]
