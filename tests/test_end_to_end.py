@@ -160,9 +160,12 @@ def kept_directory(stdout: str) -> Path:
 
 def test_ensemble_up_runs_the_example_to_completion(tmp_path: Path) -> None:
     started = time.monotonic()
-    result = run_up(REPO / "examples/hello-world.yaml", tmp=tmp_path, results=tmp_path / "results")
+    (tmp_path / "tmp").mkdir()
+    result = run_up(REPO / "examples/hello-world.yaml", tmp=tmp_path / "tmp", results=tmp_path / "results")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert list(tmp_path.iterdir()) == [], "a run that succeeded without --logs leaves nothing behind"
+    assert list((tmp_path / "tmp").iterdir()) == [], "a run that succeeded without --logs leaves nothing behind"
+    # but its results
+    assert (tmp_path / "results" / "summary.json").is_file() and f"results in {tmp_path / 'results'}" in result.stdout
     assert "kept in" not in result.stdout
     assert "summary" in result.stdout
     assert "scaled 1 → " in result.stdout and "→ 1" in result.stdout
