@@ -82,6 +82,29 @@ def alive(pid: int) -> bool:
         return False
 
 
+def reapers(pid: int) -> list[int]:
+    """The job reaper (``sidecar/reaper.py``) the sidecar ``pid`` started."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if parent == pid and b"sidecar.reaper" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_with_its_reaper(process: subprocess.Popen[str]) -> None:
+    """SIGKILL a sidecar and its reaper first: its jobs outlive it (a whole machine's processes killed
+    at once, say), and only the next sidecar's journal can end them."""
+    (reaper,) = reapers(process.pid)
+    os.kill(reaper, signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 def job(name: str, command: str, nodes: int = 1, count: int = 1) -> JobSpec:
     return JobSpec(name=name, command=command, nodes=nodes, count=count)
 
@@ -104,8 +127,7 @@ async def test_a_killed_sidecar_keeps_results_queue_keys_and_size_and_reports_ru
         await wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=10)
         assert (await first.job(1)).success
         long_pid = int(pidfile.read_text())
-        first.process.send_signal(signal.SIGKILL)
-        first.process.wait()
+        kill_with_its_reaper(first.process)
         assert alive(long_pid)  # the job outlived its sidecar
 
     async with sidecar(state, "--provision-delay", "0") as second:
@@ -155,13 +177,29 @@ async def test_every_task_a_killed_sidecar_left_running_is_killed_by_the_next_on
     async with sidecar(state) as first:
         await first.submit("k", JobSpec(name="tasks", command=f"sh -c 'echo $$ >> {pids}; exec sleep 60'", tasks=3))
         await wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 3, timeout=10)
-        first.process.send_signal(signal.SIGKILL)
-        first.process.wait()
+        kill_with_its_reaper(first.process)
         left = [int(pid) for pid in pids.read_text().split()]
         assert all(alive(pid) for pid in left)  # the tasks outlived their sidecar
     async with sidecar(state) as second:
         assert (await second.job(1)).output == LOST
         await wait_for(lambda: not any(alive(pid) for pid in left), timeout=5)
+
+
+async def test_the_jobs_of_a_sidecar_killed_with_sigkill_die_with_it(tmp_path: Path) -> None:
+    state, pids = tmp_path / "state", tmp_path / "pids"
+    async with sidecar(state) as first:
+        command = f"sh -c 'sleep 60 & echo $! >> {pids}; echo $$ >> {pids}; wait'"
+        await first.submit("k", JobSpec(name="tasks", command=command, tasks=2))
+        await wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 4, timeout=10)
+        (reaper,) = reapers(first.process.pid)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+        left = [int(pid) for pid in pids.read_text().split()]
+        # the reaper saw its input end and killed every task's process group, children included; then it went
+        await wait_for(lambda: not any(alive(pid) for pid in left), timeout=5)
+        await wait_for(lambda: not alive(reaper), timeout=5)
+    async with sidecar(state) as second:
+        assert (await second.job(1)).output == LOST  # and the next one reports the job lost
 
 
 async def test_a_terminated_queue_stays_terminated_after_a_restart(tmp_path: Path) -> None:
