@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,17 @@ def not_succeeded(results: Iterable[MemberResults]) -> list[Row]:
                         found or Row(member=member.index, group=name, index=i, attempt=0, result="unfinished")
                     )
     return failures
+
+
+def clear_previous(directory: Path) -> None:
+    """Remove a previous run's results from ``directory`` (only a results folder's own files, and only where
+    its ``summary.json`` says it is one): the attempts of two runs must never mix."""
+    if not (directory / "summary.json").is_file():
+        return
+    for name in ("jobs.csv", "jobs.jsonl", "summary.json"):
+        (directory / name).unlink(missing_ok=True)
+    if (directory / "outputs").is_dir():
+        shutil.rmtree(directory / "outputs")
 
 
 def _safe(name: str) -> str:

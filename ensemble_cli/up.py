@@ -633,6 +633,7 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
         for index, ranks in partitions.items():
             console.print(f"member {index}: Flux ranks {ranks}", highlight=False)
     access = await start_nats(stack)
+    results.clear_previous(results_folder(args, ensemble))
     outputs = results_folder(args, ensemble) / "outputs"
     endpoints: dict[int, str] = {}
     cli = [sys.executable, "-m", "ensemble_cli"]

@@ -184,3 +184,13 @@ async def test_jobs_of_a_sidecar_replaced_by_an_empty_one_are_queued_again_and_s
     ]
     changes = [r for r in reports if isinstance(r, InstanceChanged)]
     assert len(changes) == 2 and changes[0].previous == "" and changes[1].previous == changes[0].instance
+
+
+def test_a_second_run_into_the_same_results_folder_replaces_the_first(tmp_path: Path) -> None:
+    first = up(tmp_path, ensemble("again", [{"name": "a", "command": "echo one", "count": 3}]))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (tmp_path / "results" / "outputs" / "member-0" / "a" / "2.1.out").exists()
+    second = up(tmp_path, ensemble("again", [{"name": "b", "command": "echo two", "count": 1}]))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert [(row["group"], row["index"]) for row in rows(tmp_path)] == [("b", "0")]
+    assert not (tmp_path / "results" / "outputs" / "member-0" / "a").exists()
