@@ -897,7 +897,8 @@ def report(runs: list[RunOutcome], wall_seconds: float) -> dict[str, Any]:
     by_kind = Counter(f.kind for run in runs for f in run.faults)
     return {
         "suite": "tests/test_chaos.py",
-        "what": "one real ensemble per seed (3 members, checkSeconds 1, local stack), every fault kind injected "
+        "what": "one real ensemble per seed (3 members, checkSeconds 1, local stack; the runs at the same time, each "
+        "on a stack of its own), every fault kind injected "
         "once per run at seeded moments; outcomes counted by job identity (member, group, index, attempt) from "
         "each attempt's start and end marker lines, cross-checked with the job reports on ENSEMBLE_JOBS, the "
         "members' job ledgers (ensemble-jobs) and the sidecars' jobinfo",
@@ -1002,7 +1003,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['faults_injected']['total']} faults injected: each of the {len(kinds)} kinds once per run, from the "
         f"first job's start on, in a seeded order (the hang in the first half, the whole-stack kill before it), "
         f"{pause[0]}–{pause[1]} s apart; {report['wall_seconds']} s "
-        "wall for the suite. Each run is one real ensemble on the local stack: "
+        "wall for the suite (the runs go on at the same time, each on a stack of its own: nats-server, "
+        "services, sidecars, ports and directories). Each run is one real ensemble on the local stack: "
         f"{settings['members']} members of {settings['jobs_per_member']} jobs ({jobs}), sizes "
         f"{settings['size'][0]}–{settings['size'][1]}, `retries` {settings['retries']}, `lostRetries` "
         f"{settings['lostRetries']}. Killed parts stay down {settings['down_seconds'][0]}–"

@@ -4,7 +4,8 @@ stack at once — a sidecar hangs (SIGSTOP) and one is slow, at moments drawn fr
 still succeeds exactly once.
 
 Each run (one per seed; ``ENSEMBLE_CHAOS_SEEDS=4,5,6`` picks others) injects every fault kind once (see
-``tests/chaos.py``), so three runs inject each kind three times. Jobs are counted by identity (member,
+``tests/chaos.py``), so three runs inject each kind three times; the runs go on at the same time, each on
+a stack of its own. Jobs are counted by identity (member,
 group, index, attempt) from each attempt's start and end marker lines, cross-checked with the job
 reports, the ledgers and the sidecars' listings. The counted outcomes of the runs made are written
 before anything is asserted, failures included: into the test's temporary directory, or to
@@ -15,6 +16,7 @@ tests/test_chaos.py`` refreshes the committed figures (a plain test run never re
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -30,25 +32,33 @@ REPORT = os.environ.get("ENSEMBLE_CHAOS_REPORT", "")
 COMPLETE_WITHIN = 90
 
 
-@pytest.mark.timeout(150 * len(SEEDS))
+@pytest.mark.timeout(150 + 60 * len(SEEDS))
 async def test_restart_anything_at_any_time(tmp_path: Path) -> None:
     began = time.monotonic()
-    outcomes: list[chaos.RunOutcome] = []
-    for seed in SEEDS:
-        workdir = tmp_path / f"seed-{seed}"
-        workdir.mkdir()
-        run = chaos.Run(workdir, seed)
+    runs: list[chaos.Run] = []
+
+    async def one(run: chaos.Run) -> chaos.RunOutcome:
+        timed_out = ""
         try:
+            await run.run(COMPLETE_WITHIN)
+        except TimeoutError as exc:
+            timed_out = str(exc)
+        outcome = await run.outcome(completed=not timed_out)
+        outcome.problems += [timed_out] if timed_out else []
+        return outcome
+
+    try:
+        # started one after the other (each takes its ports while no other is choosing), then run at once:
+        # every run has its own nats-server, services, sidecars, ports and directories
+        for seed in SEEDS:
+            workdir = tmp_path / f"seed-{seed}"
+            workdir.mkdir()
+            run = chaos.Run(workdir, seed)
+            runs.append(run)
             await run.start()
-            timed_out = ""
-            try:
-                await run.run(COMPLETE_WITHIN)
-            except TimeoutError as exc:
-                timed_out = str(exc)
-            outcome = await run.outcome(completed=not timed_out)
-            outcome.problems += [timed_out] if timed_out else []
-            outcomes.append(outcome)
-        finally:
+        outcomes = list(await asyncio.gather(*(one(run) for run in runs)))
+    finally:
+        for run in runs:
             await run.stop()
     chaos.write_report(REPO / REPORT if REPORT else tmp_path / "chaos.json", outcomes, time.monotonic() - began)
 
