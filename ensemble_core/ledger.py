@@ -164,6 +164,18 @@ def answered(record: LedgerRecord, key: str, instance: str) -> list[Identity]:
     return []
 
 
+#: What a submit a sidecar refused for good (its queue terminated) records as its queue.
+REFUSED = "refused"
+
+
+def refused(record: LedgerRecord, key: str) -> None:
+    """A sidecar refused submit ``key`` for good: nothing is sent again, and its jobs stay open (they show as
+    unfinished) — they are not counted lost, since no queue ever took them."""
+    sent = record.sent.get(key)
+    if sent is not None:
+        sent.instance = REFUSED
+
+
 def instance_seen(record: LedgerRecord, instance: str) -> list[Identity]:
     """The member's sidecar answers from ``instance``: every attempt still open in an older queue is
     lost; return those to submit again. A report of a queue older than the current one changes nothing."""
@@ -173,7 +185,7 @@ def instance_seen(record: LedgerRecord, instance: str) -> list[Identity]:
     older = [
         sent
         for sent in record.sent.values()
-        if sent.instance and instance_started(sent.instance) < instance_started(instance)
+        if sent.instance not in ("", REFUSED) and instance_started(sent.instance) < instance_started(instance)
     ]
     return _lose_open(record, older, f"its queue was replaced by {instance}")
 

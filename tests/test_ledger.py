@@ -127,3 +127,13 @@ def test_a_report_of_a_job_never_allocated_is_ignored() -> None:
     ledger.allocate(record, "d", [JobSpec(name="a", command="x", count=1)])
     assert ledger.ended(record, report("a", 5, 1, "failed")) == []
     assert record.outstanding == 1
+
+
+def test_a_refused_submit_is_not_sent_again_nor_lost_when_a_new_queue_is_seen() -> None:
+    record = LedgerRecord()
+    ledger.allocate(record, "d", [JobSpec(name="a", command="x", count=2)])
+    ledger.refused(record, "d")
+    assert ledger.pending(record) == []
+    assert ledger.instance_seen(record, NEW) == []
+    group = record.groups["a"]
+    assert (group.states, group.attempts, group.losses, record.outstanding) == ("qq", [1, 1], [0, 0], 2)

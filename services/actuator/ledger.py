@@ -46,8 +46,6 @@ T = TypeVar("T")
 CAS_TRIES = 8
 #: Seconds between two sweeps for submits not yet answered.
 SWEEP_SECONDS = 10.0
-#: What a submit refused for good records as its queue.
-REFUSED = "refused"
 
 
 class Ledger:
@@ -139,7 +137,7 @@ class Ledger:
                 self.unsent.add(address)
                 raise
             log.error("submit refused: %s", exc, extra={"member": str(address), "key": key})
-            await self.change(address, lambda record: ledger.answered(record, key, REFUSED))
+            await self.change(address, lambda record: ledger.refused(record, key))
             return None
         lost, _ = await self.change(address, lambda record: ledger.answered(record, key, result.instance))
         if lost:
