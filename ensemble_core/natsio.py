@@ -53,35 +53,19 @@ ERROR_LOG_EVERY = 30.0
 #: Bytes of a bad message kept in its dead letter.
 DEADLETTER_KEEP = 64 * 1024
 
+
+def _stream(name: str, *filters: str) -> StreamConfig:
+    """One of our streams: on disk, a week of messages, two minutes of ``Nats-Msg-Id`` deduplication."""
+    return StreamConfig(
+        name=name, subjects=list(filters), storage=StorageType.FILE, max_age=7 * 24 * 3600, duplicate_window=120
+    )
+
+
 STREAMS = (
-    StreamConfig(
-        name=subjects.EVENTS_STREAM,
-        subjects=[subjects.ALL_EVENTS, subjects.ALL_APPLIED, subjects.ALL_DEADLETTER],
-        storage=StorageType.FILE,
-        max_age=7 * 24 * 3600,
-        duplicate_window=120,
-    ),
-    StreamConfig(
-        name=subjects.METRICS_STREAM,
-        subjects=[subjects.ALL_METRICS],
-        storage=StorageType.FILE,
-        max_age=7 * 24 * 3600,
-        duplicate_window=120,
-    ),
-    StreamConfig(
-        name=subjects.DECISIONS_STREAM,
-        subjects=[subjects.ALL_DECISIONS],
-        storage=StorageType.FILE,
-        max_age=7 * 24 * 3600,
-        duplicate_window=120,
-    ),
-    StreamConfig(
-        name=subjects.JOBS_STREAM,
-        subjects=[subjects.ALL_JOBS],
-        storage=StorageType.FILE,
-        max_age=7 * 24 * 3600,
-        duplicate_window=120,
-    ),
+    _stream(subjects.EVENTS_STREAM, subjects.ALL_EVENTS, subjects.ALL_APPLIED, subjects.ALL_DEADLETTER),
+    _stream(subjects.METRICS_STREAM, subjects.ALL_METRICS),
+    _stream(subjects.DECISIONS_STREAM, subjects.ALL_DECISIONS),
+    _stream(subjects.JOBS_STREAM, subjects.ALL_JOBS),
 )
 
 #: Buckets and how many revisions of a key each keeps.
