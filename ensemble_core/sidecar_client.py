@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import msgspec
@@ -135,16 +135,7 @@ class SidecarClient:
     async def status(self) -> StatusPayload:
         """One status snapshot. Raises :class:`SidecarUnavailable` or :class:`SidecarError`."""
         request = pb.StatusRequest(member=self.member)
-        try:
-            response = await self._stub.RequestStatus(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise _translate("status", exc) from exc
-        if response.status != pb.Response.SUCCESS:
-            raise SidecarError("status", response.status, _error_text(response.payload))
-        try:
-            return decode_status(response.payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise SidecarError("status", pb.Response.ERROR, f"unreadable status payload: {exc}") from exc
+        return await self._unary("status", self._stub.RequestStatus, request, (pb.Response.SUCCESS,), decode_status)
 
     async def watch(self) -> AsyncGenerator[StatusPayload, None]:
         """Status snapshots pushed by the sidecar's ``WatchStatus``: one at once, then one per change.
@@ -177,16 +168,10 @@ class SidecarClient:
     async def action(self, action: str, payload: msgspec.Struct | dict[str, object], result: type[T]) -> T:
         """Run an action with a JSON payload and decode its answer as ``result``."""
         request = pb.ActionRequest(member=self.member, action=action, payload=msgspec.json.encode(payload).decode())
-        try:
-            response = await self._stub.RequestAction(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(action, exc) from exc
-        if response.status not in (pb.Response.SUCCESS, pb.Response.EXISTS):
-            raise SidecarError(action, response.status, _error_text(response.payload))
-        try:
-            return decode(response.payload or "{}", result)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise SidecarError(action, pb.Response.ERROR, f"unreadable answer: {exc}") from exc
+        accepted = (pb.Response.SUCCESS, pb.Response.EXISTS)
+        return await self._unary(
+            action, self._stub.RequestAction, request, accepted, lambda answer: decode(answer or "{}", result)
+        )
 
     async def ended(self, after: int, limit: int = MAX_ENDED_PAGE) -> EndedResult:
         """The jobs that ended after the ``after``-th end (``RequestJobs``; the status token may call it).
@@ -195,16 +180,25 @@ class SidecarClient:
         """
         payload = msgspec.json.encode(EndedRequest(after=after, limit=limit)).decode()
         request = pb.ActionRequest(member=self.member, action="ended", payload=payload)
+        return await self._unary(
+            "ended", self._stub.RequestJobs, request, (pb.Response.SUCCESS,), lambda answer: decode(answer, EndedResult)
+        )
+
+    async def _unary(
+        self, name: str, method: Any, request: Any, accepted: tuple[int, ...], read: Callable[[str], T]
+    ) -> T:
+        """Call one unary RPC; its failures as :func:`_translate` says, a refusal or an unreadable answer as
+        :class:`SidecarError` naming ``name``."""
         try:
-            response = await self._stub.RequestJobs(request, timeout=self.timeout, metadata=self._metadata)
+            response = await method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            raise _translate("ended", exc) from exc
-        if response.status != pb.Response.SUCCESS:
-            raise SidecarError("ended", response.status, _error_text(response.payload))
+            raise _translate(name, exc) from exc
+        if response.status not in accepted:
+            raise SidecarError(name, response.status, _error_text(response.payload))
         try:
-            return decode(response.payload, EndedResult)
+            return read(response.payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise SidecarError("ended", pb.Response.ERROR, f"unreadable answer: {exc}") from exc
+            raise SidecarError(name, pb.Response.ERROR, f"unreadable answer: {exc}") from exc
 
 
 def _translate(action: str, exc: grpc.aio.AioRpcError) -> Exception:
