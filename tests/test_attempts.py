@@ -88,7 +88,12 @@ def test_failed_attempts_are_retried_up_to_retries_and_every_attempt_has_a_row_a
         "attempts": 14, "retried": 5,
     }  # fmt: skip
     assert [(f["group"], f["index"], f["attempt"]) for f in summary["not_succeeded"]] == [("bad", 0, 3), ("bad", 1, 3)]
-    assert [json.loads(line)["attempt"] for line in (tmp_path / "results" / "jobs.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "results" / "jobs.jsonl").read_text().splitlines()]
+    # the same rows as jobs.csv, with the parameters as a mapping and numbers as numbers
+    assert [(r["group"], r["index"], r["attempt"], r["result"]) for r in lines] == [
+        (row["group"], int(row["index"]), int(row["attempt"]), row["result"]) for row in found
+    ]
+    assert all(isinstance(r["params"], dict) and r["exit_code"] is not None for r in lines)
     assert f"results in {tmp_path / 'results'}" in result.stdout
 
 
