@@ -24,6 +24,7 @@ from pathlib import Path
 import msgspec
 import nats
 import nats.errors
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -141,23 +142,29 @@ def _order(message: Recorded) -> tuple[float, int, int]:
     return message.time, 2, 0
 
 
-async def record(settings: Settings, out: Path, start: float | None) -> Recording:
-    """Read the three sources and write them to ``out``, ordered by time; returns what was written."""
+async def connect_once(settings: Settings, name: str, errors: list[str] | None = None) -> Client:
+    """Connect a command (not a service) to NATS: it fails fast when NATS is not there, where a service's
+    connect waits for it for ever. Each server is tried twice, then the client gives up. The server's
+    asynchronous errors (a permissions violation) are appended to ``errors``, for the command to report."""
 
-    async def quiet(_: Exception) -> None:
-        return  # the failure is reported once, by ``run``
+    async def keep(exc: Exception) -> None:
+        if errors is not None:
+            errors.append(str(exc))
 
-    # a command fails fast when NATS is not there (the services' connect waits for it for ever):
-    # each server is tried twice, then the client gives up
-    nc = await nats.connect(
+    return await nats.connect(
         servers=[url.strip() for url in settings.nats_url.split(",")],
-        name="record",
+        name=name,
         connect_timeout=5,
         max_reconnect_attempts=1,
         reconnect_time_wait=0.5,
         allow_reconnect=False,
-        error_cb=quiet,
+        error_cb=keep,
     )
+
+
+async def record(settings: Settings, out: Path, start: float | None) -> Recording:
+    """Read the three sources and write them to ``out``, ordered by time; returns what was written."""
+    nc = await connect_once(settings, "record")
     try:
         js = nc.jetstream()
         everything = Recording(messages=[])
@@ -190,12 +197,28 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         print(f"ensemble record: cannot record from {settings.nats_url}: {exc or type(exc).__name__}", file=sys.stderr)
         return 3
+    print(described(recording, out))
+    return 0
+
+
+def described(recording: Recording, out: Path) -> str:
+    """What a recording written to ``out`` holds, in one line."""
     counts = {
         kind.__name__: sum(isinstance(m, kind) for m in recording.messages) for kind in (Metrics, Decision, Applied)
     }
     skipped = f"; {recording.unreadable} unreadable messages left out" if recording.unreadable else ""
-    print(
+    return (
         f"recorded {counts['Metrics']} metrics, {counts['Decision']} decisions and {counts['Applied']} applied "
         f"to {out}{skipped}"
     )
-    return 0
+
+
+async def record_run(url: str, out: Path) -> tuple[bool, str]:
+    """``ensemble up --record``: write the recording of the run on NATS at ``url`` (whose credentials it
+    holds); whether it was written, and the line that says what it holds or why it was not written."""
+    try:
+        async with asyncio.timeout(120):
+            recording = await record(Settings(nats_url=url), out, None)
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        return False, f"--record {out}: not written: {exc or type(exc).__name__}"
+    return True, described(recording, out)

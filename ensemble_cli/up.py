@@ -48,7 +48,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ensemble_cli import results
+from ensemble_cli import record, results
 from ensemble_core import flags, natsauth, subjects
 from ensemble_core.messages import Applied, Decision, MemberEvent, Metrics, decode
 from ensemble_core.spec import Ensemble, Member, SpecError, load, warnings
@@ -87,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the results folder here: jobs.csv, jobs.jsonl (one row per attempt), outputs/ and summary.json "
         "(default: <--logs>/results, else ./ensemble-results/<name>-<time>)",
     )
+    parser.add_argument(
+        "--record", metavar="FILE", help="also write the run's metrics, decisions and applied to FILE, as `ensemble "
+        "record` does (for `ensemble replay`)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no live view; print only the summary")
     parser.add_argument(
         "--backend",
@@ -242,7 +246,7 @@ async def start_nats(stack: Stack) -> NatsAccess:
     read-only one for the live view — with passwords made for the run, in a configuration file and a
     port file only the user who runs ``ensemble up`` can read.
     """
-    users = [*natsauth.SERVICES, natsauth.MONITOR, natsauth.READER]
+    users = [*natsauth.SERVICES, natsauth.MONITOR, natsauth.READER, natsauth.RECORDER]
     passwords = {user: secrets.token_hex(24) for user in users}
     config = stack.workdir / "nats-auth.conf"
     config.touch(mode=0o600)
@@ -252,6 +256,7 @@ async def start_nats(stack: Stack) -> NatsAccess:
             {s: passwords[s] for s in natsauth.SERVICES},
             monitor=passwords[natsauth.MONITOR],
             reader=passwords[natsauth.READER],
+            recorder=passwords[natsauth.RECORDER],
         )
     )
     ports = stack.workdir / "ports"
@@ -633,6 +638,8 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
         for index, ranks in partitions.items():
             console.print(f"member {index}: Flux ranks {ranks}", highlight=False)
     access = await start_nats(stack)
+    # the read-only user's URL, for `ensemble status --nats URL` while the run lasts
+    console.print(f"NATS: {access.url_for(natsauth.READER)}", highlight=False, soft_wrap=True)
     results.clear_previous(results_folder(args, ensemble))
     outputs = results_folder(args, ensemble) / "outputs"
     endpoints: dict[int, str] = {}
@@ -696,6 +703,9 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
     finally:
         await nc.drain()
     folder = results_folder(args, ensemble)
+    if args.record:
+        written, line = await record.record_run(access.url_for(natsauth.RECORDER), Path(args.record))
+        console.print(line, style=None if written else "red", highlight=False, soft_wrap=True)
     try:
         async with asyncio.timeout(60):
             found = await collect_results(access, ensemble)

@@ -1,0 +1,276 @@
+"""``ensemble status``: the table, ``--json``, ``--watch`` and its errors, read from a real nats-server; and
+``ensemble up`` printing the URL that ``status`` reads and writing ``--record``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+import pytest
+from nats.aio.client import Client
+from rich.console import Console
+
+from ensemble_cli import status
+from ensemble_cli.status import Latest, member_status
+from ensemble_core import subjects
+from ensemble_core.messages import Applied, Decision, MemberEvent, MemberSpec, Metrics, encode
+from ensemble_core.subjects import MemberAddress
+from tests.conftest import REPO, wait_for
+from tests.factories import make_member, make_metrics
+
+CLI = [sys.executable, "-m", "ensemble_cli"]
+REASON = "11 jobs waiting for 2 checks; next job needs 3 nodes, 1 free, 0 coming: grow 1 → 3"
+
+
+def member(ensemble: str = "ens", index: int = 0, namespace: str = "default", **changes: Any) -> MemberSpec:
+    return msgspec.structs.replace(
+        make_member(), namespace=namespace, ensemble=ensemble, member=index, name=f"{ensemble}-{index}", **changes
+    )
+
+
+def metrics(spec: MemberSpec, seq: int, **kwargs: Any) -> Metrics:
+    found = make_metrics(seq, **kwargs)
+    return msgspec.structs.replace(
+        found, namespace=spec.namespace, ensemble=spec.ensemble, member=spec.member, time=time.time()
+    )
+
+
+def decision(spec: MemberSpec, seq: int, action: str = "scale", size: int | None = 3, reason: str = REASON) -> Decision:
+    return Decision(
+        namespace=spec.namespace, ensemble=spec.ensemble, member=spec.member, id=f"{spec.namespace}/{spec.ensemble}/"
+        f"{spec.member}/{seq}/0", time=time.time(), based_on=seq, action=action, size=size, reason=reason,
+    )  # fmt: skip
+
+
+def applied(d: Decision, ok: bool = True, error: str = "") -> Applied:
+    return Applied(
+        namespace=d.namespace, ensemble=d.ensemble, member=d.member, decision=d.id, time=time.time(), ok=ok,
+        action=d.action, size_before=1, size_after=d.size if ok else 1, error=error,
+    )  # fmt: skip
+
+
+# -- what a member's row says -----------------------------------------------------------------------------
+
+
+def test_a_row_shows_the_newest_metrics_and_decision_and_whether_it_was_applied() -> None:
+    spec = member()
+    d = decision(spec, 4)
+    row = member_status(Latest(spec, metrics(spec, 4, size=3, up=2, waiting={3: 5}, run=1, finished=7, failed=1), d))
+    assert (row.phase, row.size, row.nodes_up, row.waiting, row.running, row.done, row.failed) == (
+        "running", 3, 2, 5, 1, 7, 1,
+    )  # fmt: skip
+    assert row.last_decision is not None and row.last_decision["applied"] is None
+    assert status.decision_text(row.last_decision) == "scale to 3 (pending)"
+    # an Applied of an older decision says nothing of this one
+    older = applied(decision(spec, 2))
+    assert member_status(Latest(spec, None, d, older)).last_decision["applied"] is None  # type: ignore[index]
+    refused = member_status(Latest(spec, None, d, applied(d, ok=False, error="maxSize 4")))
+    assert status.decision_text(refused.last_decision) == "scale to 3 (not applied)"
+    assert status.reason_text(refused.last_decision) == f"{REASON} — not applied: maxSize 4"
+    assert status.decision_text(member_status(Latest(spec, None, d, applied(d))).last_decision) == "scale to 3 (applied)"
+
+
+def test_the_phase_comes_from_the_record_then_the_metrics_and_the_last_event() -> None:
+    spec = member()
+    assert member_status(Latest(spec)).phase == "starting"
+    assert member_status(Latest(spec)).size == spec.size  # no metrics yet: the record's size
+    now = metrics(spec, 1)
+    lost = MemberEvent(namespace="default", ensemble="ens", member=0, event="unreachable", time=now.time + 1)
+    assert member_status(Latest(spec, now, event=lost)).phase == "unreachable"
+    assert member_status(Latest(spec, msgspec.structs.replace(now, time=now.time + 2), event=lost)).phase == "running"
+    ended = msgspec.structs.replace(spec, phase="terminated")
+    assert member_status(Latest(ended, now, event=lost)).phase == "terminated"
+
+
+def lines(width: int, rows: list[Latest]) -> list[str]:
+    console = Console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(status.render(status.group(rows), time.time(), width))
+    return console.export_text().splitlines()
+
+
+def test_a_narrow_terminal_shows_every_count_and_the_whole_action_and_folds_only_the_reason() -> None:
+    spec = member("hello-world")
+    d = decision(spec, 3)
+    rows = [Latest(spec, metrics(spec, 3, size=1, up=1, waiting={3: 11}), d, applied(d))]
+    narrow = lines(80, rows)
+    assert all(len(line) <= 80 for line in narrow), "\n".join(narrow)
+    text = "\n".join(narrow)
+    assert "scale to 3 (applied)" in text and "…" not in text
+    assert re.search(r"member +phase +size +up +wait +run +done +fail +checked +last decision", text)  # none cut
+    # the reason, under the table, whole (wrapped between words)
+    assert " ".join(text.split("member 0: ", 1)[1].split()) == REASON
+    wide = "\n".join(lines(200, rows))
+    assert "reason" in wide and REASON in wide and "member 0: " not in wide
+
+
+def test_the_json_document_has_its_documented_keys() -> None:
+    spec = member()
+    found = status.document(status.group([Latest(spec, metrics(spec, 1)), Latest(member("other"))]), 5.0)
+    assert set(found) == {"version", "time", "ensembles"} and found["version"] == status.JSON_VERSION
+    assert [(e["namespace"], e["name"]) for e in found["ensembles"]] == [("default", "ens"), ("default", "other")]
+    for ensemble in found["ensembles"]:
+        assert set(ensemble) == {"namespace", "name", "members"}
+        for row in ensemble["members"]:
+            assert tuple(row) == status.JSON_KEYS
+    readme = (REPO / "README.md").read_text()
+    assert all(f"`{key}`" in readme for key in status.JSON_KEYS), "every --json key is documented in the README"
+
+
+def test_a_printed_url_never_shows_a_password() -> None:
+    assert status.shown_url("nats://reader:s3cret@127.0.0.1:4222") == "nats://reader:***@127.0.0.1:4222"
+    assert status.shown_url("nats://a:x@h1:4222,nats://b:y@h2:4222") == "nats://a:***@h1:4222,nats://b:***@h2:4222"
+    assert status.shown_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+
+
+# -- against a real nats-server ------------------------------------------------------------------------------
+
+
+def run_status(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "status", "--nats", url, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+async def publish_member(nc: Client, spec: MemberSpec, *messages: msgspec.Struct) -> None:
+    js = nc.jetstream()
+    await (await js.key_value(subjects.MEMBERS_BUCKET)).put(
+        MemberAddress(spec.namespace, spec.ensemble, spec.member).key, encode(spec)
+    )
+    address = MemberAddress(spec.namespace, spec.ensemble, spec.member)
+    for message in messages:
+        subject = {
+            Metrics: subjects.metrics,
+            Decision: subjects.decisions,
+            Applied: subjects.applied,
+            MemberEvent: subjects.events,
+        }[type(message)](address)
+        await js.publish(subject, encode(message))
+
+
+async def test_status_reads_every_ensemble_from_nats_without_leaving_a_consumer(nc: Client, nats_url: str) -> None:
+    first, second = member("hello.world"), member("hello.world", 1)
+    d = decision(first, 3)
+    await publish_member(nc, first, metrics(first, 3, size=3, up=2, waiting={3: 4}, run=1, finished=6), d, applied(d))
+    await publish_member(nc, second)
+    other = member("sweep", namespace="lab")
+    await publish_member(nc, other, metrics(other, 0, size=1, finished=2))
+    gone = member("gone")
+    await publish_member(nc, gone)
+    await (await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)).delete(MemberAddress("default", "gone", 0).key)
+
+    table = run_status(nats_url)
+    assert table.returncode == 0, table.stderr
+    assert "default/hello.world (workload-demand)" in table.stdout and "lab/sweep" in table.stdout
+    assert "gone" not in table.stdout  # a deleted record is not an ensemble
+    row = next(line for line in table.stdout.splitlines() if "scale to 3 (applied)" in line)
+    assert [cell.strip() for cell in row.split("│")[1:9]] == ["0", "running", "3", "2", "4", "1", "6", "0"]
+    assert re.search(r"│\s+1 │ starting", table.stdout)  # no metrics yet
+
+    documented = run_status(nats_url, "--json", "hello.world")
+    assert documented.returncode == 0, documented.stderr
+    found = json.loads(documented.stdout)
+    assert [e["name"] for e in found["ensembles"]] == ["hello.world"]
+    rows = found["ensembles"][0]["members"]
+    assert [(r["member"], r["phase"], r["nodes_up"]) for r in rows] == [(0, "running", 2), (1, "starting", None)]
+    assert rows[0]["last_decision"]["reason"] == REASON and rows[0]["last_decision"]["applied"]["ok"] is True
+    assert json.loads(run_status(nats_url, "--json", "-n", "lab").stdout)["ensembles"][0]["name"] == "sweep"
+
+    # read-only: no consumer was made on any stream
+    js = nc.jetstream()
+    for stream in (subjects.METRICS_STREAM, subjects.DECISIONS_STREAM, subjects.EVENTS_STREAM):
+        assert await js.consumers_info(stream) == []
+    assert await js.consumers_info(f"KV_{subjects.MEMBERS_BUCKET}") == []
+
+
+def read_line(stream: IO[str], deadline: float) -> str:
+    line = stream.readline()
+    assert line and time.monotonic() < deadline, "status --watch stopped printing"
+    return line
+
+
+async def test_watch_refreshes_until_interrupted(nc: Client, nats_url: str) -> None:
+    spec = member("watched")
+    first = decision(spec, 1, reason="first check")
+    await publish_member(nc, spec, metrics(spec, 1), first, applied(first))
+    watching = subprocess.Popen(  # noqa: ASYNC220  (the command as a user runs it)
+        [*CLI, "status", "--nats", nats_url, "--watch", "--interval", "0.2", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert watching.stdout is not None
+        deadline = time.monotonic() + 30
+        rows = json.loads(read_line(watching.stdout, deadline))["ensembles"][0]["members"]
+        assert rows[0]["last_decision"]["reason"] == "first check"
+        later = decision(spec, 2, action="terminate", size=None, reason="nothing left to run")
+        await publish_member(nc, msgspec.structs.replace(spec, phase="terminated"), later, applied(later))
+        seen = []
+        while not seen or seen[-1]["phase"] != "terminated":
+            seen.append(json.loads(read_line(watching.stdout, deadline))["ensembles"][0]["members"][0])
+        assert seen[-1]["last_decision"]["action"] == "terminate" and seen[-1]["last_decision"]["applied"]["ok"]
+        watching.send_signal(signal.SIGINT)
+        assert watching.wait(timeout=15) == 0, watching.stderr.read() if watching.stderr else ""
+    finally:
+        watching.kill()
+        watching.wait()
+
+
+async def test_no_ensemble_and_no_nats_are_clear_errors(nc: Client, nats_url: str) -> None:
+    empty = run_status(nats_url)
+    assert empty.returncode == 1 and "no ensemble on NATS at" in empty.stderr and "creator" in empty.stderr
+    assert run_status(nats_url, "nobody").returncode == 1
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    away = run_status(f"nats://reader:secret@127.0.0.1:{port}")
+    assert away.returncode == 3 and f"cannot reach NATS at nats://reader:***@127.0.0.1:{port}" in away.stderr
+    assert "secret" not in away.stderr and time.monotonic() - started < 20
+    assert run_status(nats_url, "--interval", "0").returncode == 2
+
+
+# -- ensemble up: the URL it prints, --record -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_ensemble_up_prints_the_url_status_reads_and_records_the_run(tmp_path: Path) -> None:
+    recording = tmp_path / "run.jsonl"
+    up = subprocess.Popen(
+        [*CLI, "up", str(REPO / "examples/hello-world.yaml"), "--quiet", "--timeout", "90",
+         "--results", str(tmp_path / "results"), "--record", str(recording)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        first = up.stdout.readline()
+        assert first.startswith("NATS: nats://reader:"), first
+        url = first.split()[1]
+        # the printed user may read the run and nothing else: status works with it
+        rows: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 60
+        while not any(r["last_decision"] for r in rows) and time.monotonic() < deadline:
+            found = run_status(url, "--json")
+            if found.returncode == 0:
+                rows = json.loads(found.stdout)["ensembles"][0]["members"]
+            time.sleep(0.5)
+        assert rows and rows[0]["last_decision"]["action"] == "submit" and rows[0]["max_size"] == 4
+        rest = up.stdout.read()
+        assert up.wait(timeout=100) == 0, rest
+    finally:
+        up.kill()
+        up.wait()
+    assert re.search(r"recorded \d+ metrics, \d+ decisions and \d+ applied to " + re.escape(str(recording)), rest)
+    kinds = [json.loads(line)["kind"] for line in recording.read_text().splitlines()]
+    assert kinds.count("metrics") > 5 and kinds.count("decision") >= 3 and kinds.count("applied") == kinds.count(
+        "decision"
+    )
+    replayed = subprocess.run([*CLI, "replay", str(recording)], capture_output=True, text=True, timeout=60, check=False)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
