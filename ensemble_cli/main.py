@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_arguments(commands.add_parser("replay", help="run an algorithm over a recording offline"))
     record.add_arguments(commands.add_parser("record", help="export the metrics and decisions streams to a recording"))
     simulate.add_arguments(commands.add_parser("simulate", help="what-if run of an ensemble on a virtual clock"))
-    status.add_arguments(commands.add_parser("status", help="what the running ensembles are doing now (read from NATS)"))
+    status.add_arguments(commands.add_parser("status", help="what the running ensembles are doing (read from NATS)"))
     commands.add_parser("sidecar", help="serve a queue over gRPC (see `ensemble sidecar --help`)", add_help=False)
     for name, text in (
         ("creator", "register members and announce them (settings from ENSEMBLE_* variables)"),

@@ -121,10 +121,9 @@ def phase(latest: Latest) -> str:
     """The member's phase: its record's once it ended, else what its last metrics and event say."""
     if latest.spec.phase != "active":
         return latest.spec.phase
-    event = latest.event
-    if event is not None and event.event == "unreachable":
-        if latest.metrics is None or latest.metrics.time <= event.time:
-            return "unreachable"
+    event, metrics = latest.event, latest.metrics
+    if event is not None and event.event == "unreachable" and (metrics is None or metrics.time <= event.time):
+        return "unreachable"
     return "starting" if latest.metrics is None else "running"
 
 
@@ -313,7 +312,7 @@ async def read(js: JetStreamContext, namespace: str | None = None, name: str | N
             address = MemberAddress.from_key(key)
         except ValueError:
             continue  # not a member record
-        if (namespace is not None and address.namespace != namespace) or (name is not None and address.ensemble != name):
+        if namespace not in (None, address.namespace) or name not in (None, address.ensemble):
             continue
         spec = _decoded(await _last(js, stream, f"$KV.{subjects.MEMBERS_BUCKET}.{key}"), MemberSpec)
         if spec is None:
@@ -390,7 +389,8 @@ async def show(settings: Settings, args: argparse.Namespace, console: Console) -
                     # one document a line: a --watch makes JSON Lines
                     console.out(msgspec.json.encode(document(ensembles, now)).decode(), highlight=False)
                 else:
-                    view = render(ensembles, now, console.width) if ensembles else Text(f"no ensemble on NATS at {url} yet")
+                    waiting = Text(f"no ensemble on NATS at {url} yet")
+                    view = render(ensembles, now, console.width) if ensembles else waiting
                     heading = Text(f"{time.strftime('%H:%M:%S', time.localtime(now))}  {url}", style="dim")
                     screen = Group(heading, view)
                     if args.watch and console.is_terminal:

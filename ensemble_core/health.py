@@ -24,6 +24,15 @@ STALL_SECONDS = 30.0
 MESSAGES = Counter("ensemble_messages_total", "Messages handled by a consume loop, by outcome", ["service", "outcome"])
 DEADLETTERS = Counter("ensemble_deadletters_total", "Messages sent to the dead-letter subject", ["service"])
 READY = Gauge("ensemble_ready", "1 when the service is ready")
+#: Labels of the per-ensemble metrics. Not ``namespace``: Prometheus gives every series of a scraped pod its
+#: own ``namespace`` label (the operator's), which would rename ours to ``exported_namespace``.
+ENSEMBLE_LABELS = ("ensemble_namespace", "ensemble")
+SIDECAR_ERRORS = Counter(
+    "ensemble_sidecar_errors_total",
+    "Calls to a member's sidecar that failed, by the calling service and kind (unavailable: no answer or no "
+    "connection; refused: the sidecar answered with an error)",
+    ["service", *ENSEMBLE_LABELS, "kind"],
+)
 
 _state = {"ready": False, "beat": time.monotonic()}
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -20,11 +21,13 @@ from nats.aio.client import Client
 from rich.console import Console
 
 from ensemble_cli import status
+from ensemble_cli.main import _parser
 from ensemble_cli.status import Latest, member_status
 from ensemble_core import subjects
 from ensemble_core.messages import Applied, Decision, MemberEvent, MemberSpec, Metrics, encode
+from ensemble_core.settings import load
 from ensemble_core.subjects import MemberAddress
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO
 from tests.factories import make_member, make_metrics
 
 CLI = [sys.executable, "-m", "ensemble_cli"]
@@ -76,7 +79,8 @@ def test_a_row_shows_the_newest_metrics_and_decision_and_whether_it_was_applied(
     refused = member_status(Latest(spec, None, d, applied(d, ok=False, error="maxSize 4")))
     assert status.decision_text(refused.last_decision) == "scale to 3 (not applied)"
     assert status.reason_text(refused.last_decision) == f"{REASON} — not applied: maxSize 4"
-    assert status.decision_text(member_status(Latest(spec, None, d, applied(d))).last_decision) == "scale to 3 (applied)"
+    done = member_status(Latest(spec, None, d, applied(d)))
+    assert status.decision_text(done.last_decision) == "scale to 3 (applied)"
 
 
 def test_the_phase_comes_from_the_record_then_the_metrics_and_the_last_event() -> None:
@@ -223,28 +227,58 @@ async def test_watch_refreshes_until_interrupted(nc: Client, nats_url: str) -> N
         watching.wait()
 
 
-async def test_no_ensemble_and_no_nats_are_clear_errors(nc: Client, nats_url: str) -> None:
-    empty = run_status(nats_url)
-    assert empty.returncode == 1 and "no ensemble on NATS at" in empty.stderr and "creator" in empty.stderr
-    assert run_status(nats_url, "nobody").returncode == 1
+async def status_in_process(url: str, *args: str) -> int:
+    """``ensemble status --nats URL ARGS`` in this process (what ``run`` does, on the test's event loop)."""
+    parsed = _parser().parse_args(["status", "--nats", url, *args])
+    return await status.show(load(nats_url=url), parsed, Console(file=io.StringIO()))
+
+
+async def test_no_ensemble_and_no_nats_are_clear_errors(
+    nc: Client, nats_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await status_in_process(nats_url) == status.EXIT_NONE
+    message = capsys.readouterr().err
+    assert "no ensemble on NATS at" in message and "creator" in message
+    assert await status_in_process(nats_url, "nobody") == status.EXIT_NONE
+    assert "no ensemble named nobody on NATS" in capsys.readouterr().err
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     started = time.monotonic()
-    away = run_status(f"nats://reader:secret@127.0.0.1:{port}")
-    assert away.returncode == 3 and f"cannot reach NATS at nats://reader:***@127.0.0.1:{port}" in away.stderr
-    assert "secret" not in away.stderr and time.monotonic() - started < 20
-    assert run_status(nats_url, "--interval", "0").returncode == 2
+    assert await status_in_process(f"nats://reader:secret@127.0.0.1:{port}") == status.EXIT_NATS
+    message = capsys.readouterr().err
+    assert f"cannot reach NATS at nats://reader:***@127.0.0.1:{port}" in message and "secret" not in message
+    assert time.monotonic() - started < 15
+    with pytest.raises(SystemExit) as refused:
+        _parser().parse_args(["status", "--interval", "0"])
+    assert refused.value.code == 2 and "--interval: must be a number of seconds > 0" in capsys.readouterr().err
 
 
 # -- ensemble up: the URL it prints, --record -------------------------------------------------------------------
 
 
+#: A short run that still grows once: a two-node job on a member of one node.
+SHORT = """
+apiVersion: ensemble.flux-framework.org/v1alpha1
+kind: Ensemble
+metadata: {name: short}
+spec:
+  checkSeconds: 1
+  members:
+  - minicluster: {spec: {size: 1, minSize: 1, maxSize: 2}}
+    algorithm: {name: workload-demand, options: {scaleChecks: 1, terminateChecks: 2}}
+    jobs:
+    - {name: pair, command: sleep 1, count: 1, nodes: 2}
+    - {name: single, command: sleep 1, count: 2, nodes: 1}
+"""
+
+
 @pytest.mark.timeout(120)
 def test_ensemble_up_prints_the_url_status_reads_and_records_the_run(tmp_path: Path) -> None:
     recording = tmp_path / "run.jsonl"
+    (tmp_path / "short.yaml").write_text(SHORT)
     up = subprocess.Popen(
-        [*CLI, "up", str(REPO / "examples/hello-world.yaml"), "--quiet", "--timeout", "90",
+        [*CLI, "up", str(tmp_path / "short.yaml"), "--quiet", "--timeout", "90", "--provision-delay", "0.5",
          "--results", str(tmp_path / "results"), "--record", str(recording)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
     )  # fmt: skip
@@ -261,7 +295,7 @@ def test_ensemble_up_prints_the_url_status_reads_and_records_the_run(tmp_path: P
             if found.returncode == 0:
                 rows = json.loads(found.stdout)["ensembles"][0]["members"]
             time.sleep(0.5)
-        assert rows and rows[0]["last_decision"]["action"] == "submit" and rows[0]["max_size"] == 4
+        assert rows and rows[0]["last_decision"]["action"] in ("submit", "scale") and rows[0]["max_size"] == 2
         rest = up.stdout.read()
         assert up.wait(timeout=100) == 0, rest
     finally:
@@ -269,8 +303,10 @@ def test_ensemble_up_prints_the_url_status_reads_and_records_the_run(tmp_path: P
         up.wait()
     assert re.search(r"recorded \d+ metrics, \d+ decisions and \d+ applied to " + re.escape(str(recording)), rest)
     kinds = [json.loads(line)["kind"] for line in recording.read_text().splitlines()]
-    assert kinds.count("metrics") > 5 and kinds.count("decision") >= 3 and kinds.count("applied") == kinds.count(
-        "decision"
+    assert (
+        kinds.count("metrics") > 5
+        and kinds.count("decision") >= 3
+        and kinds.count("applied") == kinds.count("decision")
     )
     replayed = subprocess.run([*CLI, "replay", str(recording)], capture_output=True, text=True, timeout=60, check=False)
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Protocol, TypeVar, cast, get_args
 
+from ensemble_core import health
 from ensemble_core.messages import Applied, Decision, MemberSpec
 from ensemble_core.sidecar_client import ClientTls, SidecarClient, SidecarError, SidecarUnavailable
 from ensemble_core.tokens import ensemble_token
@@ -92,7 +93,7 @@ class LocalDriver:
 
     async def status(self, member: MemberSpec) -> StatusPayload:
         """The sidecar's status now."""
-        return await _call(self.client(member).status())
+        return await _call(member, self.client(member).status())
 
     async def size(self, member: MemberSpec) -> int:
         status = await self.status(member)
@@ -103,7 +104,7 @@ class LocalDriver:
         if target == current:
             return current
         action = "grow" if target > current else "shrink"
-        result = await _call(self.client(member).action(action, ResizePayload(size=target), ResizeResult))
+        result = await _call(member, self.client(member).action(action, ResizePayload(size=target), ResizeResult))
         return result.size
 
     async def drain(self, member: MemberSpec, target: int) -> int | None:
@@ -112,10 +113,10 @@ class LocalDriver:
 
     async def submit(self, member: MemberSpec, decision: Decision) -> SubmitResult:
         payload = SubmitPayload(jobs=decision.jobs, order=_order(decision.order), seed=decision.seed, key=decision.id)
-        return await _call(self.client(member).action("submit", payload, SubmitResult))
+        return await _call(member, self.client(member).action("submit", payload, SubmitResult))
 
     async def terminate(self, member: MemberSpec) -> None:
-        await _call(self.client(member).action("terminate", {}, dict))
+        await _call(member, self.client(member).action("terminate", {}, dict))
 
     async def complete(self, member: MemberSpec) -> int:
         return await self.size(member)
@@ -135,11 +136,13 @@ def _order(order: str) -> Order:
     return cast(Order, order)
 
 
-async def _call(call: Awaitable[T]) -> T:
-    """Await a sidecar call, translating its failures into :class:`DriverError`."""
+async def _call(member: MemberSpec, call: Awaitable[T]) -> T:
+    """Await a call to ``member``'s sidecar, translating its failures into :class:`DriverError` (and counting them)."""
     try:
         return await call
     except SidecarUnavailable as exc:
+        health.SIDECAR_ERRORS.labels("actuator", member.namespace, member.ensemble, "unavailable").inc()
         raise DriverError(str(exc), transient=True) from exc
     except SidecarError as exc:
+        health.SIDECAR_ERRORS.labels("actuator", member.namespace, member.ensemble, "refused").inc()
         raise DriverError(str(exc), transient=False) from exc

@@ -49,8 +49,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
+from prometheus_client import Counter, Histogram
 
-from ensemble_core import natsio, subjects
+from ensemble_core import health, natsio, subjects
 from ensemble_core.kube import Kube, api_client
 from ensemble_core.messages import Applied, Decision, EventKind, JobReport, MemberEvent, MemberSpec, decode, encode
 from ensemble_core.settings import Settings
@@ -62,6 +63,19 @@ from services.actuator.kubernetes import KubernetesDriver
 from services.actuator.ledger import Ledger, LedgerDriver
 
 log = logging.getLogger("actuator")
+
+#: The Grafana dashboard's apply latency and failed applies.
+APPLY_SECONDS = Histogram(
+    "ensemble_apply_seconds",
+    "Seconds from a decision (its time: the check it was decided on) to the actuator's report of its effect",
+    [*health.ENSEMBLE_LABELS, "action"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0),
+)
+APPLIED = Counter(
+    "ensemble_applied_total",
+    "Decisions the actuator applied (result ok) or could not (result failed), by action",
+    [*health.ENSEMBLE_LABELS, "action", "result"],
+)
 
 #: What the ledger's consumer decodes: either kind of job report (a union of tagged structs).
 REPORTS = cast(type[JobReport], JobReport)
@@ -209,6 +223,9 @@ class Actuator:
         if superseded is not None:
             await self.report(address, superseded[1], None, superseded[0])
         await self.report(address, applied, event, decision)
+        labels = (decision.namespace, decision.ensemble, decision.action)
+        APPLIED.labels(*labels, "ok" if applied.ok else "failed").inc()
+        APPLY_SECONDS.labels(*labels).observe(max(0.0, applied.time - decision.time))
 
     # -- shrinks that wait -----------------------------------------------------------------------
 

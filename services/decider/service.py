@@ -46,13 +46,16 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+from prometheus_client import Counter
 
-from ensemble_core import algorithms, natsio, subjects
+from ensemble_core import algorithms, health, natsio, subjects
 from ensemble_core.messages import Decision, MemberSpec, Metrics, decode, encode
 from ensemble_core.settings import Settings
 from ensemble_core.subjects import MemberAddress
 
 log = logging.getLogger("decider")
+#: Decisions published, by action: the Grafana dashboard's decisions and their kinds.
+DECISIONS = Counter("ensemble_decisions_total", "Decisions published, by action", [*health.ENSEMBLE_LABELS, "action"])
 
 #: A snapshot is stale once it has waited in the stream for this many of its member's checks ...
 STALE_CHECKS = 3
@@ -335,7 +338,9 @@ class Decider:
         self._log_decisions(str(pending.address), pending.decisions)
 
     def _log_decisions(self, member: str, decisions: Sequence[Decision]) -> None:
+        """Log and count decisions just published (their first publish: never those published again)."""
         for decision in decisions:
+            DECISIONS.labels(decision.namespace, decision.ensemble, decision.action).inc()
             log.info(
                 "decided %s",
                 decision.action,

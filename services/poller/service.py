@@ -42,7 +42,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge, Histogram
 
-from ensemble_core import ledger, minicluster, natsio, subjects
+from ensemble_core import health, ledger, minicluster, natsio, subjects
 from ensemble_core.kube import Kube, api_client
 from ensemble_core.kube_watch import Watcher
 from ensemble_core.messages import (
@@ -92,6 +92,14 @@ LAG = Histogram(
 PUBLISHED = Counter("ensemble_poller_metrics_total", "Metrics published, by how the snapshot was got", ["source"])
 UNREACHABLE = Gauge("ensemble_poller_unreachable_members", "Members whose sidecar does not answer")
 JOBS_REPORTED = Counter("ensemble_poller_jobs_reported_total", "Ended job attempts reported, by result", ["result"])
+_MEMBER = [*health.ENSEMBLE_LABELS, "member"]
+NODES_REQUESTED = Gauge("ensemble_member_nodes_requested", "A member's requested size at its last check", _MEMBER)
+NODES_UP = Gauge("ensemble_member_nodes_up", "A member's nodes up at its last check", _MEMBER)
+MEMBER_JOBS = Gauge(
+    "ensemble_member_jobs",
+    "A member's jobs at its last check, by state: waiting and running (its queue), finished and failed (so far)",
+    [*_MEMBER, "state"],
+)
 
 
 def to_metrics(
@@ -261,6 +269,7 @@ class MemberLoop:
                     _still_running()
                     self.backoff = min(self.backoff * 2, self.max_backoff)
         finally:
+            self._unexport()
             if not self.reachable:
                 UNREACHABLE.dec()
 
@@ -371,7 +380,34 @@ class MemberLoop:
             return
         LAG.observe(time.time() - checked)
         PUBLISHED.labels(source).inc()
+        self._export(metrics)
         self.seq += 1
+
+    def _labels(self) -> tuple[str, str, str]:
+        return self.address.namespace, self.address.ensemble, str(self.address.member)
+
+    def _export(self, metrics: Metrics) -> None:
+        """The member's last published check as Prometheus gauges (the Grafana dashboard's nodes and queue)."""
+        labels = self._labels()
+        NODES_REQUESTED.labels(*labels).set(metrics.size)
+        NODES_UP.labels(*labels).set(metrics.nodes.node_up_count)
+        for state, value in (
+            ("waiting", sum(metrics.waiting.values())),
+            ("running", metrics.queue.run),
+            ("finished", metrics.finished),
+            ("failed", metrics.failed),
+        ):
+            MEMBER_JOBS.labels(*labels, state).set(value)
+
+    def _unexport(self) -> None:
+        """Remove the member's gauges: a member no longer polled has no current size or queue."""
+        labels = self._labels()
+        for gauge in (NODES_REQUESTED, NODES_UP):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+        for state in ("waiting", "running", "finished", "failed"):
+            with contextlib.suppress(KeyError):
+                MEMBER_JOBS.remove(*labels, state)
 
     async def _report_jobs(self, status: StatusPayload) -> None:
         """Publish a report of each job that ended since the last one reported, and of a replaced queue.
@@ -428,6 +464,8 @@ class MemberLoop:
             log.info("sidecar lists no ended jobs (RequestJobs); no job reports", extra={"member": str(self.address)})
             self._no_jobs = True
         except (SidecarUnavailable, SidecarError) as exc:
+            kind = "refused" if isinstance(exc, SidecarError) else "unavailable"
+            health.SIDECAR_ERRORS.labels("poller", self.address.namespace, self.address.ensemble, kind).inc()
             log.warning("ended jobs not read: %s", exc, extra={"member": str(self.address)})
         except Exception as exc:
             # NATS away, or an ack lost after the report was stored: read where reports stand again
@@ -452,6 +490,8 @@ class MemberLoop:
             log.info("sidecar reachable", extra={"member": str(self.address)})
 
     async def _lost(self, exc: Exception) -> None:
+        kind = "refused" if isinstance(exc, SidecarError) else "unavailable"
+        health.SIDECAR_ERRORS.labels("poller", self.address.namespace, self.address.ensemble, kind).inc()
         if self.reachable and await self._event("unreachable", str(exc)):
             self.reachable = False
             UNREACHABLE.inc()
