@@ -92,8 +92,8 @@ def test_every_panel_has_a_query_and_the_ensemble_panels_follow_the_variables() 
         if "all ensembles" not in panel["title"]:
             assert any('ensemble="$ensemble"' in t["expr"] for t in panel["targets"]), panel["title"]
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for wanted in ("nodes requested and up", "queue", "decisions by action", "apply latency", "dead letters", "sidecar"):
-        assert wanted in titles
+    wanted = ("nodes requested and up", "queue", "decisions by action", "apply latency", "dead letters", "sidecar")
+    assert all(title in titles for title in wanted), titles
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed, so kustomize cannot render")
