@@ -90,8 +90,26 @@ class Recording:
     unreadable: int = 0
 
 
-async def read_stream(js: JetStreamContext, stream: str, subject: str, start: float | None) -> Recording:
-    """Every message on ``subject`` in ``stream`` (stored at or after ``start``), in stream order."""
+def refused(errors: list[str]) -> bool:
+    """Whether the server said that this client may not do something (a permissions violation)."""
+    return any("permissions violation" in error.lower() for error in errors)
+
+
+async def read_stream(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    start: float | None,
+    errors: list[str] | None = None,
+    *,
+    consumers: bool = True,
+) -> Recording:
+    """Every message on ``subject`` in ``stream`` (stored at or after ``start``), in stream order.
+
+    Without ``consumers``, or when the server refuses this user a consumer (it appends the violation to
+    ``errors``: see :func:`connect_once`), the messages are read one stream-message get at a time instead
+    (:func:`read_by_get`): all the read-only user that ``ensemble up`` prints may do.
+    """
     recording = Recording(messages=[])
     try:
         info = await js.stream_info(stream)
@@ -105,7 +123,16 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str, start: fl
         opt_start_time=None if start is None else datetime.fromtimestamp(start, UTC),
         inactive_threshold=30.0,
     )
-    subscription = await js.pull_subscribe(subject, stream=stream, config=config)
+    subscription = None
+    # not asked again once refused for an earlier stream
+    if consumers and (errors is None or not refused(errors)):
+        try:
+            subscription = await js.pull_subscribe(subject, stream=stream, config=config)
+        except nats.errors.TimeoutError:
+            if errors is None or not refused(errors):
+                raise
+    if subscription is None:
+        return await read_by_get(js, stream, subject, start, info.state.first_seq, info.state.last_seq)
     decoder = msgspec.json.Decoder(Recorded)
     try:
         last = info.state.last_seq
@@ -130,6 +157,32 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str, start: fl
             name = (await subscription.consumer_info()).name
             await subscription.unsubscribe()
             await js.delete_consumer(stream, name)
+    return recording
+
+
+async def read_by_get(
+    js: JetStreamContext, stream: str, subject: str, start: float | None, first: int, last: int
+) -> Recording:
+    """Every message on ``subject`` in ``stream`` between the sequences ``first`` and ``last`` (stored at or
+    after ``start``), read with one get of the next matching message each (``$JS.API.STREAM.MSG.GET`` with
+    ``next_by_subj``): no consumer is made. One request a message: slower than a consumer's batches."""
+    recording = Recording(messages=[])
+    decoder = msgspec.json.Decoder(Recorded)
+    seq = first
+    while seq <= last:
+        try:
+            found = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            break  # none after seq
+        if found.seq is None or found.seq > last:
+            break
+        seq = found.seq + 1
+        if start is not None and found.time is not None and found.time.timestamp() < start:
+            continue
+        try:
+            recording.messages.append(decoder.decode(found.data or b""))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            recording.unreadable += 1
     return recording
 
 
@@ -162,14 +215,16 @@ async def connect_once(settings: Settings, name: str, errors: list[str] | None =
     )
 
 
-async def record(settings: Settings, out: Path, start: float | None) -> Recording:
-    """Read the three sources and write them to ``out``, ordered by time; returns what was written."""
-    nc = await connect_once(settings, "record")
+async def record(settings: Settings, out: Path, start: float | None, *, consumers: bool = True) -> Recording:
+    """Read the three sources and write them to ``out``, ordered by time; returns what was written.
+    ``consumers=False``: read without making a consumer (see :func:`read_stream`)."""
+    errors: list[str] = []
+    nc = await connect_once(settings, "record", errors)
     try:
         js = nc.jetstream()
         everything = Recording(messages=[])
         for stream, subject in SOURCES:
-            part = await read_stream(js, stream, subject, start)
+            part = await read_stream(js, stream, subject, start, errors, consumers=consumers)
             everything.messages.extend(part.messages)
             everything.unreadable += part.unreadable
     finally:
@@ -214,11 +269,12 @@ def described(recording: Recording, out: Path) -> str:
 
 
 async def record_run(url: str, out: Path) -> tuple[bool, str]:
-    """``ensemble up --record``: write the recording of the run on NATS at ``url`` (whose credentials it
-    holds); whether it was written, and the line that says what it holds or why it was not written."""
+    """``ensemble up --record``: write the recording of the run on NATS at ``url`` (with the credentials of a
+    user who may read single messages: no consumer is made); whether it was written, and the line that says
+    what it holds or why it was not written."""
     try:
         async with asyncio.timeout(120):
-            recording = await record(Settings(nats_url=url), out, None)
+            recording = await record(Settings(nats_url=url), out, None, consumers=False)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         return False, f"--record {out}: not written: {exc or type(exc).__name__}"
     return True, described(recording, out)

@@ -246,7 +246,7 @@ async def start_nats(stack: Stack) -> NatsAccess:
     read-only one for the live view — with passwords made for the run, in a configuration file and a
     port file only the user who runs ``ensemble up`` can read.
     """
-    users = [*natsauth.SERVICES, natsauth.MONITOR, natsauth.READER, natsauth.RECORDER]
+    users = [*natsauth.SERVICES, natsauth.MONITOR, natsauth.READER]
     passwords = {user: secrets.token_hex(24) for user in users}
     config = stack.workdir / "nats-auth.conf"
     config.touch(mode=0o600)
@@ -256,7 +256,6 @@ async def start_nats(stack: Stack) -> NatsAccess:
             {s: passwords[s] for s in natsauth.SERVICES},
             monitor=passwords[natsauth.MONITOR],
             reader=passwords[natsauth.READER],
-            recorder=passwords[natsauth.RECORDER],
         )
     )
     ports = stack.workdir / "ports"
@@ -704,7 +703,7 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
         await nc.drain()
     folder = results_folder(args, ensemble)
     if args.record:
-        written, line = await record.record_run(access.url_for(natsauth.RECORDER), Path(args.record))
+        written, line = await record.record_run(access.url_for(natsauth.READER), Path(args.record))
         console.print(line, style=None if written else "red", highlight=False, soft_wrap=True)
     try:
         async with asyncio.timeout(60):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -12,18 +13,21 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import msgspec
+import nats
 import pytest
 from nats.aio.client import Client
 from rich.console import Console
 
-from ensemble_cli import status
+from ensemble_cli import record, status
 from ensemble_cli.main import _parser
 from ensemble_cli.status import Latest, member_status
-from ensemble_core import subjects
+from ensemble_cli.up import nats_command, nats_url
+from ensemble_core import natsauth, natsio, subjects
 from ensemble_core.messages import Applied, Decision, MemberEvent, MemberSpec, Metrics, encode
 from ensemble_core.settings import load
 from ensemble_core.subjects import MemberAddress
@@ -160,6 +164,14 @@ async def publish_member(nc: Client, spec: MemberSpec, *messages: msgspec.Struct
         await js.publish(subject, encode(message))
 
 
+async def status_in_process(url: str, *args: str) -> tuple[int, str]:
+    """``ensemble status --nats URL ARGS`` in this process (what ``run`` does, on the test's event loop): its
+    exit code and what it printed."""
+    parsed = _parser().parse_args(["status", "--nats", url, *args])
+    out = io.StringIO()
+    return await status.show(load(nats_url=url), parsed, Console(file=out, width=200, soft_wrap=True)), out.getvalue()
+
+
 async def test_status_reads_every_ensemble_from_nats_without_leaving_a_consumer(nc: Client, nats_url: str) -> None:
     first, second = member("hello.world"), member("hello.world", 1)
     d = decision(first, 3)
@@ -179,20 +191,73 @@ async def test_status_reads_every_ensemble_from_nats_without_leaving_a_consumer(
     assert [cell.strip() for cell in row.split("│")[1:9]] == ["0", "running", "3", "2", "4", "1", "6", "0"]
     assert re.search(r"│\s+1 │ starting", table.stdout)  # no metrics yet
 
-    documented = run_status(nats_url, "--json", "hello.world")
-    assert documented.returncode == 0, documented.stderr
-    found = json.loads(documented.stdout)
+    code, printed = await status_in_process(nats_url, "--json", "hello.world")
+    assert code == 0
+    found = json.loads(printed)
     assert [e["name"] for e in found["ensembles"]] == ["hello.world"]
     rows = found["ensembles"][0]["members"]
     assert [(r["member"], r["phase"], r["nodes_up"]) for r in rows] == [(0, "running", 2), (1, "starting", None)]
     assert rows[0]["last_decision"]["reason"] == REASON and rows[0]["last_decision"]["applied"]["ok"] is True
-    assert json.loads(run_status(nats_url, "--json", "-n", "lab").stdout)["ensembles"][0]["name"] == "sweep"
+    code, printed = await status_in_process(nats_url, "--json", "-n", "lab")
+    assert json.loads(printed)["ensembles"][0]["name"] == "sweep"
 
     # read-only: no consumer was made on any stream
     js = nc.jetstream()
     for stream in (subjects.METRICS_STREAM, subjects.DECISIONS_STREAM, subjects.EVENTS_STREAM):
         assert await js.consumers_info(stream) == []
     assert await js.consumers_info(f"KV_{subjects.MEMBERS_BUCKET}") == []
+
+
+@contextlib.contextmanager
+def nats_with_reader(directory: Path) -> Iterator[str]:
+    """A nats-server with the users of ``ensemble up`` (the ``reader`` among them) and an ``admin``; its URL."""
+    config = directory / "auth.conf"
+    block = natsauth.authorization({s: f"{s}-pw" for s in natsauth.SERVICES}, reader="reader-pw")
+    config.write_text(block.replace("  users: [\n", '  users: [\n    {user: admin, password: "admin"},\n', 1))
+    (directory / "ports").mkdir()
+    process = subprocess.Popen(
+        nats_command(directory / "store", directory / "ports", config=config),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while (url := nats_url(directory / "ports")) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert url is not None
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def as_user(url: str, user: str, password: str) -> str:
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{user}:{password}@{rest}"
+
+
+async def test_the_read_only_user_reads_the_status_and_records_without_a_consumer(tmp_path: Path) -> None:
+    with nats_with_reader(tmp_path) as url:
+        admin = await nats.connect(as_user(url, "admin", "admin"))
+        try:
+            await natsio.declare(admin.jetstream())
+            spec = member("ens")
+            d = decision(spec, 1)
+            await publish_member(admin, spec, metrics(spec, 1, size=2, up=1), d, applied(d), metrics(spec, 2, size=2))
+            reader = as_user(url, natsauth.READER, "reader-pw")
+            code, printed = await status_in_process(reader, "--json")
+            assert code == 0, printed
+            (row,) = json.loads(printed)["ensembles"][0]["members"]
+            assert (row["seq"], row["size"], row["last_decision"]["applied"]["ok"]) == (2, 2, True)
+            # `ensemble record` as this user: refused a consumer, it reads message by message
+            out = tmp_path / "recording.jsonl"
+            recording = await record.record(load(nats_url=reader), out, None)
+            kinds = sorted(type(m).__name__ for m in recording.messages)
+            assert kinds == ["Applied", "Decision", "Metrics", "Metrics"]
+            assert len(out.read_text().splitlines()) == 4
+            for stream in (subjects.METRICS_STREAM, subjects.DECISIONS_STREAM, subjects.EVENTS_STREAM):
+                assert await admin.jetstream().consumers_info(stream) == []
+        finally:
+            await admin.close()
 
 
 def read_line(stream: IO[str], deadline: float) -> str:
@@ -227,25 +292,19 @@ async def test_watch_refreshes_until_interrupted(nc: Client, nats_url: str) -> N
         watching.wait()
 
 
-async def status_in_process(url: str, *args: str) -> int:
-    """``ensemble status --nats URL ARGS`` in this process (what ``run`` does, on the test's event loop)."""
-    parsed = _parser().parse_args(["status", "--nats", url, *args])
-    return await status.show(load(nats_url=url), parsed, Console(file=io.StringIO()))
-
-
 async def test_no_ensemble_and_no_nats_are_clear_errors(
     nc: Client, nats_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert await status_in_process(nats_url) == status.EXIT_NONE
+    assert (await status_in_process(nats_url))[0] == status.EXIT_NONE
     message = capsys.readouterr().err
     assert "no ensemble on NATS at" in message and "creator" in message
-    assert await status_in_process(nats_url, "nobody") == status.EXIT_NONE
+    assert (await status_in_process(nats_url, "nobody"))[0] == status.EXIT_NONE
     assert "no ensemble named nobody on NATS" in capsys.readouterr().err
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     started = time.monotonic()
-    assert await status_in_process(f"nats://reader:secret@127.0.0.1:{port}") == status.EXIT_NATS
+    assert (await status_in_process(f"nats://reader:secret@127.0.0.1:{port}"))[0] == status.EXIT_NATS
     message = capsys.readouterr().err
     assert f"cannot reach NATS at nats://reader:***@127.0.0.1:{port}" in message and "secret" not in message
     assert time.monotonic() - started < 15
