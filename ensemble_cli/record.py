@@ -126,11 +126,7 @@ async def read_stream(
     subscription = None
     # not asked again once refused for an earlier stream
     if consumers and (errors is None or not refused(errors)):
-        try:
-            subscription = await js.pull_subscribe(subject, stream=stream, config=config)
-        except nats.errors.TimeoutError:
-            if errors is None or not refused(errors):
-                raise
+        subscription = await _consumer(js, stream, subject, config, errors)
     if subscription is None:
         return await read_by_get(js, stream, subject, start, info.state.first_seq, info.state.last_seq)
     decoder = msgspec.json.Decoder(Recorded)
@@ -158,6 +154,26 @@ async def read_stream(
             await subscription.unsubscribe()
             await js.delete_consumer(stream, name)
     return recording
+
+
+async def _consumer(
+    js: JetStreamContext, stream: str, subject: str, config: ConsumerConfig, errors: list[str] | None
+) -> JetStreamContext.PullSubscription | None:
+    """A temporary pull consumer, or None as soon as the server says this user may not make one (a refused
+    request is never answered: it would otherwise take the whole request timeout to find out)."""
+    making = asyncio.create_task(js.pull_subscribe(subject, stream=stream, config=config))
+    while not making.done():
+        await asyncio.wait({making}, timeout=0.05)
+        if not making.done() and errors is not None and refused(errors):
+            making.cancel()
+            await asyncio.wait({making})
+            return None
+    try:
+        return making.result()
+    except nats.errors.TimeoutError:
+        if errors is None or not refused(errors):
+            raise
+        return None
 
 
 async def read_by_get(
