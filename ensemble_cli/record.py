@@ -17,9 +17,11 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import nats
@@ -95,6 +97,27 @@ def refused(errors: list[str]) -> bool:
     return any("permissions violation" in error.lower() for error in errors)
 
 
+class Refused(Exception):
+    """The server refused this user a request; the message is what the server said."""
+
+
+T = TypeVar("T")
+
+
+async def unless_refused(call: Awaitable[T], errors: list[str] | None) -> T:
+    """Await ``call``, or raise :class:`Refused` as soon as the server reports a permissions violation into
+    ``errors`` (see :func:`connect_once`): a refused request is never answered, and would otherwise take
+    the whole request timeout to fail."""
+    task = asyncio.ensure_future(call)
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.05)
+        if not task.done() and errors is not None and refused(errors):
+            task.cancel()
+            await asyncio.wait({task})
+            raise Refused(next(e for e in reversed(errors) if "permissions violation" in e.lower()))
+    return task.result()
+
+
 async def read_stream(
     js: JetStreamContext,
     stream: str,
@@ -159,17 +182,11 @@ async def read_stream(
 async def _consumer(
     js: JetStreamContext, stream: str, subject: str, config: ConsumerConfig, errors: list[str] | None
 ) -> JetStreamContext.PullSubscription | None:
-    """A temporary pull consumer, or None as soon as the server says this user may not make one (a refused
-    request is never answered: it would otherwise take the whole request timeout to find out)."""
-    making = asyncio.create_task(js.pull_subscribe(subject, stream=stream, config=config))
-    while not making.done():
-        await asyncio.wait({making}, timeout=0.05)
-        if not making.done() and errors is not None and refused(errors):
-            making.cancel()
-            await asyncio.wait({making})
-            return None
+    """A temporary pull consumer, or None as soon as the server says this user may not make one."""
     try:
-        return making.result()
+        return await unless_refused(js.pull_subscribe(subject, stream=stream, config=config), errors)
+    except Refused:
+        return None
     except nats.errors.TimeoutError:
         if errors is None or not refused(errors):
             raise

@@ -38,7 +38,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ensemble_cli.record import connect_once
+from ensemble_cli.record import Refused, connect_once, unless_refused
 from ensemble_core import flags, subjects
 from ensemble_core.messages import Applied, Decision, MemberEvent, MemberSpec, Metrics, decode
 from ensemble_core.settings import Settings, SettingsError, load
@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watch", action="store_true", help="refresh every --interval seconds until Ctrl-C")
     parser.add_argument(
         "--interval", type=flags.seconds(positive=True), default=2.0, help="seconds between two refreshes (default 2)"
+    )
+    parser.epilog = (
+        "exit codes: 0 shown; 1 NATS holds no ensemble (or none that matches); 2 a bad flag or setting; "
+        "3 NATS unreachable, or it refused a read"
     )
 
 
@@ -349,7 +353,14 @@ def _filters(args: argparse.Namespace) -> str:
 async def _snapshot(nc: Client, args: argparse.Namespace, errors: list[str]) -> list[EnsembleStatus]:
     try:
         async with asyncio.timeout(READ_TIMEOUT):
-            return group(await read(nc.jetstream(timeout=READ_TIMEOUT), args.namespace, args.ensemble))
+            reading = read(nc.jetstream(timeout=READ_TIMEOUT), args.namespace, args.ensemble)
+            found = await unless_refused(reading, errors)
+        return group(found)
+    except Refused as exc:
+        raise ReadRefused(
+            f"{exc}; ensemble status needs stream info and single-message reads of the streams and of the "
+            "ensemble-members bucket: the permissions of the reader user (ensemble_core/natsauth.py)"
+        ) from None
     except (TimeoutError, nats.errors.Error) as exc:
         why = errors[-1] if errors else (str(exc) or type(exc).__name__)
         raise ReadRefused(why) from None

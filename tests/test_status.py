@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from ensemble_core import natsauth, natsio, subjects
 from ensemble_core.messages import Applied, Decision, MemberEvent, MemberSpec, Metrics, encode
 from ensemble_core.settings import load
 from ensemble_core.subjects import MemberAddress
-from tests.conftest import REPO
+from tests.conftest import REPO, tls_files
 from tests.factories import make_member, make_metrics
 
 CLI = [sys.executable, "-m", "ensemble_cli"]
@@ -258,6 +259,36 @@ async def test_the_read_only_user_reads_the_status_and_records_without_a_consume
                 assert await admin.jetstream().consumers_info(stream) == []
         finally:
             await admin.close()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed: no production NATS to render")
+async def test_status_connects_as_the_services_do_and_names_a_read_it_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_security import PASSWORDS, production_nats, service_url
+
+    # production's NATS: TLS (the CA in SSL_CERT_FILE, as the services trust it) and a user per service
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files(tmp_path, "localhost", "127.0.0.1")))
+    with production_nats(tmp_path, PASSWORDS) as port:
+        url = service_url("creator", port)
+        creator = await nats.connect(url)
+        try:
+            await natsio.declare(creator.jetstream())
+            spec = member("tls")
+            key = MemberAddress(spec.namespace, spec.ensemble, spec.member).key
+            await (await creator.jetstream().key_value(subjects.MEMBERS_BUCKET)).put(key, encode(spec))
+        finally:
+            await creator.close()
+        started = time.monotonic()
+        # the creator's user reads member records and metrics, not decisions or events: said at once, not after
+        # the request's timeout
+        assert (await status_in_process(url))[0] == status.EXIT_NATS
+        message = capsys.readouterr().err
+        assert "did not answer a read" in message and "permissions violation" in message.lower(), message
+        # (the client lower-cases the server's text) the decisions or the events, read at once
+        assert re.search(r"stream\.msg\.get\.ensemble_(decisions|events)", message.lower()), message
+        assert "reader" in message and PASSWORDS["creator"] not in message
+        assert time.monotonic() - started < status.READ_TIMEOUT
 
 
 def read_line(stream: IO[str], deadline: float) -> str:
