@@ -8,9 +8,11 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ensemble_cli.parsing import Parser
 from ensemble_core.hardening import make_private
 from ensemble_core.runner import run_service
 from ensemble_core.settings import Settings
+from ensemble_core.version import VERSION
 
 
 def _service(name: str) -> Callable[[Settings], Coroutine[Any, Any, None]]:
@@ -35,10 +37,12 @@ def _service(name: str) -> Callable[[Settings], Coroutine[Any, Any, None]]:
 def _parser() -> argparse.ArgumentParser:
     from ensemble_cli import record, replay, simulate, up, validate
 
-    parser = argparse.ArgumentParser(
+    # a misspelt subcommand, choice or flag is answered with the close match and the subcommand's usage
+    parser = Parser(
         prog="ensemble",
         description="Run ensembles of HPC jobs on Flux MiniClusters that grow, shrink and stop with the work.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up.add_arguments(commands.add_parser("up", help="run an ensemble to completion on this machine"))
     validate.add_arguments(commands.add_parser("validate", help="check an Ensemble file and print every error"))
@@ -90,5 +94,5 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(up.run(args))
         except KeyboardInterrupt:
             print("interrupted; everything stopped", file=sys.stderr)
-            return 130
+            return up.EXIT_INTERRUPTED
     return run_service(args.command, _service(args.command))

@@ -27,6 +27,7 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
+from ensemble_cli import terminal
 from ensemble_core import algorithms
 from ensemble_core.messages import (
     AlgorithmSpec,
@@ -411,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
             for decision in decisions:
                 out.write(encode(decision).decode() + "\n")
         return 0
-    console = Console()
+    console = terminal.console()  # in a pipe: whole tables, never cut at 80 columns
     if args.compare:
         _print_comparison(console, compare(decisions, recording))
     else:

@@ -18,6 +18,7 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
+from ensemble_cli import terminal
 from ensemble_cli.simulation import DEFAULT_DELAY, SimulationConfig, SimulationResult, simulate
 from ensemble_core import algorithms, flags
 from ensemble_core.messages import encode
@@ -90,7 +91,7 @@ def parse_delay(text: str) -> float | list[float]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``ensemble simulate``; returns the exit code (2 for bad input, 1 if the run did not finish)."""
-    console = Console()
+    console = terminal.console()  # in a pipe: whole tables, never cut at 80 columns
     try:
         ensemble = load(args.file)
         trace = load_trace(args.trace) if args.trace else None

@@ -33,6 +33,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ensemble_core.messages import Decision, MemberSpec, Metrics
+from ensemble_core.words import every, plural
 
 from .base import decision
 from .sizing import Order, finish, idle, pick_job, scale_to
@@ -91,7 +92,7 @@ class Static:
             state = replace(state, last_seq=metrics.seq, submitted=True, jobs_submitted=total)
             decisions = []
             if jobs:
-                reason = f"static baseline: submit all {total} jobs"
+                reason = f"static baseline: submit {every(total, 'job')}"
                 decisions.append(
                     decision(
                         member, metrics, 0, "submit", jobs=jobs, order=options.order, seed=state.seed, reason=reason
@@ -104,7 +105,7 @@ class Static:
         inactive = state.inactive + 1 if idle(metrics, state.jobs_submitted) else 0
         state = replace(state, last_seq=metrics.seq, inactive=inactive)
         if inactive >= options.terminate_checks:
-            why = f"static baseline: idle for {inactive} checks"
+            why = f"static baseline: idle for {plural(inactive, 'check')}"
             return replace(state, done=True), finish(member, metrics, 0, False, why)
         return state, []
 
