@@ -42,7 +42,6 @@ from typing import IO, Any
 import msgspec
 import nats
 from nats.aio.msg import Msg
-from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
@@ -397,13 +396,15 @@ class Monitor:
         # takes what is left, cut with an ellipsis
         table = Table(
             title=f"ensemble {self.ensemble.namespace}/{self.ensemble.name}",
-            box=box.SIMPLE_HEAD,
+            caption="size: requested; up: nodes up; wait, run, done, fail: jobs",
+            box=None,
             pad_edge=False,
             expand=True,
+            header_style="bold",
         )
-        for column in ("member", "phase", "size", "up", "waiting", "running", "done", "failed"):
+        for column in ("member", "phase", "size", "up", "wait", "run", "done", "fail"):
             table.add_column(column, no_wrap=True, justify="left" if column == "phase" else "right")
-        table.add_column("last decision", no_wrap=True, overflow="ellipsis", ratio=1, min_width=12)
+        table.add_column("last decision", no_wrap=True, overflow="ellipsis", ratio=1, min_width=20)
         for view in self.members.values():
             table.add_row(
                 str(view.index),

@@ -265,8 +265,9 @@ def test_ensemble_up_refuses_a_bad_spec_with_the_field_path(tmp_path: Path) -> N
         ("--cores", "many", "argument --cores: must be an integer >= 1, got 'many'"),
         ("--provision-delay", "-1", "argument --provision-delay: must be a number of seconds >= 0, got -1"),
         ("--provision-delay", "nan", "argument --provision-delay: must be a number of seconds >= 0, got nan"),
-        ("--timeout", "-5", "argument --timeout: must be a number of seconds >= 0, got -5"),
-        ("--timeout", "inf", "argument --timeout: must be a number of seconds >= 0, got inf"),
+        ("--timeout", "-5", "argument --timeout: must be a number of seconds > 0, got -5"),
+        ("--timeout", "0", "argument --timeout: must be a number of seconds > 0, got 0"),
+        ("--timeout", "inf", "argument --timeout: must be a number of seconds > 0, got inf"),
     ],
 )
 def test_ensemble_up_refuses_a_bad_flag_before_starting_anything(
