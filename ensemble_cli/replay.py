@@ -42,6 +42,7 @@ from ensemble_core.messages import (
 )
 from ensemble_core.spec import SpecError, load
 from ensemble_core.subjects import MemberAddress
+from ensemble_core.words import plural
 
 #: Two decisions taken on metrics at most this many seqs apart may agree.
 WINDOW = 2
@@ -203,7 +204,7 @@ def member_from_recording(recording: Recording, address: MemberAddress) -> tuple
     where = f"seq {with_jobs.seq}" if with_jobs is not None else "nowhere (no job ever waited)"
     notes = [
         f"member {address}: no Ensemble file, so it is reconstructed from the recording: size {spec.size} "
-        f"(the first snapshot), jobs from the waiting counts at {where} ({sum(j.count for j in jobs)} jobs); "
+        f"(the first snapshot), jobs from the waiting counts at {where} ({plural(sum(j.count for j in jobs), 'job')}); "
         f"minSize unknown, taken as 1; maxSize unknown, taken as {spec.max_size} (the largest size the member had); "
         "the algorithm and its options unknown, so demand-fit with defaults unless --algorithm/--option. "
         f"Pass --ensemble FILE (or put {BESIDE} beside the recording) to set them."
@@ -351,7 +352,7 @@ def replay(args: argparse.Namespace, notes: list[str]) -> tuple[Recording, list[
 
 def _print_decisions(console: Console, recording: Recording, decisions: Sequence[Decision]) -> None:
     start = recording.metrics[0].time
-    table = Table(title=f"{len(decisions)} decisions replayed on {len(recording.metrics)} metrics")
+    table = Table(title=f"{plural(len(decisions), 'decision')} replayed on {len(recording.metrics)} metrics")
     for column in ("member", "seq", "t s", "action", "size", "reason"):
         table.add_column(column, justify="right" if column in ("member", "seq", "t s", "size") else "left")
     for decision in decisions:

@@ -40,6 +40,7 @@ from ensemble_core import algorithms
 from ensemble_core import matrix as sweep
 from ensemble_core.commands import command_argv
 from ensemble_core.messages import DEFAULT_ALGORITHM, AlgorithmSpec, JobSpec, MemberSpec
+from ensemble_core.words import plural
 
 API_VERSION = "ensemble.flux-framework.org/v1alpha1"
 KIND = "Ensemble"
@@ -547,7 +548,7 @@ def _matrix_count(check: _Checker, data: Mapping[str, Any], where: str, matrix: 
     if count != total:
         check.error(
             f"{where}.count",
-            f"{count} does not match the matrix, which gives {total} jobs ({_shape(matrix)}); remove count: "
+            f"{count} does not match the matrix, which gives {plural(total, 'job')} ({_shape(matrix)}); remove count: "
             "a group with a matrix runs one job per combination",
         )
         return None

@@ -234,3 +234,16 @@ def test_the_kubectl_tests_skip_with_one_reason_saying_how_to_get_one(
     finally:
         monkeypatch.undo()
         kubectl_support.found.cache_clear()
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "inf"])
+def test_the_sidecars_shrink_grace_is_checked_like_every_numeric_flag(
+    capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    from sidecar.cli import _parser as sidecar_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        sidecar_parser().parse_args(["--port", "0", f"--shrink-grace={value}"])
+    assert exit_.value.code == 2
+    assert f"argument --shrink-grace: must be a number of seconds >= 0, got {value}" in capsys.readouterr().err
+    assert sidecar_parser().parse_args(["--port", "0", "--shrink-grace", "0"]).shrink_grace == 0  # 0: never
