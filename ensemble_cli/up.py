@@ -14,8 +14,9 @@ member ``i`` gets ranks of its own, ``maxSize`` of them after those of the membe
 sidecar drains the ranks above its size and undrains them to grow, so a shrink never kills a job and
 the members never share a rank. Node-seconds are then the seconds ranks were available to the member.
 
-Exit codes: 0 every job succeeded; 1 some job failed; 2 the Ensemble file is invalid; 3 the run
-could not complete (a part died or did not start, or ``--timeout`` passed). The run's directory (logs,
+Exit codes (:data:`EXIT_CODES`, which ``ensemble up --help`` lists): 0 every job succeeded; 1 some job
+failed; 2 the Ensemble file or a flag is invalid; 3 the run could not complete (a part died or did not
+start, or ``--timeout`` passed); 130 Ctrl-C. The run's directory (logs,
 journals, state) is removed only after a run that succeeded without ``--logs``; after any other run it
 is kept and named, with the summary of what was done.
 """
