@@ -51,9 +51,10 @@ from .workload_demand import WorkloadDemandOptions
 RECHECKS_AFTER_SUBMIT = 1
 #: The status calls it made at once after an applied scale (the MiniCluster update re-queued it twice).
 RECHECKS_AFTER_SCALE = 2
-#: A snapshot this close (s) after a change is one of those re-checks (the recordings put them at the
-#: change's own time; a periodic check is ``checkSeconds``, 10 s by default, later).
-RECHECK_SECONDS = 2.0
+#: A snapshot this close (s) after a change is one of those re-checks: twice the ±1.5 s error of the
+#: recordings' reconstructed times (they put the re-checks at the change's own time), and never more
+#: than half the member's ``checkSeconds`` (a periodic check is that much later).
+RECHECK_SECONDS = 3.0
 
 
 def _seed(member: MemberSpec) -> int:
@@ -139,6 +140,11 @@ class SeedAsBuiltState(msgspec.Struct, kw_only=True, frozen=True):
     done: bool = False
 
 
+def _is_recheck(member: MemberSpec, state: SeedAsBuiltState, metrics: Metrics) -> bool:
+    window = min(RECHECK_SECONDS, member.check_seconds / 2)
+    return state.rechecks_owed > 0 and metrics.time - state.changed_at <= window
+
+
 class SeedAsBuilt:
     """The original operator as it behaved (see the module docstring). Takes workload-demand's options."""
 
@@ -177,7 +183,7 @@ class SeedAsBuilt:
             )
             return state, [submit]
         calls = 1
-        if state.rechecks_owed and metrics.time - state.changed_at <= RECHECK_SECONDS:
+        if _is_recheck(member, state, metrics):
             state = replace(state, rechecks_owed=state.rechecks_owed - 1)  # this snapshot is a re-check
         else:
             calls += state.rechecks_owed  # the re-checks no snapshot stood for
