@@ -31,6 +31,7 @@ from rich.table import Table
 from ensemble_cli.carry import carry, dropped_note
 from ensemble_core import algorithms
 from ensemble_core.messages import (
+    DEFAULT_ALGORITHM,
     AlgorithmSpec,
     Applied,
     Decision,
@@ -102,7 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ensemble replay``."""
     parser.add_argument("recording", metavar="RECORDING", help="a recording (JSON Lines, as `ensemble record` writes)")
     parser.add_argument(
-        "--algorithm", metavar="NAME", help="the algorithm to replay (default: the member's, else demand-fit)"
+        "--algorithm",
+        metavar="NAME",
+        help=f"the algorithm to replay (default: the member's, else {DEFAULT_ALGORITHM}); "
+        "the file's options it takes are kept",
     )
     parser.add_argument(
         "--option",
@@ -225,7 +229,7 @@ def member_from_recording(recording: Recording, address: MemberAddress) -> tuple
         f"member {address}: no Ensemble file, so it is reconstructed from the recording: size {spec.size} "
         f"(the first snapshot), jobs from the waiting counts at {where} ({sum(j.count for j in jobs)} jobs); "
         f"minSize unknown, taken as 1; maxSize unknown, taken as {spec.max_size} (the largest size the member had); "
-        "the algorithm and its options unknown, so demand-fit with defaults unless --algorithm/--option. "
+        f"the algorithm and its options unknown, so {DEFAULT_ALGORITHM} with defaults unless --algorithm/--option. "
         f"Pass --ensemble FILE (or put {BESIDE} beside the recording) to set them."
     ]
     return spec, notes
