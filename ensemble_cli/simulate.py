@@ -34,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='Flux job records (JSON Lines, or the original\'s {"jobs": [...]} dump) whose jobs replace the '
         "file's matrix: nodes from nnodes, run time from t_inactive - t_run",
     )
-    parser.add_argument("--algorithm", help="use this algorithm for every member instead of the file's")
+    parser.add_argument(
+        "--algorithm",
+        help="use this algorithm for every member instead of the file's (each member keeps its options this one takes)",
+    )
     parser.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="an option of the algorithm (repeatable)"
     )
@@ -154,10 +157,17 @@ def _check_algorithm(ensemble: Ensemble, name: str, options: dict[str, str | int
     if problems:
         raise ValueError("\n".join(f"--option {problem}" for problem in problems))
     notes = []
+    errors = []
     for member in ensemble.members:
-        _, dropped = carry(member.algorithm, name)
+        carried, dropped = carry(member.algorithm, name)
         if dropped:
             notes.append(dropped_note(member.index, member.algorithm, name, dropped))
+        if name == "rules":
+            groups = [job.name for job in member.jobs]
+            for problem in algorithms.validate_rules(name, carried.rules, groups):
+                errors.append(f"--algorithm rules: spec.members[{member.index}].algorithm.{problem}")
+    if errors:
+        raise ValueError("\n".join(errors))
     return notes
 
 

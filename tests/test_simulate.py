@@ -186,3 +186,12 @@ def test_the_sweep_example_simulates_its_twelve_jobs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["jobs"] == 12
+
+
+def test_rules_without_rules_is_refused_naming_the_member(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", str(REPO / "examples/hello-world.yaml"), "--algorithm", "rules"]) == 2
+    err = capsys.readouterr().err
+    assert "--algorithm rules: spec.members[0].algorithm.rules: the rules algorithm needs at least one rule" in err
+    # a file with rules keeps them under --algorithm rules
+    assert main(["simulate", str(REPO / "examples/rules.yaml"), "--algorithm", "rules", "--json", "--delay", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["completed"] is True
