@@ -30,6 +30,7 @@ from rich.table import Table
 
 from ensemble_cli.carry import carry, dropped_note
 from ensemble_core import algorithms
+from ensemble_core.algorithms.baselines import IGNORED_SCALE
 from ensemble_core.messages import (
     DEFAULT_ALGORITHM,
     AlgorithmSpec,
@@ -312,10 +313,17 @@ def _close(a: Decision, b: Decision) -> bool:
     return abs(a.based_on - b.based_on) <= WINDOW or abs(a.time - b.time) <= TIME_ERROR
 
 
-def _agree(replayed: Decision, recorded: Decision) -> bool:
+def _same_action(replayed: Decision, recorded: Decision, recording: Recording) -> bool:
+    """The same action; a step the model of the original ignores is the recorded scale that did not apply."""
+    if replayed.action == IGNORED_SCALE and recorded.action == "scale":
+        return _outcome(recording, recorded).startswith("failed")
+    return replayed.action == recorded.action
+
+
+def _agree(replayed: Decision, recorded: Decision, recording: Recording) -> bool:
     return (
         _same_member(replayed, recorded)
-        and replayed.action == recorded.action
+        and _same_action(replayed, recorded, recording)
         and replayed.size == recorded.size
         and _close(replayed, recorded)
     )
@@ -333,7 +341,7 @@ def compare(replayed: Sequence[Decision], recording: Recording) -> list[Pair]:
     unpaired = list(replayed)
     alone: list[Decision] = []
     for recorded in sorted(recording.decisions, key=lambda d: (d.member, d.based_on)):
-        match = next((candidate for candidate in unpaired if _agree(candidate, recorded)), None)
+        match = next((candidate for candidate in unpaired if _agree(candidate, recorded, recording)), None)
         if match is None:
             alone.append(recorded)
             continue
@@ -365,7 +373,7 @@ def compare(replayed: Sequence[Decision], recording: Recording) -> list[Pair]:
 def _explain(recorded: Decision, unpaired: Sequence[Decision], recording: Recording) -> Pair:
     """A recorded decision no replayed one agrees with, with its cause when one is known."""
     outcome = _outcome(recording, recorded)
-    same = [d for d in unpaired if _same_member(d, recorded) and d.action == recorded.action]
+    same = [d for d in unpaired if _same_member(d, recorded) and _same_action(d, recorded, recording)]
     timed = [d for d in same if d.size == recorded.size and abs(d.based_on - recorded.based_on) <= TIMING_WINDOW]
     if timed:
         match = min(timed, key=lambda d: abs(d.based_on - recorded.based_on))

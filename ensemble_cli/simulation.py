@@ -290,18 +290,6 @@ async def _apply(
         m.pending.remove(decision)
     if not m.active:
         return
-    if _ignored(m, decision):
-        # the original's controller ignored a size above maxSize; this project's actuator would clamp it
-        size, top = m.sim.queue.size, m.member.max_size
-        why = f"ignored {size}->{decision.size} outside boundary (maxSize {top}), as the original did"
-        applied = Applied(
-            namespace=decision.namespace, ensemble=decision.ensemble, member=decision.member,
-            decision=decision.id, time=now, ok=False, action=decision.action,
-            error=why,
-        )  # fmt: skip
-        if config.record:
-            records.append(applied)
-        return
     try:
         effect = await apply(decision, m.member, m.driver, since_scale=now - m.last_scale, cooldown=config.cooldown)
     except CooldownPending:
@@ -335,13 +323,6 @@ async def _apply(
                 size_before=effect.before, size_after=effect.after, error=effect.error,
             )
         )  # fmt: skip
-
-
-def _ignored(m: _Member, decision: Decision) -> bool:
-    """Whether ``decision`` is a scale outside the member's bounds that its algorithm says is not applied."""
-    if not getattr(m.algorithm, "ignores_out_of_bounds", False) or decision.action != "scale" or decision.size is None:
-        return False
-    return not max(1, m.member.min_size) <= decision.size <= m.member.max_size
 
 
 async def _run(config: SimulationConfig) -> SimulationResult:

@@ -5,7 +5,8 @@ Issue 18. Causes, each fixed and tested here (docs/replay.md, "The original on i
 - the model counted the original's re-checks twice: the recordings hold them as metrics lines of
   their own, and the model also credited them (model);
 - a step above maxSize was dropped inside the model, so the recorded (ignored) decision had no
-  counterpart (model; the simulator now refuses it as the original's controller did);
+  counterpart (model: it is now decided as ``scale-ignored``, which no actuator applies, and replay
+  pairs it with the recorded scale that did not apply);
 - re-checks share one time but not one seq, so agreement also allows the recordings' ±1.5 s (matching);
 - ``--algorithm seed-as-built`` ran without the file's options (the CLI).
 """
@@ -23,6 +24,7 @@ from ensemble_cli import replay as replay_cli
 from ensemble_cli.main import main
 from ensemble_cli.simulation import SimulationConfig, simulate
 from ensemble_core import algorithms
+from ensemble_core.algorithms.baselines import IGNORED_SCALE
 from ensemble_core.messages import DEFAULT_ALGORITHM, Applied, Decision, Metrics
 from ensemble_core.spec import load
 from sidecar.sim import load_trace
@@ -57,7 +59,7 @@ def test_the_model_of_the_original_repeats_every_recorded_decision_at_its_seq(
             assert pair["replayed"]["size"] == pair["recorded"]["size"], pair
     # the steps the original ignored are decided with their size above maxSize, as recorded
     dropped = [p for p in pairs if p["outcome"].startswith("failed")]
-    assert dropped and all(p["replayed"]["size"] > 24 for p in dropped)
+    assert dropped and all(p["replayed"]["action"] == IGNORED_SCALE and p["replayed"]["size"] > 24 for p in dropped)
     # without --option the file's options are kept (seed-as-built takes workload-demand's): the same result
     again, notes = replay_json(capsys, recording, "--compare", "--algorithm", "seed-as-built")
     assert again == lines
@@ -97,24 +99,25 @@ def test_re_checks_in_the_stream_are_the_ones_the_model_owes_not_extra_checks() 
 def test_a_step_above_max_size_is_decided_then_ignored_and_the_counter_restarts_without_re_checks() -> None:
     times = [10.0 * seq for seq in range(12)]
     decisions = seed_decisions(waiting_stream(times, {}, next_job=8), max_size=6)
-    scales = [(d.based_on, d.size) for d in decisions if d.action == "scale"]
+    assert {d.action for d in decisions} == {"submit", IGNORED_SCALE}
+    scales = [(d.based_on, d.size) for d in decisions if d.action == IGNORED_SCALE]
     # 1 + 8 > 6 at seq 3; the original reset its counter before checking the size and made no
     # re-check (nothing changed), so the next try is 5 periodic calls later
     assert scales == [(3, 9), (8, 9)]
     assert "outside maxSize 6, so the original ignored it" in decisions[1].reason
 
 
-def test_the_simulator_refuses_an_ignored_step_as_the_original_did() -> None:
+def test_an_ignored_step_is_not_applied_in_a_simulation_as_the_original_did_not() -> None:
     folder = SEED / "run5-descending"
     ensemble = load(folder / "ensemble.yaml")
     config = SimulationConfig(
         ensemble=ensemble, algorithm="seed-as-built", trace=load_trace(folder / "jobs.jsonl"), delay=100, record=True
     )
     result = simulate(config)
-    above = {r.id for r in result.records if isinstance(r, Decision) and r.action == "scale" and (r.size or 0) > 24}
+    above = {r.id for r in result.records if isinstance(r, Decision) and r.action == IGNORED_SCALE}
     assert above, "the descending run passes maxSize 24 (17 + 8), as recorded"
     refused = [r for r in result.records if isinstance(r, Applied) and r.decision in above]
-    assert refused and all(not r.ok and "outside boundary" in r.error for r in refused)
+    assert len(refused) == len(above) and not any(r.ok for r in refused)
     summary = result.summary()
     assert summary["peak_size"] <= 24 and summary["scale_downs"] == 0
 
@@ -134,6 +137,18 @@ def test_decisions_at_one_time_agree_however_many_seqs_apart() -> None:
     pairs = replay_cli.compare([decision_at(6, 1060.0)], recording)
     assert [(p.agree, p.cause) for p in pairs] == [(False, "timing")]
     assert "3 metrics later (+30.0 s)" in pairs[0].detail
+
+
+def test_an_ignored_step_agrees_only_with_a_recorded_scale_that_did_not_apply() -> None:
+    recorded = decision_at(13, 1130.0, size=25)
+    failed = Applied(namespace="default", ensemble="ens", member=0, decision=recorded.id, time=1130.0, ok=False,
+                     error="original operator: ignored 17->25 outside boundary")  # fmt: skip
+    ignored = decision_at(13, 1130.0, action=IGNORED_SCALE, size=25)
+    recording = replay_cli.Recording(metrics=[make_metrics(0)], decisions=[recorded], applied={recorded.id: failed})
+    assert [p.agree for p in replay_cli.compare([ignored], recording)] == [True]
+    applied = msgspec.structs.replace(failed, ok=True, error="")
+    recording = replay_cli.Recording(metrics=[make_metrics(0)], decisions=[recorded], applied={recorded.id: applied})
+    assert [p.agree for p in replay_cli.compare([ignored], recording)] == [False, False]
 
 
 def test_each_disagreement_gets_its_cause_and_the_summary_counts_them(capsys: pytest.CaptureFixture[str]) -> None:
@@ -198,3 +213,21 @@ def test_without_an_ensemble_file_the_member_falls_back_to_the_default_algorithm
     assert f"so {DEFAULT_ALGORITHM} with defaults" in notes[0]
     docs = (REPO / "docs" / "replay.md").read_text()
     assert f"the algorithm `{DEFAULT_ALGORITHM}` with its defaults" in docs
+
+
+def test_a_simulated_run_of_the_model_replays_to_the_same_decisions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # no re-check snapshots in a simulation: the model adds the ones it owes, and replay agrees with it
+    folder = SEED / "run5-descending"
+    config = SimulationConfig(
+        ensemble=load(folder / "ensemble.yaml"), algorithm="seed-as-built", trace=load_trace(folder / "jobs.jsonl"),
+        delay=100, record=True,
+    )  # fmt: skip
+    recording = tmp_path / "simulated.jsonl"
+    recording.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in simulate(config).records))
+    argv = [str(recording), "--ensemble", str(folder / "ensemble.yaml"), "--algorithm", "seed-as-built", "--compare"]
+    lines, _ = replay_json(capsys, *argv)
+    summary = lines[-1]
+    assert summary["agree"] == summary["recorded"] == summary["replayed"] >= 4
+    assert summary["causes"] == {}

@@ -16,9 +16,10 @@ reproduces its bugs:
   the next job (``scaleUpStrategy``), whatever is already coming;
 - nodes requested but not yet up are ignored: each step adds to the requested size;
 - a step that would pass ``maxSize`` is decided but not applied (the original's controller ignored it
-  "outside allowed boundary"): the decision is emitted with its size above maxSize and
-  :attr:`SeedAsBuilt.ignores_out_of_bounds` tells the simulator to refuse it as the original did; the
-  counters were reset before the size was checked, so they restart all the same;
+  "outside allowed boundary"): it is decided as :data:`IGNORED_SCALE` with the size the original asked
+  for, an action no actuator carries out (this project's actuator answers ``ok: false``, as the
+  original did; a ``scale`` would be clamped to maxSize); the counters were reset before the size was
+  checked, so they restart all the same;
 - no scale-down is ever applied;
 - it terminates when the idle counter *exceeds* ``terminateChecks`` (strictly greater), with no
   check that the submitted jobs were ever seen.
@@ -47,6 +48,9 @@ from .base import decision
 from .sizing import Order, finish, idle, pick_job, scale_to
 from .workload_demand import WorkloadDemandOptions
 
+#: The action of a step the original decided and then ignored (its size was above maxSize): no actuator
+#: applies it. ``ensemble replay`` counts it as agreeing with a recorded ``scale`` that was not applied.
+IGNORED_SCALE = "scale-ignored"
 #: The status calls the original's reconcile loop made at once after it submitted the jobs matrix.
 RECHECKS_AFTER_SUBMIT = 1
 #: The status calls it made at once after an applied scale (the MiniCluster update re-queued it twice).
@@ -151,9 +155,6 @@ class SeedAsBuilt:
     name: str = "seed-as-built"
     options_type: type[WorkloadDemandOptions] = WorkloadDemandOptions
     state_type: type[SeedAsBuiltState] = SeedAsBuiltState
-    #: A scale above maxSize is decided but must not be applied (the simulator refuses it, as the
-    #: original's controller did; this project's actuator would clamp it).
-    ignores_out_of_bounds: bool = True
 
     def initial_state(self, member: MemberSpec, options: WorkloadDemandOptions) -> SeedAsBuiltState:
         """A fresh state seeded by the member's address."""
@@ -210,7 +211,7 @@ class SeedAsBuilt:
                 f"original operator: scale up by {step}: {metrics.size} → {target} is outside maxSize "
                 f"{member.max_size}, so the original ignored it"
             )
-            return state, [decision(member, metrics, 0, "scale", size=target, reason=why)]
+            return state, [decision(member, metrics, 0, IGNORED_SCALE, size=target, reason=why)]
         why = f"original operator: scale up by {step}"
         state = replace(state, rechecks_owed=RECHECKS_AFTER_SCALE, changed_at=metrics.time)
         return state, scale_to(member, metrics, 0, target, why)
