@@ -19,10 +19,11 @@ from rich.console import Console
 from rich.table import Table
 
 from ensemble_cli import terminal
+from ensemble_cli.carry import carry, dropped_note
 from ensemble_cli.simulation import DEFAULT_DELAY, SimulationConfig, SimulationResult, simulate
 from ensemble_core import algorithms, flags
 from ensemble_core.messages import encode
-from ensemble_core.spec import SpecError, load
+from ensemble_core.spec import Ensemble, SpecError, load
 from sidecar.sim import TraceError, load_trace
 
 
@@ -34,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='Flux job records (JSON Lines, or the original\'s {"jobs": [...]} dump) whose jobs replace the '
         "file's matrix: nodes from nnodes, run time from t_inactive - t_run",
     )
-    parser.add_argument("--algorithm", help="use this algorithm for every member instead of the file's")
+    parser.add_argument(
+        "--algorithm",
+        help="use this algorithm for every member instead of the file's (each member keeps its options this one takes)",
+    )
     parser.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="an option of the algorithm (repeatable)"
     )
@@ -97,10 +101,9 @@ def run(args: argparse.Namespace) -> int:
         trace = load_trace(args.trace) if args.trace else None
         options = parse_options(args.option)
         delay = parse_delay(args.delay)
+        notes: list[str] = []
         if args.algorithm is not None:
-            problems = algorithms.validate_options(args.algorithm, options)
-            if problems:
-                raise ValueError("\n".join(f"--option {problem}" for problem in problems))
+            notes = _check_algorithm(ensemble, args.algorithm, options)
         elif options:
             raise ValueError("--option needs --algorithm (the file's algorithms keep the file's options)")
     except SpecError as exc:
@@ -110,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     except (TraceError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     config = SimulationConfig(
         ensemble=ensemble,
         algorithm=args.algorithm,
@@ -137,6 +142,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"the run did not finish within {config.limit:.0f} virtual seconds", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_algorithm(ensemble: Ensemble, name: str, options: dict[str, str | int | float | bool]) -> list[str]:
+    """Check ``--algorithm`` and ``--option`` against every member; the notes on the file's options dropped.
+
+    Each member keeps the options of its own algorithm that ``name`` takes (see :mod:`ensemble_cli.carry`).
+    Raises ``ValueError`` naming the flag: an unknown algorithm, or each bad option.
+    """
+    try:
+        algorithms.get(name)
+    except algorithms.UnknownAlgorithm as exc:
+        raise ValueError(f"--algorithm: {exc}") from exc
+    problems = algorithms.validate_options(name, options)
+    if problems:
+        raise ValueError("\n".join(f"--option {problem}" for problem in problems))
+    notes = []
+    errors = []
+    for member in ensemble.members:
+        carried, dropped = carry(member.algorithm, name)
+        if dropped:
+            notes.append(dropped_note(member.index, member.algorithm, name, dropped))
+        if name == "rules":
+            groups = [job.name for job in member.jobs]
+            for problem in algorithms.validate_rules(name, carried.rules, groups):
+                errors.append(f"--algorithm rules: spec.members[{member.index}].algorithm.{problem}")
+    if errors:
+        raise ValueError("\n".join(errors))
+    return notes
 
 
 def print_summary(console: Console, summary: dict[str, Any], result: SimulationResult) -> None:

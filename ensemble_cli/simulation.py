@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 
+from ensemble_cli.carry import carry
 from ensemble_core import algorithms
 from ensemble_core.messages import AlgorithmSpec, Applied, Decision, JobSpec, MemberSpec, Metrics
 from ensemble_core.spec import Ensemble, Member
@@ -45,7 +46,8 @@ class SimulationConfig:
     """What to simulate."""
 
     ensemble: Ensemble
-    #: Overrides every member's algorithm (name), with these raw options (validated).
+    #: Overrides every member's algorithm (name), with these raw options (validated) over the member's
+    #: own options that this algorithm takes (:func:`ensemble_cli.carry.carry`).
     algorithm: str | None = None
     options: dict[str, str | int | float | bool] = field(default_factory=dict)
     #: Recorded jobs: they replace each member's jobs matrix (submitted in the algorithm's order).
@@ -201,7 +203,11 @@ class _Member:
         ensemble = config.ensemble
         algorithm_spec = spec.algorithm
         if config.algorithm is not None:
-            algorithm_spec = AlgorithmSpec(name=config.algorithm, options=dict(config.options))
+            # the member keeps the options of its own algorithm that this one takes; config.options win
+            carried, _ = carry(spec.algorithm, config.algorithm)
+            algorithm_spec = AlgorithmSpec(
+                name=config.algorithm, options={**carried.options, **config.options}, rules=carried.rules
+            )
         jobs = list(spec.jobs)
         self.trace = SimTrace(config.trace, config.seed) if config.trace else None
         if config.trace:
