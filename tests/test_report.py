@@ -6,6 +6,7 @@ a real Chromium.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -72,7 +73,7 @@ def test_simulate_report_holds_the_run_and_the_recorded_run(tmp_path: Path, caps
     # each series is a step series: no sample repeats the one before it
     series = member["series"]
     steps = list(zip(series["size"], series["up"], series["waiting"], series["running"], strict=True))
-    assert all(a != b for a, b in zip(steps, steps[1:], strict=False))
+    assert all(a != b for a, b in itertools.pairwise(steps))
 
 
 def results_folder(tmp_path: Path) -> Path:
@@ -156,9 +157,7 @@ def test_report_page_is_self_contained_and_its_text_cannot_break_out(tmp_path: P
     assert data["failures"][0]["reason"] == "<img src=x onerror=alert(1)>"
 
 
-def test_report_command_on_a_results_folder_and_a_recording(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_report_command_on_a_results_folder_and_a_recording(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = results_folder(tmp_path)
     assert main(["report", str(folder), "-o", str(tmp_path / "a.html")]) == 0
     assert page_json((tmp_path / "a.html").read_text())["failures"][0]["exit_code"] == 3
