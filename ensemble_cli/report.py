@@ -182,7 +182,9 @@ def write_for_up(folder: Path, ensemble_file: str, collector: Collector) -> Path
     try:
         records = sorted(collector.records, key=lambda r: r.time)
         (folder / runview.RESULTS_RECORDING).write_bytes(b"".join(encode(r) + b"\n" for r in records))
-        shutil.copyfile(ensemble_file, folder / runview.RESULTS_ENSEMBLE)
+        copy = folder / runview.RESULTS_ENSEMBLE
+        if not (copy.exists() and copy.samefile(ensemble_file)):
+            shutil.copyfile(ensemble_file, copy)
         path = folder / REPORT_NAME
         write(runview.from_results(folder), path)
     except (OSError, RunViewError) as exc:

@@ -200,7 +200,8 @@ def clear_previous(directory: Path) -> None:
     its ``summary.json`` says it is one): the attempts of two runs must never mix."""
     if not (directory / "summary.json").is_file():
         return
-    for name in ("jobs.csv", "jobs.jsonl", "summary.json", "recording.jsonl", "ensemble.yaml", "report.html"):
+    # (not its ensemble.yaml, which may be the file this run reads: the run writes it again)
+    for name in ("jobs.csv", "jobs.jsonl", "summary.json", "recording.jsonl", "report.html"):
         (directory / name).unlink(missing_ok=True)
     if (directory / "outputs").is_dir():
         shutil.rmtree(directory / "outputs")
