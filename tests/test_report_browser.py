@@ -4,6 +4,7 @@ are drawn, and a decision's reason shows on hover."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,19 @@ def test_report_opens_offline_draws_its_charts_and_shows_a_reason_on_hover(tmp_p
             assert decision[3] in tip.inner_text() and decision[4] in tip.inner_text()
             page.mouse.move(1, 1)
             assert not tip.is_visible()
+
+            # hovering a bar of the Gantt chart names its attempt: sweep along the top band (the 8-node jobs)
+            gantt = page.locator('canvas.gantt[data-member="0"]')
+            gantt.scroll_into_view_if_needed()
+            box = gantt.bounding_box()
+            assert box is not None
+            shown = ""
+            for step in range(0, int(box["width"]), 3):
+                page.mouse.move(box["x"] + step, box["y"] + 10)
+                if tip.is_visible():
+                    shown = tip.inner_text()
+                    break
+            assert re.search(r"lmp-8\[\d+\] attempt 1: succeeded\s+8 nodes, submitted", shown), shown
 
             # the failed attempts, their output behind a click
             assert page.locator("#failures details").count() == 2
