@@ -473,6 +473,16 @@ def from_recording(path: Path, ensemble_file: Path | None = None) -> RunView:
     if not metrics:
         raise RunViewError(f"{path}: no metrics lines: a report needs a run's metrics (see `ensemble record`)")
     view = RunView(title=f"{metrics[0].namespace}/{metrics[0].ensemble}", source=f"recording {path}")
+    ensembles = sorted({(m.namespace, m.ensemble) for m in metrics})
+    if len(ensembles) > 1:
+        # one ensemble's members only: members of two ensembles share their indices
+        shown = (metrics[0].namespace, metrics[0].ensemble)
+        others = ", ".join(f"{ns}/{name}" for ns, name in ensembles if (ns, name) != shown)
+        view.notes.append(
+            f"the recording holds {len(ensembles)} ensembles; this report shows {view.title}, not {others}"
+        )
+        metrics = [m for m in metrics if (m.namespace, m.ensemble) == shown]
+        decisions = [d for d in decisions if (d.namespace, d.ensemble) == shown]
     view.notes.append("a recording holds no job attempts: the report of a results folder of `ensemble up` has them")
     beside = path.parent / "ensemble.yaml"
     algorithms = _algorithms(ensemble_file or (beside if beside.is_file() else None), view)

@@ -170,6 +170,16 @@ def test_report_command_on_a_results_folder_and_a_recording(tmp_path: Path, caps
     assert "written to" in capsys.readouterr().out
 
 
+def test_report_of_a_recording_of_two_ensembles_shows_one_and_says_so(tmp_path: Path) -> None:
+    lines = (SEED / "recording.jsonl").read_text().splitlines()
+    other = [line.replace('"ensemble": "ensemble-0"', '"ensemble": "other"') for line in lines]
+    (tmp_path / "two.jsonl").write_text("\n".join(lines + other) + "\n")
+    view = runview.from_recording(tmp_path / "two.jsonl")
+    assert view.title == "default/ensemble-0" and len(view.members) == 1
+    assert len(view.members[0].decisions) == sum('"kind": "decision"' in line for line in lines)
+    assert any("holds 2 ensembles" in note and "not default/other" in note for note in view.notes)
+
+
 @pytest.mark.parametrize(
     ("source", "output", "message"),
     [
