@@ -17,13 +17,16 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from ensemble_core import subjects
 from ensemble_core.messages import Applied, Decision, Metrics
 from ensemble_core.spec import Ensemble, SpecError, load
+
+if TYPE_CHECKING:
+    from ensemble_cli.simulation import SimulationResult
 
 #: Characters of an attempt's output kept in a report (its end: where the error usually is).
 TAIL = 1500
@@ -283,9 +286,9 @@ def recorded_run(trace: Path) -> tuple[Series, dict[str, float], str]:
 # --- a simulation --------------------------------------------------------------------------------------
 
 
-def from_simulation(result: Any, summary: dict[str, Any], title: str, trace: str | None = None) -> RunView:
-    """The view of an ``ensemble simulate`` run (a :class:`~ensemble_cli.simulation.SimulationResult` made
-    with ``record=True``), its summary figures, and the recorded run of ``trace`` when one was given."""
+def from_simulation(result: SimulationResult, summary: dict[str, Any], title: str, trace: str | None = None) -> RunView:
+    """The view of an ``ensemble simulate`` run (made with ``record=True``), its summary figures, and the
+    recorded run of ``trace`` when one was given."""
     view = RunView(title=title, source="simulation (virtual clock)")
     view.figures = {key: value for key, value in summary.items() if not isinstance(value, dict | list)}
     applied = {r.decision: r for r in result.records if isinstance(r, Applied)}
@@ -299,7 +302,7 @@ def from_simulation(result: Any, summary: dict[str, Any], title: str, trace: str
         except RunViewError as exc:
             view.notes.append(str(exc))
     for m in result.members:
-        member = MemberRun(index=m.index, algorithm=m.algorithm, options=dict(getattr(m, "options", {}) or {}))
+        member = MemberRun(index=m.index, algorithm=m.algorithm, options=dict(m.options))
         for sample in result.samples:
             if sample.member == m.index:
                 member.series.add(sample.time, sample.size, sample.nodes_up, sample.waiting, sample.running)

@@ -79,7 +79,7 @@
     }
     if (decisions) {
       const item = el("span", box);
-      item.appendChild(document.createTextNode("▲▼● decision (hover for its reason)"));
+      item.appendChild(document.createTextNode("▲▼● decision (hover for its reason; grey: not applied)"));
     }
   }
 
@@ -143,6 +143,7 @@
         shape = sv("circle", svg, { class: "decision", cx: cx, cy: cy, r: 4, fill: color });
       }
       shape.setAttribute("data-index", i);
+      if (outcome.startsWith("not applied")) shape.classList.add("not-applied");
       const lines = [
         "member " + m.index + " at " + seconds(t) + ": " + action + (size !== null ? " to " + size : ""),
         reason || "(no reason given)",
@@ -285,7 +286,8 @@
 
   el("h2", main, "Attempts that did not succeed");
   const failures = el("div", main, null, { id: "failures" });
-  if (!D.failures.length) el("p", failures, "none");
+  const attempts = D.members.reduce((sum, m) => sum + m.jobs.n.length, 0);
+  if (!D.failures.length) el("p", failures, attempts ? "none" : "not known: this source holds no job attempts");
   for (const f of D.failures) {
     const box = el("details", failures);
     const code = f.exit_code === null ? "" : " (exit " + f.exit_code + ")";
