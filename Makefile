@@ -32,10 +32,12 @@ up: setup
 test: test-setup lint typecheck check-stubs tools pytest
 
 # What the tests need beyond Python, each skipped with its reason where it cannot be had: kubectl for the
-# manifest tests (.ci/install-kubectl), and as root a Docker engine with a base image for the image and
-# compose tests (.ci/docker-engine: Debian's docker.io, debootstrap). Flux is never installed here.
+# manifest tests (.ci/install-kubectl), as root a Docker engine with a base image for the image and
+# compose tests (.ci/docker-engine: Debian's docker.io, debootstrap), and as root Debian's Chromium for the
+# report's browser test (.ci/install-chromium). Flux is never installed here.
 tools:
 	.ci/docker-engine
+	.ci/install-chromium
 
 lint: test-setup
 	$(BIN)/ruff check .

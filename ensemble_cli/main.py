@@ -35,7 +35,7 @@ def _service(name: str) -> Callable[[Settings], Coroutine[Any, Any, None]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ensemble_cli import record, replay, simulate, up, validate
+    from ensemble_cli import record, replay, report, simulate, up, validate
 
     # a misspelt subcommand, choice or flag is answered with the close match and the subcommand's usage
     parser = Parser(
@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_arguments(commands.add_parser("replay", help="run an algorithm over a recording offline"))
     record.add_arguments(commands.add_parser("record", help="export the metrics and decisions streams to a recording"))
     simulate.add_arguments(commands.add_parser("simulate", help="what-if run of an ensemble on a virtual clock"))
+    report.add_arguments(commands.add_parser("report", help="write an HTML report of a recording or a results folder"))
     commands.add_parser("sidecar", help="serve a queue over gRPC (see `ensemble sidecar --help`)", add_help=False)
     for name, text in (
         ("creator", "register members and announce them (settings from ENSEMBLE_* variables)"),
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         from ensemble_cli import record
 
         return record.run(args)
+    if args.command == "report":
+        from ensemble_cli import report
+
+        return report.run(args)
     if args.command == "simulate":
         from ensemble_cli import simulate
 

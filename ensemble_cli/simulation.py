@@ -31,7 +31,7 @@ from ensemble_core.spec import Ensemble, Member
 from ensemble_core.wire import ResizeResult, SubmitPayload, SubmitResult
 from services.actuator.drivers import DriverError
 from services.actuator.effects import CooldownPending, InvalidDecision, apply
-from sidecar.queue import QueueError
+from sidecar.queue import Job, QueueError
 from sidecar.sim import SimQueue, TraceJob
 from sidecar.sim import Trace as SimTrace
 
@@ -96,6 +96,8 @@ class MemberResult:
     first_submit: float | None = None
     last_end: float | None = None
     ended: str = ""
+    #: The options of the algorithm as the member ran it.
+    options: dict[str, str | int | float | bool] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,6 +110,8 @@ class SimulationResult:
     wall_seconds: float
     records: list[msgspec.Struct] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
+    #: Every job attempt of each member, by member index (when recording).
+    jobs: dict[int, list[Job]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """The figures of the whole ensemble (``--json``)."""
@@ -234,7 +238,9 @@ class _Member:
         )
         self.driver = SimDriver(self.sim)
         self.state = self.algorithm.initial_state(self.member, self.options)
-        self.result = MemberResult(index=spec.index, algorithm=algorithm_spec.name, peak_size=initial)
+        self.result = MemberResult(
+            index=spec.index, algorithm=algorithm_spec.name, peak_size=initial, options=dict(algorithm_spec.options)
+        )
         self.seq = 0
         self.last_scale = -math.inf
         self.pending: list[Decision] = []
@@ -331,6 +337,7 @@ async def _run(config: SimulationConfig) -> SimulationResult:
     members = [_Member(config, spec, check) for spec in config.ensemble.members]
     records: list[msgspec.Struct] = []
     samples: list[Sample] = []
+    attempts: dict[int, list[Job]] = {}
     now = 0.0
     while now <= config.limit and any(m.active for m in members):
         for m in members:
@@ -345,6 +352,8 @@ async def _run(config: SimulationConfig) -> SimulationResult:
     for m in members:
         m.integrate_to(now)
         jobs = m.sim.queue.recent(sys.maxsize)
+        if config.record:
+            attempts[m.result.index] = jobs
         m.result.jobs = len(jobs)
         m.result.failed_jobs = sum(1 for job in jobs if job.success is False)
         for job in jobs:
@@ -363,6 +372,7 @@ async def _run(config: SimulationConfig) -> SimulationResult:
         wall_seconds=time.perf_counter() - started,
         records=records,
         samples=samples,
+        jobs=attempts,
     )
 
 

@@ -49,7 +49,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ensemble_cli import results, terminal
+from ensemble_cli import report, results, terminal
 from ensemble_cli.terminal import decision_words
 from ensemble_core import flags, natsauth, subjects
 from ensemble_core.messages import Applied, Decision, MemberEvent, Metrics, decode
@@ -681,6 +681,8 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
     nc = await nats.connect(access.url_for(natsauth.MONITOR))
     try:
         await nc.subscribe("ensemble.>", cb=monitor.on_message)
+        collector = report.Collector(ensemble.namespace, ensemble.name)
+        await nc.subscribe("ensemble.>", cb=collector.on_message)
         env = {
             "ENSEMBLE_SIDECAR_TOKEN": token,
             "ENSEMBLE_FILE": str(Path(args.file).resolve()),
@@ -739,6 +741,7 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
     figures["seconds"] = round(time.time() - monitor.started, 3)
     figures["completed"] = not incomplete
     results.write(folder, found, figures)
+    report.write_for_up(folder, args.file, collector)
     if incomplete:
         console.print(
             f"stopped after {figures['seconds']:.1f}s, before the ensemble completed; results so far in {folder}",

@@ -4,6 +4,7 @@ jobs as real subprocesses. Also `ensemble up` as a user runs it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -26,6 +27,7 @@ from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import JobInfo
 from tests.conftest import REPO, stream_messages, wait_for
+from tests.test_report import page_json
 
 CLI = [sys.executable, "-m", "ensemble_cli"]
 
@@ -194,6 +196,19 @@ def test_ensemble_up_exits_non_zero_and_names_a_failed_job(tmp_path: Path) -> No
     # a run that did not succeed keeps its directory, for the logs of the job that failed
     kept = kept_directory(result.stdout)
     assert kept.parent == tmp_path / "tmp" and (kept / "sidecar-0" / "journal.jsonl").exists()
+    # and its report: the run's sizes and decisions over time, its attempts, the failures with their output
+    results = tmp_path / "tmp" / "results"
+    data = page_json((results / "report.html").read_text())
+    assert (results / "ensemble.yaml").read_text() == path.read_text()
+    (member,) = data["members"]
+    assert member["algorithm"] == "workload-demand" and member["options"]["terminateChecks"] == 2
+    recorded = [json.loads(line)["kind"] for line in (results / "recording.jsonl").read_text().splitlines()]
+    assert recorded.count("metrics") >= 2 and "decision" in recorded and "applied" in recorded
+    assert member["series"]["size"][0] == 1 and member["series"]["up"][0] == 1
+    assert [d[1] for d in member["decisions"]][-1] == "terminate" and all(d[3] for d in member["decisions"])
+    assert len(member["jobs"]["n"]) == 4
+    tails = {f["group"]: f["tail"] for f in data["failures"]}
+    assert set(tails) == {"broken", "missing"} and "disk full" in tails["broken"]
 
 
 def test_ensemble_up_that_cannot_start_says_why_and_leaves_no_empty_directory(tmp_path: Path) -> None:
