@@ -183,16 +183,33 @@ class Stack:
         return next((part for part in self.parts if part.process.poll() is not None), None)
 
     async def stop(self) -> None:
-        """Stop every part, last started first: SIGTERM, then SIGKILL after ``STOP_TIMEOUT``."""
-        for part in reversed(self.parts):
-            if part.process.poll() is None:
-                part.process.send_signal(signal.SIGTERM)
-                deadline = time.monotonic() + STOP_TIMEOUT
-                while part.process.poll() is None and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                if part.process.poll() is None:
-                    part.process.kill()
-                    part.process.wait()
+        """Stop every part, one tier at a time: the services, then the sidecars, then NATS.
+
+        The parts of a tier stop together (each drains on its own; none waits for another of its tier), and a
+        tier stops only once the one above it has: no service loses NATS or its sidecar while it drains. Each
+        part gets SIGTERM, then SIGKILL after ``STOP_TIMEOUT``.
+        """
+        for tier in sorted({_stop_tier(part.name) for part in self.parts}, reverse=True):
+            await asyncio.gather(*(_stop_part(part) for part in self.parts if _stop_tier(part.name) == tier))
+
+
+def _stop_tier(name: str) -> int:
+    """Where a part stops: services (2) before sidecars (1) before the NATS server (0)."""
+    if name == "nats-server":
+        return 0
+    return 1 if name.startswith("sidecar") else 2
+
+
+async def _stop_part(part: Part) -> None:
+    if part.process.poll() is not None:
+        return
+    part.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while part.process.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if part.process.poll() is None:
+        part.process.kill()
+        part.process.wait()
 
 
 async def _first_line(part: Part, timeout: float) -> str:

@@ -3,7 +3,6 @@ jobs as real subprocesses. Also `ensemble up` as a user runs it."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -298,6 +297,10 @@ def test_ensemble_up_refuses_a_bad_flag_before_starting_anything(
     assert time.monotonic() - started < 10
 
 
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 def _children(pid: int) -> set[int]:
     """Every live process whose parent is ``pid``."""
     found = set()
@@ -325,8 +328,17 @@ async def test_ctrl_c_stops_everything_and_leaves_no_process(tmp_path: Path) -> 
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        await wait_for(lambda: (tmp_path / "actuator.log").exists() and len(_children(process.pid)) >= 6, timeout=30)
-        await asyncio.sleep(3)  # mid-run: jobs are running
+        # mid-run: every service has said it is up (a part still importing when the signal comes has no handler
+        # for it yet, which is not what this test is about) and a job has started
+        services = [tmp_path / f"{name}.log" for name in ("creator", "poller", "decider", "actuator")]
+        await wait_for(
+            lambda: (
+                all(log.exists() and log.stat().st_size > 0 for log in services)
+                and "job start" in _read(tmp_path / "sidecar-0.err")
+                and len(_children(process.pid)) >= 6
+            ),
+            timeout=60,
+        )
         children = _children(process.pid)
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)
