@@ -86,6 +86,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ensemble_core.messages import Decision, GroupStats, JobSpec, MemberSpec, Metrics
+from ensemble_core.words import every, plural
 
 from .base import decision
 from .sizing import finish, idle, scale_to
@@ -403,7 +404,8 @@ class Rules:
             inactive = (state.inactive if contiguous else 0) + 1
         if not run.done and options.idle_checks and inactive >= options.idle_checks:
             why = (
-                f"safety net: no job active for {inactive} checks, all {run.submitted} submitted jobs finished, "
+                f"safety net: no job active for {plural(inactive, 'check')}, "
+                f"{every(run.submitted, 'submitted job')} finished, "
                 "and no rule ended the member"
             )
             run.decisions += finish(member, metrics, len(run.decisions), options.disable_termination, why)
@@ -476,7 +478,7 @@ class _Run:
         index = len(self.decisions)
         if rule.action == "submit":
             job = self.jobs[rule.target]
-            reason = f"{why}: submit group {job.name} ({job.count} jobs)"
+            reason = f"{why}: submit group {job.name} ({plural(job.count, 'job')})"
             self.decisions.append(decision(self.member, self.metrics, index, "submit", jobs=[job], reason=reason))
             self.submitted += job.count
         elif rule.action in ("grow", "shrink"):
