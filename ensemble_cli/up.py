@@ -450,10 +450,11 @@ class Monitor:
 
 
 def node_seconds(sizes: list[tuple[float, int]], end: float) -> float:
-    """Integral of the requested size over time, from its first sample to ``end``."""
+    """Integral of the requested size over time, from its first sample to ``end`` (0 without a sample: a run
+    stopped before the member was ready)."""
     total = 0.0
     ordered = sorted(sizes)
-    for (t0, size), (t1, _) in zip(ordered, [*ordered[1:], (end, 0)], strict=True):
+    for (t0, size), (t1, _) in zip(ordered, [*ordered[1:], (end, 0)][: len(ordered)], strict=True):
         total += size * max(0.0, min(t1, end) - t0)
     return total
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from nats.aio.client import Client
 
-from ensemble_cli.up import Stack
+from ensemble_cli.up import Stack, node_seconds
 from ensemble_core import subjects
 from ensemble_core.messages import Applied, Decision, MemberEvent, MemberSpec, Metrics
 from ensemble_core.settings import Settings
@@ -247,6 +247,12 @@ def test_ensemble_up_that_times_out_keeps_its_directory_and_prints_what_it_has(t
     assert "Traceback" not in result.stdout + result.stderr
     for name in ("nats-server", "sidecar-0", "creator", "poller", "decider", "actuator"):
         assert (kept / f"{name}.log").exists(), name
+
+
+def test_node_seconds_of_a_member_never_ready_are_zero() -> None:
+    # a --timeout that passes before the member was ready left it no size sample: the summary crashed
+    assert node_seconds([], 10.0) == 0.0
+    assert node_seconds([(0.0, 2), (4.0, 1)], 10.0) == 2 * 4 + 1 * 6
 
 
 def test_ensemble_up_names_a_part_that_did_not_start_with_its_message_and_keeps_the_logs(tmp_path: Path) -> None:
