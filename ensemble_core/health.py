@@ -27,11 +27,13 @@ READY = Gauge("ensemble_ready", "1 when the service is ready")
 #: Labels of the per-ensemble metrics. Not ``namespace``: Prometheus gives every series of a scraped pod its
 #: own ``namespace`` label (the operator's), which would rename ours to ``exported_namespace``.
 ENSEMBLE_LABELS = ("ensemble_namespace", "ensemble")
+#: No ``service`` label: each process is one service (Prometheus tells them apart by their target's labels,
+#: ``container`` in Kubernetes), and a scraped ``service`` would clash with the target's own.
 SIDECAR_ERRORS = Counter(
     "ensemble_sidecar_errors_total",
-    "Calls to a member's sidecar that failed, by the calling service and kind (unavailable: no answer or no "
-    "connection; refused: the sidecar answered with an error)",
-    ["service", *ENSEMBLE_LABELS, "kind"],
+    "Calls to a member's sidecar that failed (the poller's and the actuator's), by kind (unavailable: no answer "
+    "or no connection; refused: the sidecar answered with an error)",
+    [*ENSEMBLE_LABELS, "kind"],
 )
 
 _state = {"ready": False, "beat": time.monotonic()}

@@ -199,6 +199,10 @@ async def test_every_metric_a_panel_queries_is_exported_by_a_service(
         "ensemble_sidecar_errors_total": set(health.SIDECAR_ERRORS._labelnames),
         "ensemble_deadletters_total": set(health.DEADLETTERS._labelnames),
     }
+    # and none of them is one Prometheus sets on the target (it would rename it)
+    for name in samples:
+        if name.startswith("ensemble_member_") or name in labelled:
+            assert not samples[name] & {"namespace", "pod", "container", "service"}, name
     for name, labels in labelled.items():
         samples[name] |= labels
     dashboard = json.loads(DASHBOARD.read_text())
@@ -209,6 +213,10 @@ async def test_every_metric_a_panel_queries_is_exported_by_a_service(
         for name in names:
             assert name in samples, f"{where}: {name} is not exported by any service ({expression!r})"
             checked += 1
-        carried = set.union(*(samples[name] for name in names)) | TARGET_LABELS
+        exported_labels = set.union(*(samples[name] for name in names))
+        carried = exported_labels | TARGET_LABELS
         assert labels <= carried, f"{where}: labels {sorted(labels - carried)} are on none of {sorted(names)}"
+        # a label both the service and the scrape target set is renamed exported_<label> by Prometheus
+        clashing = labels & exported_labels & TARGET_LABELS
+        assert not clashing, f"{where}: {sorted(clashing)} would be the target's, not the service's"
     assert checked >= 15

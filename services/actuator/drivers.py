@@ -141,8 +141,8 @@ async def _call(member: MemberSpec, call: Awaitable[T]) -> T:
     try:
         return await call
     except SidecarUnavailable as exc:
-        health.SIDECAR_ERRORS.labels("actuator", member.namespace, member.ensemble, "unavailable").inc()
+        health.SIDECAR_ERRORS.labels(member.namespace, member.ensemble, "unavailable").inc()
         raise DriverError(str(exc), transient=True) from exc
     except SidecarError as exc:
-        health.SIDECAR_ERRORS.labels("actuator", member.namespace, member.ensemble, "refused").inc()
+        health.SIDECAR_ERRORS.labels(member.namespace, member.ensemble, "refused").inc()
         raise DriverError(str(exc), transient=False) from exc

@@ -465,7 +465,7 @@ class MemberLoop:
             self._no_jobs = True
         except (SidecarUnavailable, SidecarError) as exc:
             kind = "refused" if isinstance(exc, SidecarError) else "unavailable"
-            health.SIDECAR_ERRORS.labels("poller", self.address.namespace, self.address.ensemble, kind).inc()
+            health.SIDECAR_ERRORS.labels(self.address.namespace, self.address.ensemble, kind).inc()
             log.warning("ended jobs not read: %s", exc, extra={"member": str(self.address)})
         except Exception as exc:
             # NATS away, or an ack lost after the report was stored: read where reports stand again
@@ -491,7 +491,7 @@ class MemberLoop:
 
     async def _lost(self, exc: Exception) -> None:
         kind = "refused" if isinstance(exc, SidecarError) else "unavailable"
-        health.SIDECAR_ERRORS.labels("poller", self.address.namespace, self.address.ensemble, kind).inc()
+        health.SIDECAR_ERRORS.labels(self.address.namespace, self.address.ensemble, kind).inc()
         if self.reachable and await self._event("unreachable", str(exc)):
             self.reachable = False
             UNREACHABLE.inc()
