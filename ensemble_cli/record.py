@@ -93,6 +93,11 @@ class Recording:
     unreadable: int = 0
 
 
+def shown_url(url: str) -> str:
+    """A NATS URL with any password in it replaced by ``***`` (what may be printed)."""
+    return re.sub(r"(://[^:/@,]+:)[^@,]*@", r"\1***@", url)
+
+
 def refused(errors: list[str]) -> bool:
     """Whether the server said that this client may not do something (a permissions violation)."""
     return any("permissions violation" in error.lower() for error in errors)
@@ -284,7 +289,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         recording = asyncio.run(asyncio.wait_for(record(settings, out, args.since), timeout=120))
     except (OSError, TimeoutError, nats.errors.Error) as exc:
-        print(f"ensemble record: cannot record from {settings.nats_url}: {exc or type(exc).__name__}", file=sys.stderr)
+        where = shown_url(settings.nats_url)
+        print(f"ensemble record: cannot record from {where}: {exc or type(exc).__name__}", file=sys.stderr)
         return 3
     print(described(recording, out))
     return 0

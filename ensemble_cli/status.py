@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ensemble_cli.record import Refused, connect_once, unless_refused
+from ensemble_cli.record import Refused, connect_once, shown_url, unless_refused
 from ensemble_core import flags, subjects
 from ensemble_core.messages import Applied, Decision, MemberEvent, MemberSpec, Metrics, decode
 from ensemble_core.settings import Settings, SettingsError, load
@@ -337,11 +336,6 @@ async def read(js: JetStreamContext, namespace: str | None = None, name: str | N
             )
         )
     return found
-
-
-def shown_url(url: str) -> str:
-    """A NATS URL with any password in it replaced by ``***`` (what may be printed)."""
-    return re.sub(r"(://[^:/@,]+:)[^@,]*@", r"\1***@", url)
 
 
 def _filters(args: argparse.Namespace) -> str:
