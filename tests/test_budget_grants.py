@@ -252,3 +252,19 @@ async def test_the_actuator_holds_two_members_to_the_budget_and_grows_the_held_o
 
 async def _count(source: Any, count: int) -> bool:
     return len(await source) >= count
+
+
+async def test_a_raise_reserved_but_not_applied_is_offered_again(nc: Client) -> None:
+    budget = Budget(await budget_bucket(nc), Limits(cluster=4))
+    a, b = MemberAddress("default", "a", 0), MemberAddress("default", "b", 0)
+    await budget.reserve(a, spec("a"), decision("a", 1, "scale", 3), 3, 1)
+    held = decision("b", 1, "scale", 4)
+    await budget.reserve(b, spec("b"), held, 4, 1)
+    await budget.forget(a)
+    [(_, _, grant)] = await budget.raises()
+    # the raise is reserved, then its scale does not go through (a cooldown, a sidecar that did not answer)
+    got = await budget.reserve(b, spec("b"), held, 4, 1, raise_of=held.id)
+    assert got is not None and got.granted == grant == 4
+    assert [(address, d.id, g) for address, d, g in await budget.raises()] == [(b, held.id, 4)]
+    await budget.settle(b, 4)  # applied: nothing left to raise
+    assert await budget.raises() == []

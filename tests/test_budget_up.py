@@ -17,7 +17,7 @@ def test_two_ensembles_share_the_budget_and_the_held_one_grows_when_the_other_gi
     files = []
     for name in ("budget-a", "budget-b"):
         document = yaml.safe_load((REPO / "examples" / f"{name}.yaml").read_text())
-        document["spec"]["members"][0]["jobs"][0].update(count=5, command="sleep 1")  # the example, shorter
+        document["spec"]["members"][0]["jobs"][0].update(count=4, command="sleep 1")  # the example, shorter
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(document))
         files.append(str(path))

@@ -31,7 +31,7 @@ size at creation and its ``minSize`` are held whatever the budget (the MiniClust
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -63,6 +63,9 @@ class Grant(msgspec.Struct, kw_only=True):
     want: int
     #: Nodes the member may hold: reserved before a grow, lowered after a shrink.
     granted: int
+    #: The size last applied (what the member holds); below ``granted`` while a grow is being applied, or
+    #: after one failed to apply (then it is tried again: :meth:`Budget.raises`).
+    size: int = 0
     #: The scale decision held back by the budget (``want > granted``), applied again once nodes are free.
     held: Decision | None = None
 
@@ -202,21 +205,26 @@ class Budget:
         current: int,
         *,
         unseen: Mapping[str, MemberSpec] | None = None,
+        gone: Iterable[str] = (),
         raise_of: str | None = None,
     ) -> Reservation | None:
         """Record that the member wants ``want`` nodes (it holds ``current``) and grant what the budget allows
         (at least ``current``); a grow held back keeps ``decision`` to be applied again (:meth:`raises`).
 
         ``unseen``: active members with no entry yet, by key: they hold their size at creation, entered as
-        wanting it. ``raise_of``: ``decision`` applies again the held decision of that id; None (stale: the
-        member decided something else meanwhile) when that is no longer the member's held decision."""
+        wanting it. ``gone``: keys of members whose record is gone: their entries are dropped. ``raise_of``:
+        ``decision`` applies again the held decision of that id; None (stale: the member decided something
+        else meanwhile) when that is no longer the member's held decision."""
 
         def reserve(record: BudgetRecord) -> Reservation | None:
+            for key in gone:
+                if key != address.key:
+                    record.members.pop(key, None)
             for key, other in (unseen or {}).items():
                 if key not in record.members and key != address.key:
                     record.members[key] = Grant(
                         namespace=other.namespace, ensemble=other.ensemble, weight=other.weight,
-                        want=other.size, granted=other.size,
+                        want=other.size, granted=other.size, size=other.size,
                     )  # fmt: skip
             entry = record.members.get(address.key)
             if raise_of is not None and (entry is None or entry.held is None or entry.held.id != raise_of):
@@ -228,9 +236,12 @@ class Budget:
             entry.weight = member.weight
             entry.want = want
             entry.granted = max(entry.granted, current)
+            entry.size = current
             grant = want if want <= current else max(current, allowed(record, self.limits, address.key))
             entry.granted = max(grant, current)
-            entry.held = (entry.held if raise_of is not None else decision) if grant < want else None
+            if raise_of is None:
+                entry.held = decision if grant < want else None
+            # a raise keeps the held decision until it is applied (settle): one that fails is offered again
             return Reservation(wanted=want, granted=grant)
 
         return await self.change(reserve)
@@ -244,7 +255,7 @@ class Budget:
             if entry is None:
                 return False
             released = size < entry.granted
-            entry.granted = size
+            entry.granted = entry.size = size
             if want is not None:
                 entry.want = want
             if entry.want <= size:
@@ -263,13 +274,14 @@ class Budget:
         return await self.change(forget)
 
     async def raises(self) -> list[tuple[MemberAddress, Decision, int]]:
-        """Held-back members that may now grow: (member, its held decision, the size it may now have)."""
+        """Held-back members that may now grow: (member, its held decision, the size it may now have). A grant
+        reserved but not applied (a crash, a cooldown, a sidecar that did not answer) is listed again."""
         record, _ = await self.load()
         found = []
         for key, entry in sorted(record.members.items()):
-            if entry.held is None or entry.granted >= entry.want:
+            if entry.held is None or entry.size >= entry.want:
                 continue
             grant = allowed(record, self.limits, key)
-            if grant > entry.granted:
+            if grant > entry.size:
                 found.append((MemberAddress.from_key(key), entry.held, grant))
         return found

@@ -168,6 +168,9 @@ class Actuator:
             await self.report(address, record.applied[decision.id], None, decision)
             return
         found = await self.member(address)
+        if raise_of is not None and self.budget is not None and (found is None or found[0].phase != "active"):
+            await self.budget.forget(address)  # a held-back grow of a member that is no more: nothing to raise
+            return
         if found is None or found[0].phase != "active":
             if found is None:
                 applied = self.applied(decision, ok=False, error="the member has no record (never created or removed)")
@@ -252,9 +255,9 @@ class Actuator:
             if exc.transient:
                 raise natsio.Transient(f"{address}: cannot read its size for the budget: {exc}", delay=2.0) from exc
             current = member.size
-        unseen = await self._unseen() if want > current else {}
+        unseen, gone = await self._census() if want > current else ({}, set())
         reservation = await self.budget.reserve(
-            address, member, decision, want, current, unseen=unseen, raise_of=raise_of
+            address, member, decision, want, current, unseen=unseen, gone=gone, raise_of=raise_of
         )
         if reservation is not None and reservation.held:
             log.info(
@@ -265,25 +268,25 @@ class Actuator:
             )
         return reservation
 
-    async def _unseen(self) -> dict[str, MemberSpec]:
-        """Active members the budget has no entry for yet (they hold their size at creation)."""
+    async def _census(self) -> tuple[dict[str, MemberSpec], set[str]]:
+        """Active members the budget has no entry for yet (they hold their size at creation), and the entries
+        of members whose record is gone (they hold nothing any more)."""
         assert self.budget is not None
         record, _ = await self.budget.load()
         try:
-            keys = await self.members.keys()
+            keys = set(await self.members.keys())
         except NoKeysError:
-            return {}
-        found: dict[str, MemberSpec] = {}
+            keys = set()
+        gone = set(record.members) - keys
+        unseen: dict[str, MemberSpec] = {}
         for key in keys:
-            if key in record.members:
-                continue
             with contextlib.suppress(KeyNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
-                entry = await self.members.get(key)
-                if entry.value:
+                entry = await self.members.get(key) if key not in record.members else None
+                if entry is not None and entry.value:
                     spec = decode(entry.value, MemberSpec)
                     if spec.phase == "active":
-                        found[key] = spec
-        return found
+                        unseen[key] = spec
+        return unseen, gone
 
     async def _settle_budget(self, address: MemberAddress, decision: Decision, after: int | None) -> None:
         """After an applied scale, terminate or complete: the member holds ``after`` nodes; wake the raises
