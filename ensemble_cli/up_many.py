@@ -87,6 +87,29 @@ def _load(files: list[str], console: Console) -> list[Ensemble] | None:
     return None if failed else ensembles
 
 
+def _wider_than_budget(files: list[str], ensembles: list[Ensemble], budget: int | None) -> list[str]:
+    """Each member whose start size, ``minSize`` or a job needs more nodes than the whole budget: it could never
+    run, and the run would wait for ever."""
+    if budget is None:
+        return []
+    problems = []
+    for path, ensemble in zip(files, ensembles, strict=True):
+        for member in ensemble.members:
+            where = f"{path}: spec.members[{member.index}]"
+            if member.min_size > budget or member.size > budget:
+                problems.append(
+                    f"{where}.minicluster.spec: size {member.size} / minSize {member.min_size} is above --budget "
+                    f"{budget}; lower them or raise the budget"
+                )
+            for j, job in enumerate(member.jobs):
+                if job.nodes > budget and job.count:
+                    problems.append(
+                        f"{where}.jobs[{j}].nodes: {job.nodes} is above --budget {budget}, so this job could never "
+                        "run; raise the budget or make the job narrower"
+                    )
+    return problems
+
+
 def _folder(args: argparse.Namespace, ensembles: list[Ensemble]) -> Path:
     if args.results:
         return Path(args.results)
@@ -106,6 +129,11 @@ async def run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     ensembles = _load(list(args.file), console)
     if ensembles is None:
+        return EXIT_INVALID
+    too_wide = _wider_than_budget(list(args.file), ensembles, args.budget)
+    if too_wide:
+        for problem in too_wide:
+            console.print(f"[red]{problem}[/red]", highlight=False)
         return EXIT_INVALID
     for ensemble in ensembles:
         for warning in warnings(ensemble):

@@ -48,3 +48,20 @@ def test_two_ensembles_share_the_budget_and_the_held_one_grows_when_the_other_gi
         assert (tmp_path / "results" / name / "summary.json").is_file()
     assert "budget 3 nodes: budget-a/0 wanted up to" in output
     assert time.monotonic() - started < 60
+
+
+def test_a_job_wider_than_the_budget_and_a_name_used_twice_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    def up(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ensemble_cli", "up", *argv, "--results", str(tmp_path / "results")],
+            capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+        )  # fmt: skip
+
+    wide = up(str(REPO / "examples/hello-world.yaml"), "--budget", "2")
+    assert wide.returncode == 2, wide.stdout + wide.stderr
+    assert "spec.members[0].jobs[0].nodes: 3 is above --budget 2, so this job could never run" in wide.stdout
+    same = up(str(REPO / "examples/budget-a.yaml"), str(REPO / "examples/budget-a.yaml"))
+    assert same.returncode == 2 and "metadata.name 'budget-a' is also" in same.stdout, same.stdout
+    zero = up(str(REPO / "examples/budget-a.yaml"), "--budget", "0")
+    assert zero.returncode == 2 and "argument --budget: must be an integer >= 1, got 0" in zero.stderr
+    assert not (tmp_path / "results").exists()
