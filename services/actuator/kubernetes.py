@@ -193,13 +193,14 @@ class KubernetesDriver:
             await self.kube.event(ensemble, "Warning", "ActionFailed", message, key=decision.id)
         wanted, granted = applied.size_wanted, applied.size_after
         if applied.ok and wanted is not None and granted is not None and granted < wanted:
-            # one Event per held-back decision and grant (a raise's id extends its held decision's)
-            held = decision.id.split(":budget:")[0]
+            # one Event per member and hold: an algorithm that asks again at every check while it is held back
+            # (as the algorithms do, seeing jobs wait) does not post one at every check
             message = (
                 f"member {decision.member}: the node budget holds it at {granted} of the {wanted} nodes it wants; "
                 "it grows when other members release nodes"
             )
-            await self.kube.event(ensemble, "Normal", "BudgetHeld", message, key=f"{held}:budget-held:{granted}")
+            hold = f"{decision.namespace}/{decision.ensemble}/{decision.member}:budget-held:{granted}:{wanted}"
+            await self.kube.event(ensemble, "Normal", "BudgetHeld", message, key=hold)
 
     async def close(self) -> None:
         """Close the sidecar connections and the API client."""
