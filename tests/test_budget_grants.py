@@ -207,7 +207,7 @@ async def applied(nc: Client, ensemble: str) -> list[Applied]:
     return [msgspec.json.decode(data, type=Applied) for data in raw]
 
 
-async def test_the_actuator_holds_two_members_to_the_budget_and_grows_the_held_one_when_the_other_ends(
+async def test_two_actuators_hold_two_members_to_the_budget_and_grow_the_held_one_when_the_other_ends(
     nc: Client, settings: Settings
 ) -> None:
     budgeted = msgspec.structs.replace(settings, node_budget=4)
@@ -224,7 +224,8 @@ async def test_the_actuator_holds_two_members_to_the_budget_and_grows_the_held_o
                 await asyncio.sleep(0.02)
 
         sampler = asyncio.create_task(sample())
-        async with service_running(run_actuator, budgeted):
+        # two replicas, as the ha component runs them: they share the decisions and the budget's document
+        async with service_running(run_actuator, budgeted), service_running(run_actuator, budgeted):
             await publish(nc, decision("a", 1, "scale", 4))  # b holds 1: a gets 3 of its 4
             await wait_for(lambda: _count(applied(nc, "a"), 1))
             await publish(nc, decision("b", 1, "scale", 4))  # nothing free: b is held at 1
