@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--budget",
-        type=flags.integer(1),
+        type=flags.integer(1, 100_000),
         default=None,
         metavar="N",
         help="nodes all members of all the files may hold at once, shared by weighted max-min fair share "

@@ -76,8 +76,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: gives each injected sidecar the same ``--shrink-grace``, after which it kills those jobs itself.
     shrink_grace: Annotated[float, msgspec.Meta(ge=0)] = 600.0
     #: actuator: the nodes every member of every ensemble may hold at once, divided by weighted max-min fair share
-    #: (docs/budget.md); 0: no cluster-wide budget.
-    node_budget: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
+    #: (docs/budget.md); 0: no cluster-wide budget. At most 100,000: the fair share hands nodes out one at a time.
+    node_budget: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
     #: actuator: per-namespace budgets, ``team-a=8,team-b=4`` (within the cluster-wide one, if set); empty: none.
     namespace_budgets: str = ""
     #: Port of the /healthz, /readyz and /metrics HTTP server (0: none; the Kubernetes manifests use 8080).
