@@ -75,6 +75,7 @@ BUCKETS = {
     subjects.DECIDER_BUCKET: 1,
     subjects.ACTUATOR_BUCKET: 1,
     subjects.JOBS_BUCKET: 1,
+    subjects.BUDGET_BUCKET: 1,
 }
 
 
