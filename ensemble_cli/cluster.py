@@ -51,13 +51,20 @@ class ClusterModel:
     source: str = ""
 
 
-#: Seconds from each recorded scale-up request to the VM's creation (``nodes.jsonl`` ``created``),
-#: and from the last MiniCluster's end (its ``terminate`` decision) to each added VM's removal, in the
-#: three recorded ensemble runs (run5-random, -ascending, -descending): the calibration of
-#: ``gke-optimize-utilization`` (see docs/benchmarks.md).
-GKE_SCALE_UP_DELAY = (24.0, 26.0, 28.0, 30.0, 32.0)
-GKE_BOOT = (62.0, 72.0, 72.0, 122.0)
-GKE_UNNEEDED = (208.0, 217.0, 221.0, 225.0, 227.0, 232.0, 244.0)
+#: The calibration of ``gke-optimize-utilization`` on the three recorded ensemble runs (run5-random,
+#: -ascending, -descending; ``recording.jsonl`` beside ``nodes.jsonl``; docs/benchmarks.md shows the
+#: derivation). Seconds from a scale-up request that needed a new VM to the VM's creation (when billing
+#: starts): the 16 VMs created by the request that needed them (the others came from pods still
+#: pending from the request before). Seconds from a VM's creation to a pod on it joining the Flux
+#: instance: the rise of ``node_up_count`` after each such VM. Seconds from the MiniCluster's end (the
+#: ``terminate`` decision: every pod gone) to each of the 23 added VMs' removal.
+GKE_SCALE_UP_DELAY = (25.0, 25.0, 26.0, 26.0, 26.0, 27.0, 27.0, 28.0, 28.0, 29.0, 29.0, 29.0, 30.0, 30.0, 31.0, 31.0)
+GKE_BOOT = (65.0, 70.0, 72.0, 75.0, 80.0, 85.0)
+GKE_UNNEEDED = (
+    208.0, 221.0, 226.0, 226.0, 226.0, 226.0, 231.0, 231.0,
+    218.0, 223.0, 223.0, 223.0, 223.0, 223.0, 228.0, 233.0, 243.0,
+    216.0, 216.0, 221.0, 227.0, 227.0, 227.0,
+)  # fmt: skip
 
 MODELS: dict[str, ClusterModel] = {
     "gke-optimize-utilization": ClusterModel(
