@@ -135,6 +135,8 @@ class SimulationResult:
     #: When the pool was back at its minimum after the run (with a cluster model).
     pool_end: float = 0.0
     budget: int | None = None
+    #: Per ensemble: the sum over checks of held / entitled nodes, and the number of such checks.
+    entitled: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     def ensembles(self) -> dict[str, dict[str, Any]]:
         """Per ensemble (in arrival order): arrival, turnaround (arrival → its last job done), node-seconds."""
@@ -155,15 +157,11 @@ class SimulationResult:
         return rows
 
     def fairness(self) -> float:
-        """Jain's index of the ensembles' node shares: each one's mean nodes in use over its turnaround,
-        relative to what it could use (its maxSize, at most an equal part of the budget)."""
-        rows = self.ensembles()
-        part = (self.budget / len(rows)) if self.budget else math.inf
-        shares: dict[str, float] = {}
-        for name, row in rows.items():
-            if row["turnaround_s"]:
-                cap = min(float(row["max_size"]), part) or 1.0
-                shares[name] = row["job_node_seconds"] / row["turnaround_s"] / cap
+        """Jain's index of the ensembles' node shares: at each check an ensemble is entitled to its
+        weighted max-min fair share of the budget (of all nodes wanted, without one) given what every
+        ensemble wants; its share is the nodes it holds (at most that) over it, averaged over the checks
+        at which it was entitled to any. 1.0: each got its fair share as much as the others did."""
+        shares = {name: total / count for name, (total, count) in self.entitled.items() if count}
         return round(jain_index(shares), 4)
 
     def summary(self) -> dict[str, Any]:
@@ -420,6 +418,22 @@ def _held(m: _Member) -> int:
     return max(m.sim.queue.size, m.sim.queue.nodes_up)
 
 
+def _count_shares(members: list[_Member], budget: int | None, entitled: dict[str, tuple[float, int]]) -> None:
+    """Add one check to each ensemble's held / entitled nodes (for Jain's index, see ``fairness``)."""
+    wants: dict[str, int] = {}
+    held: dict[str, int] = {}
+    for m in members:
+        name = m.result.ensemble
+        running = m.active and m.started
+        wants[name] = wants.get(name, 0) + (m.want if running else 0)
+        held[name] = held.get(name, 0) + (_held(m) if running else 0)
+    shares = fair_share(wants, {}, budget if budget is not None else sum(wants.values()))
+    for name, share in shares.items():
+        if share > 0:
+            total, count = entitled.get(name, (0.0, 0))
+            entitled[name] = (total + min(held[name], share) / share, count + 1)
+
+
 def _advance_all(members: list[_Member], to: float) -> None:
     """Advance every started member to ``to``, all their events in one time order (they share the cluster)."""
     while True:
@@ -514,6 +528,7 @@ async def _run(config: SimulationConfig) -> SimulationResult:
     budget = _Budget(budget_nodes, members) if budget_nodes is not None else None
     records: list[msgspec.Struct] = []
     samples: list[Sample] = []
+    entitled: dict[str, tuple[float, int]] = {}
     now = 0.0
     while now <= config.limit and any(m.active for m in members):
         _advance_all(members, now)
@@ -530,6 +545,8 @@ async def _run(config: SimulationConfig) -> SimulationResult:
                 samples.append(Sample(now, m.key, q.size, q.nodes_up, q.waiting, q.running))
         if budget is not None:
             budget.rebalance(now)
+        if config.more:
+            _count_shares(members, budget_nodes, entitled)
         now += check
     _advance_all(members, now)
     for m in members:
@@ -555,6 +572,7 @@ async def _run(config: SimulationConfig) -> SimulationResult:
         cluster=cluster,
         pool_end=cluster.finish(now) if cluster is not None else now,
         budget=budget_nodes,
+        entitled=entitled,
     )
 
 

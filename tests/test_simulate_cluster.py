@@ -15,9 +15,13 @@ import yaml
 
 from ensemble_cli.calibration import RUNS, compare
 from ensemble_cli.cluster import MODELS, Cluster, ClusterError, ClusterModel, load_model, model_from
+from ensemble_cli.simulate import parse_arrival
 from ensemble_cli.simulation import SimulationConfig, simulate
+from ensemble_core import algorithms
+from ensemble_core.messages import JobSpec
 from ensemble_core.spec import Ensemble, validate
 from tests.conftest import SHARED
+from tests.factories import make_member, make_metrics
 
 SEED_RUNS = SHARED / "data/seed-gke"
 CLI = [sys.executable, "-m", "ensemble_cli", "simulate"]
@@ -161,5 +165,43 @@ def test_command_runs_two_ensembles_on_a_gke_pool_with_a_budget(tmp_path: Path) 
     assert summary["vm_seconds"] >= summary["vm_seconds_makespan"] > 0
     assert summary["peak_size"] <= 6
     assert (tmp_path / "run-vms.png").stat().st_size > 0
-    bad = run_cli(str(a), f"{b}@soon")
-    assert bad.returncode == 2 and "@" in bad.stderr
+
+
+def test_arrival_times_are_parsed_from_the_file_argument() -> None:
+    assert parse_arrival("a.yaml") == ("a.yaml", 0.0)
+    assert parse_arrival("dir@x/b.yaml@600") == ("dir@x/b.yaml", 600.0)
+    for bad in ("b.yaml@soon", "b.yaml@-5", "b.yaml@inf"):
+        with pytest.raises(ValueError, match="after @"):
+            parse_arrival(bad)
+
+
+def hpa_step(state: Any, seq: int, **metrics: Any) -> tuple[Any, list[Any]]:
+    member = make_member("hpa-proportional", jobs=[JobSpec(name="j", command="true", count=8, nodes=2)], max_size=24)
+    options = algorithms.parse_options("hpa-proportional", {})
+    if state is None:
+        state = algorithms.get("hpa-proportional").initial_state(member, options)
+    result: tuple[Any, list[Any]] = algorithms.get("hpa-proportional").decide(
+        member, options, state, make_metrics(seq, **metrics)
+    )
+    return result
+
+
+def test_hpa_baseline_scales_in_proportion_and_holds_a_shrink_for_its_window() -> None:
+    state, decisions = hpa_step(None, 0, size=2)
+    assert [d.action for d in decisions] == ["submit"]
+    # 2 nodes busy, 6 waiting on 2 up: demand 8 / (2 × 0.8) → 10, limited to max(2 × 2, 2 + 4) = 6
+    state, decisions = hpa_step(state, 1, size=2, free=0, run=1, waiting={2: 3})
+    assert [(d.action, d.size) for d in decisions] == [("scale", 6)]
+    # demand falls to 2 nodes on 6 up: the desired 3 waits out the 300 s stabilisation window
+    state, decisions = hpa_step(state, 2, size=6, free=4, run=1)
+    assert decisions == []
+    for seq in range(3, 31):
+        state, decisions = hpa_step(state, seq, size=6, free=4, run=1)
+        assert decisions == [], seq
+    state, decisions = hpa_step(state, 32, size=6, free=4, run=1)
+    assert [(d.action, d.size) for d in decisions] == [("scale", 3)]
+
+
+def test_demand_fit_submits_widest_first_unless_told_otherwise() -> None:
+    assert algorithms.parse_options("demand-fit", {}).order == "descending"  # type: ignore[attr-defined]
+    assert algorithms.parse_options("demand-fit", {"order": "random"}).order == "random"  # type: ignore[attr-defined]
