@@ -197,7 +197,7 @@ def main() -> int:
     Path(args.cost_json).write_text(json.dumps(costs, indent=2) + "\n")
     out = Path(args.out)
     kept = out.read_text().partition(KEPT_SECTION) if out.exists() else ("", "", "")
-    out.write_text(markdown(report) + cost.markdown(costs) + "\n" + (kept[1] + kept[2] if kept[1] else ""))
+    out.write_text(markdown(report) + "\n" + cost.markdown(costs) + "\n" + (kept[1] + kept[2] if kept[1] else ""))
     for row in rows:
         print(
             f"{row['workload']:42s} {row['algorithm']:30s} makespan {row['makespan_s']:9.1f} "

@@ -116,6 +116,11 @@ def single(label: str, ensemble: Ensemble, trace: list[TraceJob] | None, file_op
         options = {k: v for k, v in file_options.items() if k in accepted}
         rows[name] = run(SimulationConfig(ensemble=ensemble, algorithm=name, options=options, trace=trace,
                                           cluster=model))  # fmt: skip
+    if trace:  # the default's trade-off between makespan and VMs, measured: fewer, longer waves
+        options = {k: v for k, v in file_options.items() if k in algorithms.option_names(DEFAULT_ALGORITHM)}
+        rows[f"{DEFAULT_ALGORITHM} (waves 4)"] = run(SimulationConfig(
+            ensemble=ensemble, algorithm=DEFAULT_ALGORITHM, options={**options, "waves": 4}, trace=trace,
+            cluster=model))  # fmt: skip
     rows[STATIC] = run(SimulationConfig(ensemble=ensemble, algorithm="static", options={"size": max_size},
                                         trace=trace, cluster=static_pool(model, max_size)))  # fmt: skip
     runs = job_list(ensemble, trace)
@@ -225,7 +230,12 @@ def verdicts(report: dict[str, Any]) -> list[str]:
             rec = workload["recorded"]
             m, v = row["makespan_s"] / rec["makespan_s"], row["vm_seconds"] / rec["vm_seconds"]
             ok = m <= TARGETS["recorded_makespan"] and v <= TARGETS["recorded_vm_seconds"]
-            lines.append(f"| {where} | makespan {m:.2f}× recorded (≤ 0.7), VM-s {v:.2f}× recorded (≤ 0.8) "
+            # The fastest any algorithm can be: the first new VM's pod (the model's shortest scale-up +
+            # boot), then the run on every node already up (the static partition's makespan).
+            model = MODELS[workload["model"]]
+            best = min(model.scale_up_delay_s) + min(model.boot_s) + workload["rows"][STATIC]["makespan_s"]
+            lines.append(f"| {where} | makespan {m:.2f}× recorded (≤ 0.7; no algorithm below ≈ "
+                         f"{best / rec['makespan_s']:.2f}×: {best:.0f} s), VM-s {v:.2f}× recorded (≤ 0.8) "
                          f"| {'met' if ok else 'missed'} |")  # fmt: skip
         elif workload["kind"] == "synthetic":
             ratio = row["makespan_s"] / workload["lower_bound_s"]
@@ -297,6 +307,31 @@ def _model_rows() -> str:
     return "\n".join(rows)
 
 
+def explain(report: dict[str, Any]) -> list[str]:
+    """Why the recorded-run targets are missed, from the figures of the same run."""
+    name = report["default"]
+    lines = []
+    for workload in report["workloads"]:
+        if workload["kind"] != "recorded":
+            continue
+        rec, rows = workload["recorded"], workload["rows"]
+        default, fewer = rows[name], rows.get(f"{name} (waves 4)")
+        cheapest_name, cheapest = min(
+            ((k, r) for k, r in rows.items() if k != STATIC and r["vms_added"] > 0), key=lambda kr: kr[1]["vm_seconds"]
+        )
+        m, v = default["makespan_s"] / rec["makespan_s"], default["vm_seconds"] / rec["vm_seconds"]
+        text = f"- {workload['workload']} (`{workload['model']}`): {name} {m:.2f}× makespan / {v:.2f}× VM-s"
+        text += f" with {default['vms_added']} VMs added"
+        if fewer:
+            m, v = fewer["makespan_s"] / rec["makespan_s"], fewer["vm_seconds"] / rec["vm_seconds"]
+            text += f"; with `waves: 4` {m:.2f}× / {v:.2f}× with {fewer['vms_added']}"
+        m, v = cheapest["makespan_s"] / rec["makespan_s"], cheapest["vm_seconds"] / rec["vm_seconds"]
+        text += f"; the cheapest run that adds any VM (`{cheapest_name}`, {cheapest['vms_added']} added) bills"
+        text += f" {v:.2f}× in {m:.2f}× the makespan."
+        lines.append(text)
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The section of docs/benchmarks.md."""
     lines = [
@@ -345,7 +380,14 @@ def markdown(report: dict[str, Any]) -> str:
                          f"| {jain} |")  # fmt: skip
         lines.append("")
     lines += [f"### The targets for the default (`{report['default']}`)", "", "| workload | figures | target |",
-              "|---|---|---|", *verdicts(report), ""]  # fmt: skip
+              "|---|---|---|", *verdicts(report), "",
+              "Why the recorded-run targets are missed. Every VM the autoscaler adds is billed its boot plus the "
+              "unneeded time after its last pod (208–243 s under `gke-optimize-utilization`, 600 s under "
+              "`gke-balanced`), so VM-seconds follow the VMs added and makespan falls as more are added: on "
+              "descending, ≤ 0.7× needs every node up at the first VM's boot (≈ 0.69× is the floor, the table "
+              "above), which takes all 9 VMs and bills more than the original did; under `gke-balanced` the 0.8× "
+              "targets are against the bill recorded under optimize-utilization and even one added VM is billed "
+              "over 10 minutes. The trade-off, measured:", "", *explain(report), ""]  # fmt: skip
     return "\n".join(lines) + "\n" + CLUSTER_MODEL.format(rows=_model_rows())
 
 

@@ -434,8 +434,14 @@ def _count_shares(members: list[_Member], budget: int | None, entitled: dict[str
             entitled[name] = (total + min(held[name], share) / share, count + 1)
 
 
-def _advance_all(members: list[_Member], to: float) -> None:
-    """Advance every started member to ``to``, all their events in one time order (they share the cluster)."""
+def _advance_all(members: list[_Member], to: float, shared: bool) -> None:
+    """Advance every started member to ``to``; members that share a cluster, all their events in one
+    time order (members that share nothing one after the other, which is faster)."""
+    if not shared:
+        for m in members:
+            if m.started:
+                m.integrate_to(to)
+        return
     while True:
         due = [(at, m.key) for m in members if m.started and (at := m.sim.next_event_time()) is not None and at <= to]
         if not due:
@@ -530,8 +536,9 @@ async def _run(config: SimulationConfig) -> SimulationResult:
     samples: list[Sample] = []
     entitled: dict[str, tuple[float, int]] = {}
     now = 0.0
+    shared = cluster is not None or budget is not None
     while now <= config.limit and any(m.active for m in members):
-        _advance_all(members, now)
+        _advance_all(members, now, shared)
         for m in members:
             if m.active and not m.started and m.arrival <= now:
                 m.start(now)
@@ -548,7 +555,7 @@ async def _run(config: SimulationConfig) -> SimulationResult:
         if config.more:
             _count_shares(members, budget_nodes, entitled)
         now += check
-    _advance_all(members, now)
+    _advance_all(members, now, shared)
     for m in members:
         jobs = m.sim.queue.recent(sys.maxsize)
         m.result.jobs = len(jobs)
