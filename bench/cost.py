@@ -343,8 +343,10 @@ def markdown(report: dict[str, Any]) -> str:
         "done; `Jain` Jain's index of the ensembles' node shares (at each check, the nodes an ensemble holds "
         "over its weighted max-min fair share of the budget given what every ensemble wants, averaged over the "
         "checks it was entitled to nodes). The synthetic mixes run each algorithm with its own default options "
-        "(the tables above force `order: random` on every algorithm). The cluster models and their calibration are "
-        "described under *The cluster model* below.",
+        "(the tables above force `order: random` on every algorithm). "
+        "One MiniCluster per job is not run on the 1,000-job mixes (a thousand MiniClusters). The static "
+        "partition's VMs are up from the start to the end of the run and billed for exactly that, its best case. "
+        "The cluster models and their calibration are described under *The cluster model* below.",
         "",
         "### Fidelity on the five recorded runs (`gke-optimize-utilization`)",
         "",
