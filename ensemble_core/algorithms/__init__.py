@@ -21,6 +21,7 @@ from .base import (
 )
 from .baselines import SeedAsBuilt, SeedAsBuiltState, Static, StaticOptions, StaticState
 from .demand_fit import DemandFit, DemandFitOptions, DemandFitState
+from .hpa import HpaOptions, HpaProportional, HpaState
 from .random_selection import RandomSelection, RandomSelectionOptions, RandomSelectionState
 from .rules import Rules, RulesOptions, RulesState, validate_rules
 from .select_runtime import SelectRuntime, SelectRuntimeOptions, SelectRuntimeState
@@ -39,6 +40,7 @@ _rules: Algorithm[RulesOptions, RulesState] = Rules()
 # Baselines to measure against (ensemble simulate / bench), not recommendations.
 _static: Algorithm[StaticOptions, StaticState] = Static()
 _seed_as_built: Algorithm[WorkloadDemandOptions, SeedAsBuiltState] = SeedAsBuilt()
+_hpa: Algorithm[HpaOptions, HpaState] = HpaProportional()
 register(_workload_demand)
 register(_demand_fit)
 register(_random_selection)
@@ -48,6 +50,7 @@ register(_select_longest)
 register(_rules)
 register(_static)
 register(_seed_as_built)
+register(_hpa)
 
 __all__ = [
     "Algorithm",
@@ -55,6 +58,9 @@ __all__ = [
     "DemandFit",
     "DemandFitOptions",
     "DemandFitState",
+    "HpaOptions",
+    "HpaProportional",
+    "HpaState",
     "OptionsError",
     "RandomSelection",
     "RandomSelectionOptions",
