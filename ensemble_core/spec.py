@@ -319,7 +319,9 @@ def _algorithm(check: _Checker, value: object, path: str) -> AlgorithmSpec | Non
     check.errors.extend(f"{path}.options.{problem}" for problem in algorithms.validate_options(name, options))
     # Rules name job groups, which only a member has: those are checked per member by _rule_groups.
     raw_rules = data.get("rules")
-    check.errors.extend(f"{path}.{problem}" for problem in algorithms.validate_rules(name, raw_rules or []))
+    check.errors.extend(
+        f"{path}.{problem}" for problem in algorithms.validate_rules(name, raw_rules or [], options=options)
+    )
     rules = [rule for rule in raw_rules if isinstance(rule, dict)] if isinstance(raw_rules, list) else []
     return AlgorithmSpec(name=name, options=options, rules=rules)
 
@@ -330,8 +332,8 @@ def _rule_groups(check: _Checker, algorithm: AlgorithmSpec, path: str, jobs: tup
         return
     groups = [job.name for job in jobs]
     # Everything but the group names was reported with the algorithm itself.
-    reported = set(algorithms.validate_rules(algorithm.name, algorithm.rules))
-    for problem in algorithms.validate_rules(algorithm.name, algorithm.rules, groups):
+    reported = set(algorithms.validate_rules(algorithm.name, algorithm.rules, options=algorithm.options))
+    for problem in algorithms.validate_rules(algorithm.name, algorithm.rules, groups, algorithm.options):
         if problem not in reported:
             check.error(f"{path}.{problem.split(': ', 1)[0]}", f"{problem.split(': ', 1)[1]}{member}")
 

@@ -17,6 +17,7 @@ from .base import (
     option_names,
     parse_options,
     register,
+    takes_events,
     validate_options,
 )
 from .baselines import SeedAsBuilt, SeedAsBuiltState, Static, StaticOptions, StaticState
@@ -85,6 +86,7 @@ __all__ = [
     "option_names",
     "parse_options",
     "register",
+    "takes_events",
     "validate_options",
     "validate_rules",
 ]
