@@ -22,6 +22,7 @@ can never grow past it; the original instead refused every scale-up when ``maxSi
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import importlib.resources
@@ -118,6 +119,8 @@ class Ensemble:
     namespace: str
     check_seconds: float
     members: tuple[Member, ...]
+    #: What was converted or refused to read the file (an ensemble-python file), one note each.
+    notes: tuple[str, ...] = ()
 
     def member_spec(self, member: Member, endpoint: str, created: float = 0.0, status_token: str = "") -> MemberSpec:
         """The ``MemberSpec`` the services share for one member served at ``endpoint``."""
@@ -740,7 +743,11 @@ def validate(document: object, namespace: str = "default") -> tuple[Ensemble | N
 
 
 def load(path: str | Path, namespace: str = "default") -> Ensemble:
-    """Read and validate an Ensemble file; raises :class:`SpecError` listing every problem."""
+    """Read and validate an Ensemble file; raises :class:`SpecError` listing every problem.
+
+    An ensemble-python ``ensemble.yaml`` (top-level ``jobs``, ``rules``, ``logging``) is converted first
+    (:mod:`ensemble_core.compat`); its notes are the Ensemble's ``notes`` (and come first among the errors).
+    """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -753,17 +760,23 @@ def load(path: str | Path, namespace: str = "default") -> Ensemble:
         # the parser's own limits: an integer of more than 4300 digits, nesting deeper than Python's stack
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise SpecError([f"{path}: cannot be read as YAML: {reason}"]) from None
+    from ensemble_core import compat  # it builds on this module
+
+    notes: list[str] = []
+    if compat.is_ensemble_python(document):
+        document, notes = compat.convert(document, Path(path).stem)
     ensemble, errors = validate(document, namespace)
     if ensemble is None:
-        raise SpecError(errors)
-    return ensemble
+        raise SpecError([*notes, *errors] if notes else errors)
+    return dataclasses.replace(ensemble, notes=tuple(notes)) if notes else ensemble
 
 
 def warnings(ensemble: Ensemble) -> list[str]:
-    """What a valid Ensemble says that is likely not meant, as ``<path>: <problem>``: a member with no job to
+    """The notes of a converted file, then what a valid Ensemble says that is likely not meant, as
+    ``<path>: <problem>``: a member with no job to
     run (an empty ``jobs`` list, or every group at ``count: 0``) starts, has nothing to do and terminates, and
     the run then "succeeds" having done nothing."""
-    found: list[str] = []
+    found: list[str] = list(ensemble.notes)
     for member in ensemble.members:
         if any(job.count for job in member.jobs):
             continue

@@ -484,15 +484,15 @@ def document(algorithm: dict[str, Any], *, member_algorithm: dict[str, Any] | No
             [{"trigger": "metric", "name": "median.sleep-duration", "when": 1, "action": {"name": "grow"}}],
             "spec.algorithm.rules[0].name: 'median.sleep-duration' is not a statistic; one of "
             "count.<group>.finished|success|failed|submitted|started|cancelled|waiting, "
-            "mean|min|max|variance|var|std|iqr|mad.<group>-duration, mean|min|max|variance|var|std|iqr|mad.<group>-pending "
-            "or mean|min|max.<group>-waiting",
+            "mean|min|max|variance|var|std|iqr|mad.<group>-duration, "
+            "mean|min|max|variance|var|std|iqr|mad.<group>-pending or mean|min|max.<group>-waiting",
         ),
         (
             [{"trigger": "metric", "name": "count.sleep.succeeded", "when": 1, "action": {"name": "grow"}}],
             "spec.algorithm.rules[0].name: 'count.sleep.succeeded' is not a statistic; one of "
             "count.<group>.finished|success|failed|submitted|started|cancelled|waiting, "
-            "mean|min|max|variance|var|std|iqr|mad.<group>-duration, mean|min|max|variance|var|std|iqr|mad.<group>-pending "
-            "or mean|min|max.<group>-waiting",
+            "mean|min|max|variance|var|std|iqr|mad.<group>-duration, "
+            "mean|min|max|variance|var|std|iqr|mad.<group>-pending or mean|min|max.<group>-waiting",
         ),
         (
             [{"trigger": "metric", "name": "count.sleep.success", "when": "=> 2", "action": {"name": "grow"}}],
@@ -502,7 +502,8 @@ def document(algorithm: dict[str, Any], *, member_algorithm: dict[str, Any] | No
         (
             [{"trigger": "job-finsh", "group": "sleep", "action": {"name": "terminate"}}],
             "spec.algorithm.rules[0].trigger: must be one of start, job-depend, job-sched, job-run, job-cancel, "
-            "job-cleanup, job-finish, job-success, job-failure, job-fail, metric, got 'job-finsh'; did you mean job-finish?",
+            "job-cleanup, job-finish, job-success, job-failure, job-fail, metric, got 'job-finsh'; "
+            "did you mean job-finish?",
         ),
         (
             [{"trigger": "start", "action": {"name": "grow", "value": 0}}],

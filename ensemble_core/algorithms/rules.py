@@ -529,7 +529,8 @@ class _Run:
         self.left = [state.left[i] if i < len(state.left) else rule.repetitions for i, rule in enumerate(rules)]
         self.ready_at = [state.ready_at[i] if i < len(state.ready_at) else 0 for i in range(len(rules))]
         self.skip = [state.skip[i] if i < len(state.skip) else 0 for i in range(len(rules))]
-        self.values: list[float | None] = [state.values[i] if i < len(state.values) else None for i in range(len(rules))]
+        values = state.values
+        self.values: list[float | None] = [values[i] if i < len(values) else None for i in range(len(rules))]
         self.previous = {
             name: (*state.seen_more.get(name, (0, 0, 0)), *state.seen.get(name, (0, 0, 0)))
             for name in state.seen.keys() | state.seen_more.keys()
