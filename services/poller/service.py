@@ -414,6 +414,9 @@ class MemberLoop:
         if shown == self._shown:
             return
         checked = time.time()
+        # the jobs that ended go out first, as for a check: a rule may end the member on this snapshot
+        await self._report_jobs(status)
+        self._outstanding_at_check = await self._outstanding()
         event = self._events_since + 1
         metrics = to_metrics(
             self.address,
