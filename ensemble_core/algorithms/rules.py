@@ -1,7 +1,9 @@
 """``rules``: the user lists triggers and actions (the original's successor, ensemble-python).
 
 Instead of a named policy, ``algorithm.rules`` lists rules, each a **trigger** and an **action**,
-evaluated in the order written on every metrics snapshot (the heartbeat: one per ``checkSeconds``)::
+evaluated in the order written on every metrics snapshot: each check (the heartbeat: one per
+``checkSeconds``) and each event snapshot (``Metrics.event > 0``: a queue change the poller published at
+once, so job-event rules fire on the event; see docs/poller.md)::
 
     algorithm:
       name: rules
@@ -27,12 +29,21 @@ evaluated in the order written on every metrics snapshot (the heartbeat: one per
 Triggers:
 
 - ``start`` — once, at the first check;
-- ``job-finish`` / ``job-success`` / ``job-failure`` with ``group`` — once for every job of that group
-  that finished / succeeded / failed since the previous snapshot (detected from the change of the
-  group's counts in ``metrics.groups``; the first snapshot counts from zero);
+- job events, with an optional ``group`` (without one: every job of the member) — once for every job
+  that, since the previous snapshot, was submitted (``job-depend``, ``job-sched``), started
+  (``job-run``), was cancelled (``job-cancel``), ended (``job-cleanup``, ``job-finish``), succeeded
+  (``job-success``) or failed (``job-failure``, or ensemble-python's ``job-fail``) — detected from the
+  change of the group's counts in ``metrics.groups``; the first snapshot counts from zero;
 - ``metric`` with ``name`` and ``when`` — whenever the named statistic satisfies ``when``: a number
   (``when: 3``, meaning *reaches*: ``>= 3``, because a count can pass a value between two snapshots)
   or a comparison string (``"> 5"``, ``">= 5"``, ``"< 5"``, ``"<= 5"``, ``"== 5"``).
+
+``compat: ensemble-python`` (an option) gives ensemble-python's semantics where ours differ: a bare
+number is equality (a count that passed it since the last snapshot counts as equal), ``when`` may be
+omitted (always true), ``backoff`` counts occurrences of the trigger instead of checks,
+``repetitions: 0`` is accepted (never performs), ``label`` names the group, a submit without one
+submits every group, ``value`` on submit and ``name`` on non-metric rules are ignored, and
+``mean|min|max.<group>-pending`` read the ``-waiting`` series (see docs/algorithms.md).
 
 Statistics, per job group (``<group>`` is a ``name`` of the member's jobs matrix):
 ``count.<group>.finished``, ``count.<group>.success``, ``count.<group>.failed`` (0 before any job
@@ -41,6 +52,9 @@ submit to start, s) over the group's finished jobs, where ``<stat>`` is ``mean``
 ``variance`` (or ``var``; sample variance, s²), ``std`` (its square root), ``iqr`` (75th minus 25th
 percentile) or ``mad`` (mean absolute deviation). A duration or pending statistic of a group with no
 finished job has no value and satisfies no ``when``; nor do ``variance`` and ``std`` before two.
+``count.<group>.submitted|started|cancelled|waiting`` count jobs submitted, started, cancelled and
+waiting now; ``mean|min|max.<group>-waiting`` is the time in the queue of every job that started *or
+still waits* (``now - submit`` for a waiting one), so it grows while jobs pile up.
 The sidecar computes them as streams (``sidecar/streaming.py``): variance exactly, ``iqr`` and ``mad``
 as estimates (P² quartiles; deviations from the running mean), like the successor's River statistics.
 A sidecar that does not report them (an original one) leaves them without a value.
