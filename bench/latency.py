@@ -20,8 +20,10 @@ decision of a rule answers the k-th change of that kind) and measured on one clo
 
 Writes p50/p99/max of change → published and change → applied per ``checkSeconds`` to
 ``bench/results/latency.json`` (or ``--out``), with the target (p99 ≤ 1 s to applied with the default
-settings). ``--decider`` also runs ``bench/decider.py`` in the same session (its result goes to a temporary
-file; bench/results/decider.json is left as committed) and records both throughputs.
+settings). ``--decider`` also runs ``bench/decider.py`` in the same session (bench/results/decider.json is
+left as committed) and records its throughput beside the committed one; ``--decider-against DIR`` runs the
+same benchmark of another checkout (e.g. ``git archive main``) alternately with it, so that both are
+measured under the same load.
 """
 
 from __future__ import annotations
@@ -223,27 +225,49 @@ async def one_run(check: float, changes: int, timeout: float) -> dict[str, Any]:
     }
 
 
-def decider_throughput() -> dict[str, Any]:
-    """bench/decider.py run now, its result kept out of bench/results/decider.json."""
-    committed = DECIDER_RESULTS.read_bytes()
+def run_decider_bench(tree: Path) -> dict[str, Any]:
+    """``tree``'s bench/decider.py run now; its results file is left as it was."""
+    results = tree / "bench" / "results" / "decider.json"
+    kept = results.read_bytes()
     try:
-        subprocess.run([sys.executable, str(REPO / "bench" / "decider.py")], cwd=REPO, check=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)  # fmt: skip
-        now = json.loads(DECIDER_RESULTS.read_text())
+        subprocess.run([sys.executable, str(tree / "bench" / "decider.py")], cwd=tree, check=True,
+                       env={**os.environ, "PYTHONPATH": str(tree)}, stdout=subprocess.DEVNULL)  # fmt: skip
+        throughput: dict[str, Any] = json.loads(results.read_text())["throughput"]
     finally:
-        DECIDER_RESULTS.write_bytes(committed)
-    before = json.loads(committed)["throughput"]["decider_msgs_per_s"]
-    measured = now["throughput"]["decider_msgs_per_s"]
-    return {
-        "baseline_msgs_per_s": before,
-        "baseline_from": "bench/results/decider.json as committed",
-        "this_session_msgs_per_s": measured,
-        "this_session_bare_pull_ack_msgs_per_s": now["throughput"]["bare_pull_ack_msgs_per_s"],
-        "ratio": round(measured / before, 3),
-        "ratio_to_bare_this_session": now["throughput"]["ratio"],
-        "ratio_to_bare_baseline": json.loads(committed)["throughput"]["ratio"],
-        "within_10_percent": abs(measured / before - 1) <= THROUGHPUT_TOLERANCE,
+        results.write_bytes(kept)
+    return throughput
+
+
+def decider_throughput(against: Path | None, rounds: int) -> dict[str, Any]:
+    """This tree's decider throughput now, against the committed figure and (``against``: another checkout,
+    e.g. main before this change) the same benchmark of that tree run alternately in the same session."""
+    committed = json.loads(DECIDER_RESULTS.read_text())["throughput"]
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(run_decider_bench(REPO))
+        if against is not None:
+            theirs.append(run_decider_bench(against))
+    best = max(run["decider_msgs_per_s"] for run in ours)
+    result: dict[str, Any] = {
+        "committed_msgs_per_s": committed["decider_msgs_per_s"],
+        "committed_ratio_to_bare": committed["ratio"],
+        "this_tree_msgs_per_s": [run["decider_msgs_per_s"] for run in ours],
+        "this_tree_bare_pull_ack_msgs_per_s": [run["bare_pull_ack_msgs_per_s"] for run in ours],
+        "this_tree_ratio_to_bare": [run["ratio"] for run in ours],
+        "ratio_to_committed": round(best / committed["decider_msgs_per_s"], 3),
+        "within_10_percent_of_committed": abs(best / committed["decider_msgs_per_s"] - 1) <= THROUGHPUT_TOLERANCE,
     }
+    if theirs:
+        other = max(run["decider_msgs_per_s"] for run in theirs)
+        result |= {
+            "against": str(against),
+            "against_msgs_per_s": [run["decider_msgs_per_s"] for run in theirs],
+            "against_bare_pull_ack_msgs_per_s": [run["bare_pull_ack_msgs_per_s"] for run in theirs],
+            "against_ratio_to_bare": [run["ratio"] for run in theirs],
+            "ratio_to_against": round(best / other, 3),
+            "within_10_percent_of_against": abs(best / other - 1) <= THROUGHPUT_TOLERANCE,
+        }
+    return result
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -267,7 +291,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     if args.decider:
-        result["decider_throughput"] = decider_throughput()
+        result["decider_throughput"] = decider_throughput(args.decider_against, args.decider_rounds)
     return result
 
 
@@ -277,6 +301,8 @@ def main() -> int:
     parser.add_argument("--check", type=float, action="append", help="checkSeconds of a run (default: 10 and 1)")
     parser.add_argument("--timeout", type=float, default=600.0, help="longest a run may take (s)")
     parser.add_argument("--decider", action="store_true", help="also run bench/decider.py and compare throughput")
+    parser.add_argument("--decider-against", type=Path, help="another checkout whose decider bench runs alternately")
+    parser.add_argument("--decider-rounds", type=int, default=2, help="runs of each decider bench (best counts)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.check = args.check or [10.0, 1.0]

@@ -397,8 +397,9 @@ class MemberLoop:
         PUBLISHED.labels(source).inc()
         self._check_seq, self._events_since, self._outstanding_at_check = self.seq, 0, outstanding
         self._requested_at_check = requested
+        # _pushed stays as it is: a push that came while this check was being published is published
+        # next (unless it shows nothing the check did not)
         self._shown = _shown(status)
-        self._pushed.clear()  # this check shows what was pushed before it
         self.seq += 1
 
     async def _publish_event(self, status: StatusPayload | None) -> None:
