@@ -179,7 +179,8 @@ class _Checker:
             self.error(where, "required; set it to an integer")
             return None
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            # isdigit() also takes digits int() refuses ('²'): ASCII digits only
+            if isinstance(value, str) and value.strip().lstrip("-").isascii() and value.strip().lstrip("-").isdigit():
                 value = int(value)
             else:
                 self.error(where, f"expected an integer, got {_kind(value)} {value!r}")

@@ -362,3 +362,12 @@ def test_ensemble_up_runs_an_ensemble_python_file_to_completion_on_the_local_bac
 @NEEDS_FLUX
 def test_ensemble_up_runs_an_ensemble_python_file_to_completion_on_flux(tmp_path: Path) -> None:
     _check_quick_run(_up(["--backend", "flux"], tmp_path, flux=True), tmp_path)
+
+
+def test_a_digit_int_does_not_read_is_an_error_naming_the_field_not_a_crash() -> None:
+    # str.isdigit() takes '²', int() does not (found by test_bad_input's hypothesis run)
+    problems = validate_rules("rules", [{"trigger": "start", "action": {"name": "grow", "value": "²"}}], options=COMPAT)
+    assert problems == ["rules[0].action.value: expected an integer between 1 and 1000000, got '²'"]
+    _, errors = spec.validate({"apiVersion": spec.API_VERSION, "kind": spec.KIND, "metadata": {"name": "x"},
+                               "spec": {"checkSeconds": "²", "members": []}})  # fmt: skip
+    assert any(error.startswith("spec.checkSeconds: expected an integer") for error in errors), errors

@@ -444,7 +444,7 @@ def _when(value: object, path: str, errors: list[str], compat: bool = False) -> 
 def _integer(action: dict[Any, Any], key: str, path: str, errors: list[str], *, default: int, low: int) -> int:
     """``action[key]`` as an integer in ``low..1000000`` (a string of digits taken; a float such as 2.0 too)."""
     value = action.get(key, default)
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():  # not '²'
         value = int(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
