@@ -8,9 +8,11 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ensemble_cli.parsing import Parser
 from ensemble_core.hardening import make_private
 from ensemble_core.runner import run_service
 from ensemble_core.settings import Settings
+from ensemble_core.version import VERSION
 
 
 def _service(name: str) -> Callable[[Settings], Coroutine[Any, Any, None]]:
@@ -33,18 +35,21 @@ def _service(name: str) -> Callable[[Settings], Coroutine[Any, Any, None]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ensemble_cli import record, replay, simulate, up, validate
+    from ensemble_cli import record, replay, report, simulate, up, validate
 
-    parser = argparse.ArgumentParser(
+    # a misspelt subcommand, choice or flag is answered with the close match and the subcommand's usage
+    parser = Parser(
         prog="ensemble",
         description="Run ensembles of HPC jobs on Flux MiniClusters that grow, shrink and stop with the work.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up.add_arguments(commands.add_parser("up", help="run an ensemble to completion on this machine"))
     validate.add_arguments(commands.add_parser("validate", help="check an Ensemble file and print every error"))
     replay.add_arguments(commands.add_parser("replay", help="run an algorithm over a recording offline"))
     record.add_arguments(commands.add_parser("record", help="export the metrics and decisions streams to a recording"))
     simulate.add_arguments(commands.add_parser("simulate", help="what-if run of an ensemble on a virtual clock"))
+    report.add_arguments(commands.add_parser("report", help="write an HTML report of a recording or a results folder"))
     commands.add_parser("sidecar", help="serve a queue over gRPC (see `ensemble sidecar --help`)", add_help=False)
     for name, text in (
         ("creator", "register members and announce them (settings from ENSEMBLE_* variables)"),
@@ -79,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         from ensemble_cli import record
 
         return record.run(args)
+    if args.command == "report":
+        from ensemble_cli import report
+
+        return report.run(args)
     if args.command == "simulate":
         from ensemble_cli import simulate
 
@@ -90,5 +99,5 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(up.run(args))
         except KeyboardInterrupt:
             print("interrupted; everything stopped", file=sys.stderr)
-            return 130
+            return up.EXIT_INTERRUPTED
     return run_service(args.command, _service(args.command))

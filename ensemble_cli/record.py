@@ -30,6 +30,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from ensemble_core import subjects
 from ensemble_core.messages import Applied, Decision, Metrics, encode
 from ensemble_core.settings import Settings, SettingsError, load
+from ensemble_core.words import plural
 
 #: Messages fetched per pull while reading a stream.
 FETCH = 512
@@ -193,9 +194,9 @@ def run(args: argparse.Namespace) -> int:
     counts = {
         kind.__name__: sum(isinstance(m, kind) for m in recording.messages) for kind in (Metrics, Decision, Applied)
     }
-    skipped = f"; {recording.unreadable} unreadable messages left out" if recording.unreadable else ""
+    skipped = f"; {plural(recording.unreadable, 'unreadable message')} left out" if recording.unreadable else ""
     print(
-        f"recorded {counts['Metrics']} metrics, {counts['Decision']} decisions and {counts['Applied']} applied "
-        f"to {out}{skipped}"
+        f"recorded {counts['Metrics']} metrics, {plural(counts['Decision'], 'decision')} and "
+        f"{counts['Applied']} applied to {out}{skipped}"
     )
     return 0

@@ -13,6 +13,9 @@ whose attempt never ended). :func:`write` makes the results folder:
   writes them here), else the output tail its report carried (the sidecar keeps the last 4 KiB);
 * ``summary.json`` — every figure of the summary table, per member and in all, and the jobs that did
   not succeed.
+
+Beside them :func:`ensemble_cli.report.write_for_up` puts the run's ``recording.jsonl``, its Ensemble
+file as ``ensemble.yaml`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -213,7 +216,8 @@ def clear_previous(directory: Path) -> None:
     its ``summary.json`` says it is one): the attempts of two runs must never mix."""
     if not (directory / "summary.json").is_file():
         return
-    for name in ("jobs.csv", "jobs.jsonl", "summary.json"):
+    # (not its ensemble.yaml, which may be the file this run reads: the run writes it again)
+    for name in ("jobs.csv", "jobs.jsonl", "summary.json", "recording.jsonl", "report.html"):
         (directory / name).unlink(missing_ok=True)
     if (directory / "outputs").is_dir():
         shutil.rmtree(directory / "outputs")

@@ -14,14 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from rich.console import Console
 from rich.table import Table
 
+from ensemble_cli import plot, report, runview, terminal
+from ensemble_cli.carry import carry, dropped_note
 from ensemble_cli.simulation import DEFAULT_DELAY, SimulationConfig, SimulationResult, simulate
 from ensemble_core import algorithms, flags
 from ensemble_core.messages import encode
-from ensemble_core.spec import SpecError, load
+from ensemble_core.spec import Ensemble, SpecError, load
 from sidecar.sim import TraceError, load_trace
 
 
@@ -33,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='Flux job records (JSON Lines, or the original\'s {"jobs": [...]} dump) whose jobs replace the '
         "file's matrix: nodes from nnodes, run time from t_inactive - t_run",
     )
-    parser.add_argument("--algorithm", help="use this algorithm for every member instead of the file's")
+    parser.add_argument(
+        "--algorithm",
+        help="use this algorithm for every member instead of the file's (each member keeps its options this one takes)",
+    )
     parser.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="an option of the algorithm (repeatable)"
     )
@@ -62,7 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--plot", metavar="PNG", help="draw size, nodes up, jobs waiting and running over time")
+    parser.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="draw size, nodes up, jobs waiting and running over time (the format from the name: .png, .svg, .pdf ...)",
+    )
+    parser.add_argument(
+        "--report", metavar="HTML", help="write an HTML report of the run (charts, job attempts, figures)"
+    )
     parser.add_argument("--record", metavar="FILE", help="write the run as a recording (JSON Lines) for replay")
 
 
@@ -90,16 +101,15 @@ def parse_delay(text: str) -> float | list[float]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``ensemble simulate``; returns the exit code (2 for bad input, 1 if the run did not finish)."""
-    console = Console()
+    console = terminal.console()  # in a pipe: whole tables, never cut at 80 columns
     try:
         ensemble = load(args.file)
         trace = load_trace(args.trace) if args.trace else None
         options = parse_options(args.option)
         delay = parse_delay(args.delay)
+        notes: list[str] = []
         if args.algorithm is not None:
-            problems = algorithms.validate_options(args.algorithm, options)
-            if problems:
-                raise ValueError("\n".join(f"--option {problem}" for problem in problems))
+            notes = _check_algorithm(ensemble, args.algorithm, options)
         elif options:
             raise ValueError("--option needs --algorithm (the file's algorithms keep the file's options)")
     except SpecError as exc:
@@ -111,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for note in ensemble.notes:  # what reading an ensemble-python file converted or refused
         print(f"{args.file}: note: {note}", file=sys.stderr)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     config = SimulationConfig(
         ensemble=ensemble,
         algorithm=args.algorithm,
@@ -120,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         check_seconds=args.check_seconds,
         seed=args.seed,
         cooldown=args.cooldown,
-        record=bool(args.record or args.plot),
+        record=bool(args.record or args.plot or args.report),
         default_duration=args.default_duration,
     )
     result = simulate(config)
@@ -128,16 +140,60 @@ def run(args: argparse.Namespace) -> int:
     summary["algorithm"] = args.algorithm or ",".join(sorted({m.algorithm for m in result.members}))
     if args.record:
         Path(args.record).write_bytes(b"".join(encode(record) + b"\n" for record in result.records))
-    if args.plot:
-        plot(result, args.plot, title=f"{ensemble.name}: {summary['algorithm']}")
     if args.json:
         print(json.dumps(summary))
     else:
         print_summary(console, summary, result)
+    if args.plot or args.report:
+        # after the results are printed: a bad output path loses nothing but that file
+        view = runview.from_simulation(result, summary, f"{ensemble.name}: {summary['algorithm']}", args.trace)
+        problems = []
+        if args.plot:
+            try:
+                plot.plot(view, args.plot, view.title)
+            except plot.PlotError as exc:
+                problems.append(str(exc))
+        if args.report:
+            try:
+                report.write(view, Path(args.report))
+            except OSError as exc:
+                problems.append(f"--report {args.report}: cannot write the report: {exc.strerror or exc}")
+        if problems:
+            for problem in problems:
+                print(f"error: {problem}", file=sys.stderr)
+            return 2
     if not result.completed:
         print(f"the run did not finish within {config.limit:.0f} virtual seconds", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_algorithm(ensemble: Ensemble, name: str, options: dict[str, str | int | float | bool]) -> list[str]:
+    """Check ``--algorithm`` and ``--option`` against every member; the notes on the file's options dropped.
+
+    Each member keeps the options of its own algorithm that ``name`` takes (see :mod:`ensemble_cli.carry`).
+    Raises ``ValueError`` naming the flag: an unknown algorithm, or each bad option.
+    """
+    try:
+        algorithms.get(name)
+    except algorithms.UnknownAlgorithm as exc:
+        raise ValueError(f"--algorithm: {exc}") from exc
+    problems = algorithms.validate_options(name, options)
+    if problems:
+        raise ValueError("\n".join(f"--option {problem}" for problem in problems))
+    notes = []
+    errors = []
+    for member in ensemble.members:
+        carried, dropped = carry(member.algorithm, name)
+        if dropped:
+            notes.append(dropped_note(member.index, member.algorithm, name, dropped))
+        if name == "rules":
+            groups = [job.name for job in member.jobs]
+            for problem in algorithms.validate_rules(name, carried.rules, groups):
+                errors.append(f"--algorithm rules: spec.members[{member.index}].algorithm.{problem}")
+    if errors:
+        raise ValueError("\n".join(errors))
+    return notes
 
 
 def print_summary(console: Console, summary: dict[str, Any], result: SimulationResult) -> None:
@@ -162,40 +218,3 @@ def print_summary(console: Console, summary: dict[str, Any], result: SimulationR
                 f"{m.scale_ups}/{m.scale_downs}", str(m.peak_size), m.ended or "-",
             )  # fmt: skip
         console.print(members)
-
-
-def plot(result: SimulationResult, path: str, title: str) -> None:
-    """Requested size, nodes up, jobs waiting and running over time, one panel per member, scale decisions marked."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # an optional extra: say how to get it
-        raise SystemExit("--plot needs matplotlib: pip install 'ensemble-operator[plot]'") from exc
-    indices = sorted({m.index for m in result.members})
-    figure, axes = plt.subplots(len(indices), 1, figsize=(10, 3.2 * len(indices)), squeeze=False, sharex=True)
-    decisions: dict[int, list[tuple[float, int]]] = {}
-    for record in result.records:
-        as_dict = msgspec.to_builtins(record)
-        if as_dict.get("kind") == "decision" and as_dict.get("action") == "scale":
-            decisions.setdefault(as_dict["member"], []).append((as_dict["time"], as_dict["size"]))
-    for row, index in enumerate(indices):
-        axis = axes[row][0]
-        samples = [s for s in result.samples if s.member == index]
-        times = [s.time for s in samples]
-        axis.step(times, [s.size for s in samples], where="post", label="requested size")
-        axis.step(times, [s.nodes_up for s in samples], where="post", label="nodes up")
-        axis.step(times, [s.waiting for s in samples], where="post", label="jobs waiting", linestyle="--")
-        axis.step(times, [s.running for s in samples], where="post", label="jobs running", linestyle=":")
-        marks = decisions.get(index, [])
-        if marks:
-            axis.scatter([t for t, _ in marks], [size for _, size in marks], marker="^", color="black", zorder=5,
-                         label="scale decision")  # fmt: skip
-        axis.set_ylabel(f"member {index}")
-        axis.legend(loc="upper right", fontsize="small")
-    axes[-1][0].set_xlabel("virtual seconds")
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -24,13 +24,14 @@ from typing import Any
 
 import msgspec
 
+from ensemble_cli.carry import carry
 from ensemble_core import algorithms
 from ensemble_core.messages import AlgorithmSpec, Applied, Decision, JobSpec, MemberSpec, Metrics
 from ensemble_core.spec import Ensemble, Member
 from ensemble_core.wire import ResizeResult, SubmitPayload, SubmitResult
 from services.actuator.drivers import DriverError
 from services.actuator.effects import CooldownPending, InvalidDecision, apply
-from sidecar.queue import QueueError
+from sidecar.queue import Job, QueueError
 from sidecar.sim import SimQueue, TraceJob
 from sidecar.sim import Trace as SimTrace
 
@@ -45,7 +46,8 @@ class SimulationConfig:
     """What to simulate."""
 
     ensemble: Ensemble
-    #: Overrides every member's algorithm (name), with these raw options (validated).
+    #: Overrides every member's algorithm (name), with these raw options (validated) over the member's
+    #: own options that this algorithm takes (:func:`ensemble_cli.carry.carry`).
     algorithm: str | None = None
     options: dict[str, str | int | float | bool] = field(default_factory=dict)
     #: Recorded jobs: they replace each member's jobs matrix (submitted in the algorithm's order).
@@ -94,6 +96,8 @@ class MemberResult:
     first_submit: float | None = None
     last_end: float | None = None
     ended: str = ""
+    #: The options of the algorithm as the member ran it.
+    options: dict[str, str | int | float | bool] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,6 +110,8 @@ class SimulationResult:
     wall_seconds: float
     records: list[msgspec.Struct] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
+    #: Every job attempt of each member, by member index (when recording).
+    jobs: dict[int, list[Job]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """The figures of the whole ensemble (``--json``)."""
@@ -201,7 +207,11 @@ class _Member:
         ensemble = config.ensemble
         algorithm_spec = spec.algorithm
         if config.algorithm is not None:
-            algorithm_spec = AlgorithmSpec(name=config.algorithm, options=dict(config.options))
+            # the member keeps the options of its own algorithm that this one takes; config.options win
+            carried, _ = carry(spec.algorithm, config.algorithm)
+            algorithm_spec = AlgorithmSpec(
+                name=config.algorithm, options={**carried.options, **config.options}, rules=carried.rules
+            )
         jobs = list(spec.jobs)
         self.trace = SimTrace(config.trace, config.seed) if config.trace else None
         if config.trace:
@@ -228,7 +238,9 @@ class _Member:
         )
         self.driver = SimDriver(self.sim)
         self.state = self.algorithm.initial_state(self.member, self.options)
-        self.result = MemberResult(index=spec.index, algorithm=algorithm_spec.name, peak_size=initial)
+        self.result = MemberResult(
+            index=spec.index, algorithm=algorithm_spec.name, peak_size=initial, options=dict(algorithm_spec.options)
+        )
         self.seq = 0
         self.last_scale = -math.inf
         self.pending: list[Decision] = []
@@ -325,6 +337,7 @@ async def _run(config: SimulationConfig) -> SimulationResult:
     members = [_Member(config, spec, check) for spec in config.ensemble.members]
     records: list[msgspec.Struct] = []
     samples: list[Sample] = []
+    attempts: dict[int, list[Job]] = {}
     now = 0.0
     while now <= config.limit and any(m.active for m in members):
         for m in members:
@@ -339,6 +352,8 @@ async def _run(config: SimulationConfig) -> SimulationResult:
     for m in members:
         m.integrate_to(now)
         jobs = m.sim.queue.recent(sys.maxsize)
+        if config.record:
+            attempts[m.result.index] = jobs
         m.result.jobs = len(jobs)
         m.result.failed_jobs = sum(1 for job in jobs if job.success is False)
         for job in jobs:
@@ -357,6 +372,7 @@ async def _run(config: SimulationConfig) -> SimulationResult:
         wall_seconds=time.perf_counter() - started,
         records=records,
         samples=samples,
+        jobs=attempts,
     )
 
 

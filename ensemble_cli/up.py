@@ -14,8 +14,9 @@ member ``i`` gets ranks of its own, ``maxSize`` of them after those of the membe
 sidecar drains the ranks above its size and undrains them to grow, so a shrink never kills a job and
 the members never share a rank. Node-seconds are then the seconds ranks were available to the member.
 
-Exit codes: 0 every job succeeded; 1 some job failed; 2 the Ensemble file is invalid; 3 the run
-could not complete (a part died or did not start, or ``--timeout`` passed). The run's directory (logs,
+Exit codes (:data:`EXIT_CODES`, which ``ensemble up --help`` lists): 0 every job succeeded; 1 some job
+failed; 2 the Ensemble file or a flag is invalid; 3 the run could not complete (a part died or did not
+start, or ``--timeout`` passed); 130 Ctrl-C. The run's directory (logs,
 journals, state) is removed only after a run that succeeded without ``--logs``; after any other run it
 is kept and named, with the summary of what was done.
 """
@@ -48,20 +49,32 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ensemble_cli import results
+from ensemble_cli import report, results, terminal
+from ensemble_cli.terminal import decision_words
 from ensemble_core import flags, natsauth, subjects
 from ensemble_core.messages import Applied, Decision, MemberEvent, Metrics, decode
 from ensemble_core.spec import Ensemble, Member, SpecError, load, warnings
 from ensemble_core.tokens import ensemble_token
 
 EXIT_OK, EXIT_JOBS_FAILED, EXIT_INVALID, EXIT_INCOMPLETE = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130
+#: What each exit code of ``ensemble up`` means (``ensemble up --help`` lists them).
+EXIT_CODES = {
+    EXIT_OK: "every job succeeded",
+    EXIT_JOBS_FAILED: "a job did not succeed (failed, lost or unfinished); each is named with its output",
+    EXIT_INVALID: "the Ensemble file or a flag is invalid (nothing was started)",
+    EXIT_INCOMPLETE: "the run could not complete: a part died or did not start, or --timeout passed",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); everything was stopped",
+}
 SERVICES = ("creator", "poller", "decider", "actuator")
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``ensemble up``."""
+    """Options of ``ensemble up``, and its exit codes in ``--help``."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "exit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items())
     parser.add_argument("file", help="the Ensemble file (same format as the Kubernetes resource)")
     parser.add_argument(
         "--cores", type=flags.integer(1), default=1, help="cores per virtual node of the local queue (default 1)"
@@ -73,7 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a new virtual node takes to come up, like a cloud node (default 2)",
     )
     parser.add_argument(
-        "--timeout", type=flags.seconds(), default=0, help="give up after this many seconds (default 0: never)"
+        "--timeout",
+        type=flags.seconds(positive=True),
+        default=None,
+        help="give up after this many seconds, > 0 (default: never)",
     )
     parser.add_argument(
         "--logs",
@@ -167,16 +183,33 @@ class Stack:
         return next((part for part in self.parts if part.process.poll() is not None), None)
 
     async def stop(self) -> None:
-        """Stop every part, last started first: SIGTERM, then SIGKILL after ``STOP_TIMEOUT``."""
-        for part in reversed(self.parts):
-            if part.process.poll() is None:
-                part.process.send_signal(signal.SIGTERM)
-                deadline = time.monotonic() + STOP_TIMEOUT
-                while part.process.poll() is None and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                if part.process.poll() is None:
-                    part.process.kill()
-                    part.process.wait()
+        """Stop every part, one tier at a time: the services, then the sidecars, then NATS.
+
+        The parts of a tier stop together (each drains on its own; none waits for another of its tier), and a
+        tier stops only once the one above it has: no service loses NATS or its sidecar while it drains. Each
+        part gets SIGTERM, then SIGKILL after ``STOP_TIMEOUT``.
+        """
+        for tier in sorted({_stop_tier(part.name) for part in self.parts}, reverse=True):
+            await asyncio.gather(*(_stop_part(part) for part in self.parts if _stop_tier(part.name) == tier))
+
+
+def _stop_tier(name: str) -> int:
+    """Where a part stops: services (2) before sidecars (1) before the NATS server (0)."""
+    if name == "nats-server":
+        return 0
+    return 1 if name.startswith("sidecar") else 2
+
+
+async def _stop_part(part: Part) -> None:
+    if part.process.poll() is not None:
+        return
+    part.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while part.process.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if part.process.poll() is None:
+        part.process.kill()
+        part.process.wait()
 
 
 async def _first_line(part: Part, timeout: float) -> str:
@@ -334,8 +367,10 @@ class Monitor:
         view = self.members.get(d.member)
         if view is None or not self._mine(d.namespace, d.ensemble):
             return
-        view.last_decision = d.reason or d.action
-        self.note(f"member {d.member}: decided {d.action}{'' if d.size is None else f' to {d.size}'}: {d.reason}")
+        # the action first: a cell cut to the terminal's width still says what was decided
+        what, why = decision_words(d.action, d.size, d.reason, view.size)
+        view.last_decision = f"{what} — {why}" if why else what
+        self.note(f"member {d.member}: {view.last_decision}")
 
     def on_applied(self, a: Applied) -> None:
         view = self.members.get(a.member)
@@ -375,9 +410,19 @@ class Monitor:
         return all(view.phase in ("terminated", "completed") for view in self.members.values())
 
     def render(self) -> Group:
-        table = Table(title=f"ensemble {self.ensemble.namespace}/{self.ensemble.name}", expand=False)
-        for column in ("member", "phase", "size", "nodes up", "waiting", "running", "done", "failed", "last decision"):
-            table.add_column(column)
+        # one line per member at any width: the counts never wrap, and the last decision (its action first)
+        # takes what is left, cut with an ellipsis
+        table = Table(
+            title=f"ensemble {self.ensemble.namespace}/{self.ensemble.name}",
+            caption="size: requested; up: nodes up; wait, run, done, fail: jobs",
+            box=None,
+            pad_edge=False,
+            expand=True,
+            header_style="bold",
+        )
+        for column in ("member", "phase", "size", "up", "wait", "run", "done", "fail"):
+            table.add_column(column, no_wrap=True, justify="left" if column == "phase" else "right")
+        table.add_column("last decision", no_wrap=True, overflow="ellipsis", ratio=1, min_width=20)
         for view in self.members.values():
             table.add_row(
                 str(view.index),
@@ -388,9 +433,16 @@ class Monitor:
                 str(view.running),
                 str(view.finished),
                 str(view.failed),
-                Text(view.last_decision[:70], overflow="ellipsis"),
+                Text(view.last_decision, overflow="ellipsis", no_wrap=True),
             )
-        return Group(table, Text("\n".join(self.log[-10:]), style="dim"))
+        # the events: a long one wraps between words, its continuation indented under its text
+        events = Table.grid(padding=(0, 2))
+        events.add_column(no_wrap=True, justify="right", style="dim")
+        events.add_column(overflow="fold", style="dim")
+        for line in self.log[-10:]:
+            when, _, text = line.strip().partition("  ")
+            events.add_row(when, text)
+        return Group(table, events)
 
 
 def node_seconds(sizes: list[tuple[float, int]], end: float) -> float:
@@ -524,9 +576,7 @@ def _workdir(keep: str | None) -> Path:
 
 async def run(args: argparse.Namespace) -> int:
     """Run ``ensemble up``; returns the exit code."""
-    console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 132)  # a log or a pipe: the whole summary table, not 80 columns of it
+    console = terminal.console()  # a log or a pipe: the whole summary table, not 80 columns of it
     try:
         ensemble = load(args.file)
     except SpecError as exc:
@@ -652,6 +702,8 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
     nc = await nats.connect(access.url_for(natsauth.MONITOR))
     try:
         await nc.subscribe("ensemble.>", cb=monitor.on_message)
+        collector = report.Collector(ensemble.namespace, ensemble.name)
+        await nc.subscribe("ensemble.>", cb=collector.on_message)
         env = {
             "ENSEMBLE_SIDECAR_TOKEN": token,
             "ENSEMBLE_FILE": str(Path(args.file).resolve()),
@@ -715,6 +767,7 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
     figures["seconds"] = round(time.time() - monitor.started, 3)
     figures["completed"] = not incomplete
     results.write(folder, found, figures)
+    report.write_for_up(folder, args.file, collector)
     if incomplete:
         console.print(
             f"stopped after {figures['seconds']:.1f}s, before the ensemble completed; results so far in {folder}",

@@ -7,6 +7,7 @@ missing or bad value raises :class:`SettingsError` naming the variable, and the 
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
@@ -88,6 +89,15 @@ def env_name(field: str) -> str:
     return PREFIX + field.upper()
 
 
+def _choices(annotation: object) -> list[str]:
+    """The values a ``Literal`` setting takes (empty for any other type)."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is not Literal:
+        return []
+    return [str(value) for value in typing.get_args(annotation)]
+
+
 def load(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Read :class:`Settings` from the environment (``overrides`` win), validating every value."""
     environ = os.environ if environ is None else environ
@@ -105,6 +115,9 @@ def load(environ: Mapping[str, str] | None = None, **overrides: object) -> Setti
             msgspec.convert({field.name: raw[field.name]}, type=Settings, strict=False)
         except msgspec.ValidationError as exc:
             detail = str(exc).split(" - at ")[0]
+            choices = _choices(field.type)
+            if choices:
+                detail += f"; use one of {', '.join(choices)}"
             errors.append(f"{env_name(field.name)}={raw[field.name]!r}: {detail}")
     if errors:
         raise SettingsError("invalid settings: " + "; ".join(errors))

@@ -41,6 +41,7 @@ from ensemble_core import algorithms
 from ensemble_core import matrix as sweep
 from ensemble_core.commands import command_argv
 from ensemble_core.messages import DEFAULT_ALGORITHM, AlgorithmSpec, JobSpec, MemberSpec
+from ensemble_core.words import plural
 
 API_VERSION = "ensemble.flux-framework.org/v1alpha1"
 KIND = "Ensemble"
@@ -553,7 +554,7 @@ def _matrix_count(check: _Checker, data: Mapping[str, Any], where: str, matrix: 
     if count != total:
         check.error(
             f"{where}.count",
-            f"{count} does not match the matrix, which gives {total} jobs ({_shape(matrix)}); remove count: "
+            f"{count} does not match the matrix, which gives {plural(total, 'job')} ({_shape(matrix)}); remove count: "
             "a group with a matrix runs one job per combination",
         )
         return None
@@ -743,24 +744,39 @@ def validate(document: object, namespace: str = "default") -> tuple[Ensemble | N
     ), []
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as ``line L, column C: not valid YAML: <problem> (<context>)``, without the parser's own
+    name for the text (``in "<unicode string>"``): the caller names the file, once."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return f"not valid YAML: {exc}"
+    mark = exc.problem_mark
+    context = f" ({exc.context})" if exc.context else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {exc.problem}{context}"
+
+
 def load(path: str | Path, namespace: str = "default") -> Ensemble:
     """Read and validate an Ensemble file; raises :class:`SpecError` listing every problem.
 
-    An ensemble-python ``ensemble.yaml`` (top-level ``jobs``, ``rules``, ``logging``) is converted first
-    (:mod:`ensemble_core.compat`); its notes are the Ensemble's ``notes`` (and come first among the errors).
+    The errors do not repeat the file's path (every caller prints it once): a field's error starts with its
+    field path, a file that cannot be read or parsed with what went wrong (``line 2, column 3: not valid
+    YAML: mapping values are not allowed here``). An ensemble-python ``ensemble.yaml`` (top-level ``jobs``,
+    ``rules``, ``logging``) is converted first (:mod:`ensemble_core.compat`); its notes are the Ensemble's
+    ``notes`` (and come first among the errors).
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise SpecError([f"{path}: cannot read: {exc.strerror}"]) from exc
+        raise SpecError([f"cannot read: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"cannot read: not UTF-8 text (byte {exc.start})"]) from None
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError([f"{path}: not valid YAML: {exc}"]) from exc
+        raise SpecError([yaml_problem(exc)]) from exc
     except (ValueError, RecursionError) as exc:
         # the parser's own limits: an integer of more than 4300 digits, nesting deeper than Python's stack
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise SpecError([f"{path}: cannot be read as YAML: {reason}"]) from None
+        raise SpecError([f"cannot be read as YAML: {reason}"]) from None
     from ensemble_core import compat  # it builds on this module
 
     notes: list[str] = []

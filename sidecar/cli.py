@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--shrink-grace",
-        type=float,
+        type=flags.seconds(),
         default=None,
         metavar="SECONDS",
         help=f"local and flux: seconds a job may go on running on a node a shrink gave up; then it is killed and "

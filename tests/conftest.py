@@ -139,3 +139,11 @@ async def stream_messages(nc: Client, stream: str, subject: str) -> list[bytes]:
             out.append(msg.data)
     await sub.unsubscribe()
     return out
+
+
+def pytest_report_header() -> list[str]:
+    """Say at the top of a run what the kubectl tests will do: run with which kubectl, or skip and why."""
+    from tests import kubectl_support
+
+    path, said = kubectl_support.found()
+    return [f"kubectl: {path} ({said})" if path else f"kubectl: MISSING, the manifest tests skip: {said}"]

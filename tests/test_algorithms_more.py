@@ -278,7 +278,7 @@ def test_workload_success_replaces_failures_at_the_observed_rate_until_the_targe
     assert run.feed(make_metrics(3, run=1, finished=7, failed=3, groups=stats(7, 4))) == []
     [end] = run.feed(make_metrics(4, finished=8, failed=3, groups=stats(8, 5)))
     assert end.action == "terminate"
-    assert end.reason == "no job active for 1 checks and 5 of 4 successes reached: terminate"
+    assert end.reason == "no job active for 1 check and 5 of 4 successes reached: terminate"
 
 
 def test_workload_success_stops_at_max_jobs() -> None:

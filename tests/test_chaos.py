@@ -8,59 +8,28 @@ Each run (one per seed; ``ENSEMBLE_CHAOS_SEEDS=4,5,6`` picks others) injects eve
 a stack of its own. Jobs are counted by identity (member,
 group, index, attempt) from each attempt's start and end marker lines, cross-checked with the job
 reports, the ledgers and the sidecars' listings. The counted outcomes of the runs made are written
-before anything is asserted, failures included: into the test's temporary directory, or to
-``ENSEMBLE_CHAOS_REPORT`` when set — ``ENSEMBLE_CHAOS_REPORT=bench/results/chaos.json .venv/bin/pytest
-tests/test_chaos.py`` refreshes the committed figures (a plain test run never rewrites them), and
-``.venv/bin/python -m tests.chaos`` their section of ``docs/benchmarks.md``.
+before anything is asserted, failures included, into the test's temporary directory: a test never writes
+a tracked file. The committed figures (``bench/results/chaos.json`` and their section of
+``docs/benchmarks.md``) come from the benchmark command, ``.venv/bin/python -m tests.chaos``, which runs the
+same suite.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 from tests import chaos
-from tests.conftest import REPO
 
-SEEDS = [int(seed) for seed in os.environ.get("ENSEMBLE_CHAOS_SEEDS", "1,2,3").split(",")]
-REPORT = os.environ.get("ENSEMBLE_CHAOS_REPORT", "")
-#: Seconds a run may take after its last fault for every member to terminate.
-COMPLETE_WITHIN = 90
+SEEDS = chaos.seeds_from(dict(os.environ))
 
 
 @pytest.mark.timeout(150 + 60 * len(SEEDS))
 async def test_restart_anything_at_any_time(tmp_path: Path) -> None:
-    began = time.monotonic()
-    runs: list[chaos.Run] = []
-
-    async def one(run: chaos.Run) -> chaos.RunOutcome:
-        timed_out = ""
-        try:
-            await run.run(COMPLETE_WITHIN)
-        except TimeoutError as exc:
-            timed_out = str(exc)
-        outcome = await run.outcome(completed=not timed_out)
-        outcome.problems += [timed_out] if timed_out else []
-        return outcome
-
-    try:
-        # started one after the other (each takes its ports while no other is choosing), then run at once:
-        # every run has its own nats-server, services, sidecars, ports and directories
-        for seed in SEEDS:
-            workdir = tmp_path / f"seed-{seed}"
-            workdir.mkdir()
-            run = chaos.Run(workdir, seed)
-            runs.append(run)
-            await run.start()
-        outcomes = list(await asyncio.gather(*(one(run) for run in runs)))
-    finally:
-        for run in runs:
-            await run.stop()
-    chaos.write_report(REPO / REPORT if REPORT else tmp_path / "chaos.json", outcomes, time.monotonic() - began)
+    outcomes, seconds = await chaos.run_suite(tmp_path, SEEDS)
+    chaos.write_report(tmp_path / "chaos.json", outcomes, seconds)
 
     expected = chaos.MEMBERS * chaos.jobs_per_member()
     for result in outcomes:

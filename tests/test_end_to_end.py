@@ -3,7 +3,7 @@ jobs as real subprocesses. Also `ensemble up` as a user runs it."""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import re
 import signal
@@ -26,6 +26,7 @@ from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import JobInfo
 from tests.conftest import REPO, stream_messages, wait_for
+from tests.test_report import page_json
 
 CLI = [sys.executable, "-m", "ensemble_cli"]
 
@@ -194,6 +195,19 @@ def test_ensemble_up_exits_non_zero_and_names_a_failed_job(tmp_path: Path) -> No
     # a run that did not succeed keeps its directory, for the logs of the job that failed
     kept = kept_directory(result.stdout)
     assert kept.parent == tmp_path / "tmp" and (kept / "sidecar-0" / "journal.jsonl").exists()
+    # and its report: the run's sizes and decisions over time, its attempts, the failures with their output
+    results = tmp_path / "tmp" / "results"
+    data = page_json((results / "report.html").read_text())
+    assert (results / "ensemble.yaml").read_text() == path.read_text()
+    (member,) = data["members"]
+    assert member["algorithm"] == "workload-demand" and member["options"]["terminateChecks"] == 2
+    recorded = [json.loads(line)["kind"] for line in (results / "recording.jsonl").read_text().splitlines()]
+    assert recorded.count("metrics") >= 2 and "decision" in recorded and "applied" in recorded
+    assert member["series"]["size"][0] == 1 and member["series"]["up"][0] == 1
+    assert [d[1] for d in member["decisions"]][-1] == "terminate" and all(d[3] for d in member["decisions"])
+    assert len(member["jobs"]["n"]) == 4
+    tails = {f["group"]: f["tail"] for f in data["failures"]}
+    assert set(tails) == {"broken", "missing"} and "disk full" in tails["broken"]
 
 
 def test_ensemble_up_that_cannot_start_says_why_and_leaves_no_empty_directory(tmp_path: Path) -> None:
@@ -265,8 +279,9 @@ def test_ensemble_up_refuses_a_bad_spec_with_the_field_path(tmp_path: Path) -> N
         ("--cores", "many", "argument --cores: must be an integer >= 1, got 'many'"),
         ("--provision-delay", "-1", "argument --provision-delay: must be a number of seconds >= 0, got -1"),
         ("--provision-delay", "nan", "argument --provision-delay: must be a number of seconds >= 0, got nan"),
-        ("--timeout", "-5", "argument --timeout: must be a number of seconds >= 0, got -5"),
-        ("--timeout", "inf", "argument --timeout: must be a number of seconds >= 0, got inf"),
+        ("--timeout", "-5", "argument --timeout: must be a number of seconds > 0, got -5"),
+        ("--timeout", "0", "argument --timeout: must be a number of seconds > 0, got 0"),
+        ("--timeout", "inf", "argument --timeout: must be a number of seconds > 0, got inf"),
     ],
 )
 def test_ensemble_up_refuses_a_bad_flag_before_starting_anything(
@@ -280,6 +295,10 @@ def test_ensemble_up_refuses_a_bad_flag_before_starting_anything(
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert list(tmp_path.iterdir()) == []  # refused before any part or directory was made
     assert time.monotonic() - started < 10
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def _children(pid: int) -> set[int]:
@@ -309,8 +328,17 @@ async def test_ctrl_c_stops_everything_and_leaves_no_process(tmp_path: Path) -> 
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        await wait_for(lambda: (tmp_path / "actuator.log").exists() and len(_children(process.pid)) >= 6, timeout=30)
-        await asyncio.sleep(3)  # mid-run: jobs are running
+        # mid-run: every service has said it is up (a part still importing when the signal comes has no handler
+        # for it yet, which is not what this test is about) and a job has started
+        services = [tmp_path / f"{name}.log" for name in ("creator", "poller", "decider", "actuator")]
+        await wait_for(
+            lambda: (
+                all(log.exists() and log.stat().st_size > 0 for log in services)
+                and "job start" in _read(tmp_path / "sidecar-0.err")
+                and len(_children(process.pid)) >= 6
+            ),
+            timeout=60,
+        )
         children = _children(process.pid)
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)

@@ -12,7 +12,6 @@ import copy
 import functools
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,16 +25,17 @@ import pytest
 import yaml
 
 from ensemble_core import settings as settings_module
+from tests import kubectl_support
 from tests.conftest import tls_files
 
 ROOT = Path(__file__).resolve().parent.parent
 KUSTOMIZE = ROOT / "deploy" / "kustomize"
 DOCS = ROOT / "docs" / "kubernetes.md"
 SHARED = ROOT.parent / "shared"
-KUBECTL = shutil.which("kubectl")
+KUBECTL = kubectl_support.kubectl()
 KUBERNETES_VERSION = "1.30"
 
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed, so kustomize cannot render")
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason=kubectl_support.missing())
 
 #: Every combination docs/kubernetes.md documents: name → components over the base.
 COMBINATIONS: dict[str, list[str]] = {

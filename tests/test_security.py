@@ -11,7 +11,6 @@ import copy
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -45,6 +44,7 @@ from services.actuator.service import run as run_actuator
 from services.creator.service import run as run_creator
 from services.poller.service import run as run_poller
 from sidecar.server import serve_local
+from tests import kubectl_support
 from tests.conftest import REPO, service_running, tls_files, wait_for
 from tests.test_kubernetes import (
     ENSEMBLE,
@@ -506,7 +506,7 @@ def service_url(service: str, port: int) -> str:
     return f"{url.rsplit('@', 1)[0]}@localhost:{port}"
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the production overlay")
+@pytest.mark.skipif(kubectl_support.kubectl() is None, reason=kubectl_support.missing())
 async def test_production_nats_refuses_clients_without_credentials_or_tls_and_the_services_get_in(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -546,7 +546,7 @@ async def test_production_nats_refuses_clients_without_credentials_or_tls_and_th
                 await client.close()
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the production overlay")
+@pytest.mark.skipif(kubectl_support.kubectl() is None, reason=kubectl_support.missing())
 async def test_production_nats_lets_each_service_write_only_what_it_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -589,7 +589,7 @@ async def test_production_nats_lets_each_service_write_only_what_it_writes(
                 await client.close()
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the production overlay")
+@pytest.mark.skipif(kubectl_support.kubectl() is None, reason=kubectl_support.missing())
 async def test_the_four_services_run_an_ensemble_each_as_its_own_restricted_nats_user(tmp_path: Path) -> None:
     """Everything the services do on NATS (declare, consume, watch and read buckets, acknowledge, dead
     letters, write) fits the permissions of production's auth.conf: the example runs to its end."""

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 import yaml
 
+from ensemble_cli.main import main
 from ensemble_cli.simulation import SimulationConfig, simulate, trace_groups
 from ensemble_core import algorithms
 from ensemble_core.matrix import MatrixRange
@@ -63,6 +64,25 @@ def test_every_algorithm_finishes_a_recorded_run_with_utilisation_at_most_one() 
         assert summary["jobs"] == 12, name
         assert 0 < float(summary["utilization"]) <= 1, (name, summary)
         assert float(summary["node_seconds"]) >= float(summary["job_node_seconds"]), name
+
+
+def test_another_algorithm_keeps_the_files_options_it_takes_and_names_the_others(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder = SEED_RUNS / "run5-ascending"
+    argv = ["simulate", str(folder / "ensemble.yaml"), "--trace", str(folder / "jobs.jsonl"), "--json"]
+    assert main([*argv, "--algorithm", "seed-as-built"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "dropped" not in captured.err
+    # terminateChecks 2, scaleChecks 5 and order ascending from the file, as if given with --option
+    expected = seed_run("run5-ascending", "seed-as-built")
+    assert {k: summary[k] for k in ("makespan_s", "node_seconds", "scale_ups")} == {
+        k: expected[k] for k in ("makespan_s", "node_seconds", "scale_ups")
+    }
+    assert main([*argv, "--algorithm", "static", "--option", "size=8"]) == 0
+    err = capsys.readouterr().err
+    assert "member 0: --algorithm static does not take the file's workload-demand option(s) scaleChecks: dropped" in err
 
 
 def test_same_seed_same_run_and_another_seed_may_differ() -> None:
@@ -123,7 +143,7 @@ def test_command_json_record_and_plot(tmp_path: Path) -> None:
             ["--algorithm", "demand-fit", "--option", "wavez=2"],
             "wavez: unknown option for demand-fit; did you mean waves?",
         ),
-        (["--algorithm", "nope"], "unknown algorithm 'nope'"),
+        (["--algorithm", "nope"], "--algorithm: unknown algorithm 'nope'"),
         (["--option", "waves=2"], "--option needs --algorithm"),
         (["--delay", "soon"], "--delay 'soon'"),
         (["--delay", "nan"], "--delay 'nan': give one or more numbers of seconds, each finite and >= 0"),
@@ -166,3 +186,12 @@ def test_the_sweep_example_simulates_its_twelve_jobs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["jobs"] == 12
+
+
+def test_rules_without_rules_is_refused_naming_the_member(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", str(REPO / "examples/hello-world.yaml"), "--algorithm", "rules"]) == 2
+    err = capsys.readouterr().err
+    assert "--algorithm rules: spec.members[0].algorithm.rules: the rules algorithm needs at least one rule" in err
+    # a file with rules keeps them under --algorithm rules
+    assert main(["simulate", str(REPO / "examples/rules.yaml"), "--algorithm", "rules", "--json", "--delay", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["completed"] is True

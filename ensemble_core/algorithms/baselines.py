@@ -8,20 +8,30 @@ again, and terminates after ``terminateChecks`` idle checks.
 
 ``seed-as-built`` — a reference model of the original operator *as it really behaved* on GKE (read
 from its code and the recorded runs in ``shared/data/seed-gke``), not as it was meant to behave
-(that is ``workload-demand``). It reproduces its bugs:
+(that is ``workload-demand``). ``docs/replay.md`` says which source file each fact comes from. It
+reproduces its bugs:
 
-- the waiting counter compared nothing: once any job has waited, it grows every ``scaleChecks``
-  checks for ever, by the node count of the next job (``scaleUpStrategy``), whatever is already coming;
+- the waiting counter compared nothing: the sidecar added one to ``waiting_periods`` at every status
+  call, so once any job has waited it grows every ``scaleChecks`` calls for ever, by the node count of
+  the next job (``scaleUpStrategy``), whatever is already coming;
 - nodes requested but not yet up are ignored: each step adds to the requested size;
-- a step that would pass ``maxSize`` is dropped whole (and the counter restarts), not clamped;
+- a step that would pass ``maxSize`` is decided but not applied (the original's controller ignored it
+  "outside allowed boundary"): it is decided as :data:`IGNORED_SCALE` with the size the original asked
+  for, an action no actuator carries out (this project's actuator answers ``ok: false``, as the
+  original did; a ``scale`` would be clamped to maxSize); the counters were reset before the size was
+  checked, so they restart all the same;
 - no scale-down is ever applied;
 - it terminates when the idle counter *exceeds* ``terminateChecks`` (strictly greater), with no
   check that the submitted jobs were ever seen.
 
-Its reconcile loop re-ran at once after every change it made — twice after a scale, once after the
-submission — and each of those extra checks counted toward ``scaleChecks``. A snapshot here is one
-periodic check, so the counter starts at 2 after a submission or an applied scale instead; this is
-what makes the model grow at the recorded moments (30 s, then every 30 s, and 50 s after a dropped step).
+**Re-checks.** Its counters lived in the sidecar and moved at every ``RequestStatus`` call, and its
+reconcile loop called again at once after every change it made: once after the submission, twice
+after an applied scale (not after an ignored one: nothing changed). A recording of the original holds
+those calls as metrics lines of their own, at the time of the change; a simulation or a live poller
+does not make them. So the model owes the counter those calls: a snapshot within
+:data:`RECHECK_SECONDS` of the change is one of them (counted like any call), and the first
+periodic snapshot after it adds the ones that never arrived. Both ways the original's cadence comes
+out: 30 s from the submission to the first step, 30 s between applied steps, 50 s after an ignored one.
 """
 
 from __future__ import annotations
@@ -33,13 +43,23 @@ import msgspec
 from msgspec.structs import replace
 
 from ensemble_core.messages import Decision, MemberSpec, Metrics
+from ensemble_core.words import every, plural
 
 from .base import decision
 from .sizing import Order, finish, idle, pick_job, scale_to
 from .workload_demand import WorkloadDemandOptions
 
-#: The extra checks the original's reconcile loop ran at once after it changed something.
-IMMEDIATE_RECHECKS = 2
+#: The action of a step the original decided and then ignored (its size was above maxSize): no actuator
+#: applies it. ``ensemble replay`` counts it as agreeing with a recorded ``scale`` that was not applied.
+IGNORED_SCALE = "scale-ignored"
+#: The status calls the original's reconcile loop made at once after it submitted the jobs matrix.
+RECHECKS_AFTER_SUBMIT = 1
+#: The status calls it made at once after an applied scale (the MiniCluster update re-queued it twice).
+RECHECKS_AFTER_SCALE = 2
+#: A snapshot this close (s) after a change is one of those re-checks: twice the ±1.5 s error of the
+#: recordings' reconstructed times (they put the re-checks at the change's own time), and never more
+#: than half the member's ``checkSeconds`` (a periodic check is that much later).
+RECHECK_SECONDS = 3.0
 
 
 def _seed(member: MemberSpec) -> int:
@@ -91,7 +111,7 @@ class Static:
             state = replace(state, last_seq=metrics.seq, submitted=True, jobs_submitted=total)
             decisions = []
             if jobs:
-                reason = f"static baseline: submit all {total} jobs"
+                reason = f"static baseline: submit {every(total, 'job')}"
                 decisions.append(
                     decision(
                         member, metrics, 0, "submit", jobs=jobs, order=options.order, seed=state.seed, reason=reason
@@ -104,13 +124,13 @@ class Static:
         inactive = state.inactive + 1 if idle(metrics, state.jobs_submitted) else 0
         state = replace(state, last_seq=metrics.seq, inactive=inactive)
         if inactive >= options.terminate_checks:
-            why = f"static baseline: idle for {inactive} checks"
+            why = f"static baseline: idle for {plural(inactive, 'check')}"
             return replace(state, done=True), finish(member, metrics, 0, False, why)
         return state, []
 
 
 class SeedAsBuiltState(msgspec.Struct, kw_only=True, frozen=True):
-    """The original's counters, as it kept them."""
+    """The original's counters, as its sidecar kept them (one step per status call)."""
 
     seed: int = 0
     last_seq: int = -1
@@ -118,7 +138,16 @@ class SeedAsBuiltState(msgspec.Struct, kw_only=True, frozen=True):
     waited: bool = False
     waiting_periods: int = 0
     inactive: int = 0
+    #: Re-check calls the original made after its last change that no snapshot has stood for yet.
+    rechecks_owed: int = 0
+    #: When that change was made (``metrics.time``).
+    changed_at: float = 0.0
     done: bool = False
+
+
+def _is_recheck(member: MemberSpec, state: SeedAsBuiltState, metrics: Metrics) -> bool:
+    window = min(RECHECK_SECONDS, member.check_seconds / 2)
+    return state.rechecks_owed > 0 and metrics.time - state.changed_at <= window
 
 
 class SeedAsBuilt:
@@ -135,24 +164,40 @@ class SeedAsBuilt:
     def decide(
         self, member: MemberSpec, options: WorkloadDemandOptions, state: SeedAsBuiltState, metrics: Metrics
     ) -> tuple[SeedAsBuiltState, list[Decision]]:
-        """One check of the original's reconcile loop."""
+        """One status call of the original and what its reconcile loop made of it."""
         if state.done or metrics.seq <= state.last_seq:
             return state, []
         state = replace(state, last_seq=metrics.seq)
         if not state.submitted:
+            # the call that found the jobs matrix unsubmitted: counted by the sidecar, then the submission
             jobs = [job for job in member.jobs if job.count > 0]
             reason = "original operator: submit the jobs matrix"
             submit = decision(
                 member, metrics, 0, "submit", jobs=jobs, order=options.order, seed=state.seed, reason=reason
             )
-            return replace(state, submitted=True, waited=True, waiting_periods=IMMEDIATE_RECHECKS), [submit]
+            state = replace(
+                state,
+                submitted=True,
+                waited=True,
+                waiting_periods=1,
+                rechecks_owed=RECHECKS_AFTER_SUBMIT,
+                changed_at=metrics.time,
+            )
+            return state, [submit]
+        calls = 1
+        if _is_recheck(member, state, metrics):
+            state = replace(state, rechecks_owed=state.rechecks_owed - 1)  # this snapshot is a re-check
+        else:
+            calls += state.rechecks_owed  # the re-checks no snapshot stood for
+            state = replace(state, rechecks_owed=0)
+        # the re-checks followed a change made while jobs waited: they never counted as idle
         inactive = state.inactive + 1 if metrics.queue.active() == 0 else 0
         state = replace(state, inactive=inactive)
         if inactive > options.terminate_checks:
             why = "original operator: terminate"
             return replace(state, done=True), finish(member, metrics, 0, options.disable_termination, why)
         waited = state.waited or any(count > 0 for count in metrics.waiting.values())
-        periods = state.waiting_periods + 1 if waited else 0
+        periods = state.waiting_periods + calls if waited else 0
         state = replace(state, waited=waited, waiting_periods=periods)
         if periods < options.scale_checks:
             return state, []
@@ -160,8 +205,14 @@ class SeedAsBuilt:
         if not step:
             return state, []
         target = metrics.size + step
+        # resetCounter came before the size was checked: the counter restarts whether or not it applies
+        state = replace(state, waiting_periods=0)
         if target > member.max_size:
-            # the original dropped the whole step ("outside allowed boundary") and counted afresh
-            return replace(state, waiting_periods=0), []
+            why = (
+                f"original operator: scale up by {step}: {metrics.size} → {target} is outside maxSize "
+                f"{member.max_size}, so the original ignored it"
+            )
+            return state, [decision(member, metrics, 0, IGNORED_SCALE, size=target, reason=why)]
         why = f"original operator: scale up by {step}"
-        return replace(state, waiting_periods=IMMEDIATE_RECHECKS), scale_to(member, metrics, 0, target, why)
+        state = replace(state, rechecks_owed=RECHECKS_AFTER_SCALE, changed_at=metrics.time)
+        return state, scale_to(member, metrics, 0, target, why)

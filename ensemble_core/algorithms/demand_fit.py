@@ -51,6 +51,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ensemble_core.messages import Decision, MemberSpec, Metrics
+from ensemble_core.words import every, plural
 
 from .base import decision
 from .sizing import Order, coming, finish, idle, scale_to, shrink_excess, visible, waiting_jobs
@@ -107,7 +108,8 @@ class DemandFit:
         state = replace(state, last_seq=metrics.seq, inactive=inactive)
         if inactive >= options.terminate_checks:
             why = (
-                f"no job active for {inactive} checks and all {state.jobs_submitted} submitted jobs finished or failed"
+                f"no job active for {plural(inactive, 'check')} and {every(state.jobs_submitted, 'submitted job')} "
+                "finished or failed"
             )
             return replace(state, done=True), finish(member, metrics, 0, options.disable_termination, why)
         waiting = waiting_jobs(metrics)
@@ -120,7 +122,8 @@ class DemandFit:
             if wanted <= metrics.size:
                 return state, []
             why = (
-                f"{waiting} jobs waiting need {demand} nodes (widest {widest}); {busy} busy, "
+                f"{plural(waiting, 'job')} waiting {'needs' if waiting == 1 else 'need'} {plural(demand, 'node')} "
+                f"(widest {widest}); {busy} busy, "
                 f"{coming(metrics)} coming; {_plan(options.waves)}"
             )
             return state, scale_to(member, metrics, 0, wanted, why)
@@ -131,7 +134,7 @@ class DemandFit:
         if periods < options.shrink_checks:
             return replace(state, spare_periods=periods), []
         free = metrics.nodes.node_free_count
-        why = f"{free} nodes free for {periods} checks and no job waiting"
+        why = f"{plural(free, 'node')} free for {plural(periods, 'check')} and no job waiting"
         return replace(state, spare_periods=0), shrink_excess(member, metrics, 0, why)
 
 
@@ -154,7 +157,7 @@ def _submit(
         return state, []
     order = f"in {options.order} order" if options.order else "as given"
     groups = "group" if len(jobs) == 1 else "groups"
-    reason = f"first check: submit all {total} jobs of {len(jobs)} {groups} {order}"
+    reason = f"first check: submit {every(total, 'job')} of {len(jobs)} {groups} {order}"
     decisions = [decision(member, metrics, 0, "submit", jobs=jobs, order=options.order, seed=state.seed, reason=reason)]
     # The queue does not show the jobs yet: their demand comes from the matrix itself.
     widest = max(job.nodes for job in jobs)
@@ -162,6 +165,9 @@ def _submit(
     busy = max(0, metrics.nodes.node_up_count - metrics.nodes.node_free_count)
     wanted = _wanted(widest, busy + demand, options.waves)
     if wanted > metrics.size:
-        why = f"{total} jobs submitted need {demand} nodes (widest {widest}); {busy} busy; {_plan(options.waves)}"
+        why = (
+            f"{plural(total, 'job')} submitted {'needs' if total == 1 else 'need'} {plural(demand, 'node')} "
+            f"(widest {widest}); {busy} busy; {_plan(options.waves)}"
+        )
         decisions += scale_to(member, metrics, 1, wanted, why)
     return state, decisions

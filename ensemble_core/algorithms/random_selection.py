@@ -35,6 +35,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ensemble_core.messages import Decision, MemberSpec, Metrics
+from ensemble_core.words import every
 
 from .base import decision
 from .sizing import Counters, FollowFields, draw, follow, idle, job_groups
@@ -109,7 +110,7 @@ class RandomSelection:
             contiguous=contiguous,
             is_idle=not held and not drawn and idle(metrics, released),
             seed=state.seed,
-            done_words=f"all {released} jobs released and finished",
+            done_words=f"{every(released, 'job')} released and finished",
             index=len(decisions),
         )
         state = replace(

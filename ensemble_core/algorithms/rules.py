@@ -100,6 +100,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ensemble_core.messages import Decision, GroupStats, JobSpec, MemberSpec, Metrics
+from ensemble_core.words import every, plural
 
 from .base import decision
 from .sizing import finish, idle, scale_to
@@ -509,7 +510,8 @@ class Rules:
             inactive = 0
         if check and not run.done and options.idle_checks and inactive >= options.idle_checks:
             why = (
-                f"safety net: no job active for {inactive} checks, all {run.submitted} submitted jobs finished, "
+                f"safety net: no job active for {plural(inactive, 'check')}, "
+                f"{every(run.submitted, 'submitted job')} finished, "
                 "and no rule ended the member"
             )
             run.decisions += finish(member, metrics, len(run.decisions), options.disable_termination, why)
@@ -625,7 +627,7 @@ class _Run:
             jobs = [self.jobs[rule.target]] if rule.target else list(self.member.jobs)
             count = sum(job.count for job in jobs)
             what = f"group {rule.target}" if rule.target else "every group"
-            reason = f"{why}: submit {what} ({count} jobs)"
+            reason = f"{why}: submit {what} ({plural(count, 'job')})"
             self.decisions.append(decision(self.member, self.metrics, index, "submit", jobs=jobs, reason=reason))
             self.submitted += count
         elif rule.action in ("grow", "shrink"):

@@ -40,6 +40,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ensemble_core.messages import Decision, GroupStats, JobSpec, MemberSpec, Metrics
+from ensemble_core.words import every, plural
 
 from .base import decision
 from .sizing import Counters, FollowFields, follow, grow_to_fit, idle, job_groups, visible, waiting_jobs
@@ -128,7 +129,7 @@ class SelectRuntime:
             models = {job.name: GroupModel() for job in jobs}
             if jobs:
                 probes = job_groups(jobs, {job.name: 1 for job in jobs})
-                reason = f"first check: one probe job of each of {len(probes)} groups to learn their runtimes"
+                reason = f"first check: one probe job of each of {plural(len(probes), 'group')} to learn their runtimes"
                 decisions.append(decision(member, metrics, 0, "submit", jobs=probes, seed=state.seed, reason=reason))
                 released = len(probes)
         else:
@@ -153,7 +154,7 @@ class SelectRuntime:
             contiguous=metrics.seq == state.last_seq + 1,
             is_idle=not held and not decisions and idle(metrics, released),
             seed=state.seed,
-            done_words=f"all {released} jobs released and finished",
+            done_words=f"{every(released, 'job')} released and finished",
             index=len(decisions),
         )
         state = replace(
@@ -192,7 +193,9 @@ class SelectRuntime:
         kind = "longest" if self.longest else "shortest"
         why = f"group {chosen} has the {kind} predicted runtime ({models[chosen].predicted:.1f} s)"
         batch = job_groups(member.jobs, {chosen: count})
-        reason = f"{why}: release {count} jobs"
+        reason = f"{why}: release {plural(count, 'job')}"
         decisions = [decision(member, metrics, 0, "submit", jobs=batch, seed=seed, reason=reason)]
         need = count * batch[0].nodes
-        return decisions + grow_to_fit(member, metrics, 1, need, f"released {count} jobs of {chosen}", "the release")
+        return decisions + grow_to_fit(
+            member, metrics, 1, need, f"released {plural(count, 'job')} of {chosen}", "the release"
+        )

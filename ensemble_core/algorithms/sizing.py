@@ -21,6 +21,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ensemble_core.messages import Decision, JobSpec, MemberSpec, Metrics
+from ensemble_core.words import plural
 
 from .base import clamp, decision
 
@@ -140,17 +141,19 @@ def follow(
     """
     counters = count(counters, metrics, contiguous=contiguous, is_idle=is_idle)
     if counters.inactive >= options.terminate_checks:
-        why = f"no job active for {counters.inactive} checks and {done_words}"
+        why = f"no job active for {plural(counters.inactive, 'check')} and {done_words}"
         return counters, finish(member, metrics, index, options.disable_termination, why), True
     if counters.waiting_periods >= options.scale_checks:
         need = pick_job(options.scale_up_strategy, seed, metrics)
         if need is not None:
-            why = f"{counters.last_waiting} jobs waiting for {counters.waiting_periods} checks"
+            why = f"{plural(counters.last_waiting, 'job')} waiting for {plural(counters.waiting_periods, 'check')}"
             grown = grow_to_fit(member, metrics, index, need, why, STRATEGY_WORDS[options.scale_up_strategy])
             if grown:
                 return _after_scale(counters), grown, False
     if counters.free_periods >= options.scale_checks + 2 and counters.last_waiting == 0:
-        why = f"{counters.last_free} nodes free for {counters.free_periods} checks and no job waiting"
+        why = (
+            f"{plural(counters.last_free, 'node')} free for {plural(counters.free_periods, 'check')} and no job waiting"
+        )
         shrunk = shrink_excess(member, metrics, index, why)
         if shrunk:
             return _after_scale(counters), shrunk, False
@@ -209,7 +212,7 @@ def grow_to_fit(member: MemberSpec, metrics: Metrics, index: int, need: int, why
     missing = need - (free + arriving)
     if missing <= 0 or clamp(member, metrics.size + missing) <= metrics.size:
         return []
-    why = f"{why}; {what} needs {need} nodes, {free} free, {arriving} coming"
+    why = f"{why}; {what} needs {plural(need, 'node')}, {free} free, {arriving} coming"
     return scale_to(member, metrics, index, metrics.size + missing, why)
 
 

@@ -45,6 +45,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ensemble_core.messages import Decision, MemberSpec, Metrics
+from ensemble_core.words import every
 
 from .base import decision
 from .sizing import Checks, Counters, Order, ScaleUpStrategy, follow, idle, waiting_jobs
@@ -120,7 +121,7 @@ class WorkloadDemand:
             contiguous=contiguous,
             is_idle=idle(metrics, state.jobs_submitted),
             seed=state.seed,
-            done_words=f"all {state.jobs_submitted} submitted jobs finished or failed",
+            done_words=f"{every(state.jobs_submitted, 'submitted job')} finished or failed",
         )
         return replace(state, last_seq=metrics.seq, counters=counters, done=done), decisions
 
@@ -140,6 +141,6 @@ def _submit(
         return state, []
     order = f"in {options.order} order" if options.order else "as given"
     groups = "group" if len(jobs) == 1 else "groups"
-    reason = f"first check: submit all {total} jobs of {len(jobs)} {groups} {order}"
+    reason = f"first check: submit {every(total, 'job')} of {len(jobs)} {groups} {order}"
     submit = decision(member, metrics, 0, "submit", jobs=jobs, order=options.order, seed=state.seed, reason=reason)
     return state, [submit]

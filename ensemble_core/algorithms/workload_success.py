@@ -41,6 +41,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ensemble_core.messages import Decision, JobSpec, MemberSpec, Metrics
+from ensemble_core.words import plural
 
 from .base import decision
 from .sizing import Counters, FollowFields, Order, finished_jobs, follow, idle, job_groups
@@ -102,7 +103,7 @@ class WorkloadSuccess:
         submitted = state.submitted
         if state.last_seq < 0 and jobs:
             count = min(matrix, cap)
-            reason = f"first check: submit {count} jobs toward {target} successes"
+            reason = f"first check: submit {plural(count, 'job')} toward {plural(target, 'success', 'successes')}"
             batch = _cycle(jobs, 0, count)
             decisions.append(
                 decision(member, metrics, 0, "submit", jobs=batch, order=options.order, seed=state.seed, reason=reason)
@@ -115,16 +116,18 @@ class WorkloadSuccess:
             count = min(short, cap - submitted)
             if count > 0:
                 reason = (
-                    f"{succeeded} of {target} successes, {in_flight} jobs in flight at a success rate of "
+                    f"{succeeded} of {plural(target, 'success', 'successes')}, {plural(in_flight, 'job')} in flight "
+                    "at a success rate of "
                     f"{rate:.0%}: submit {count} more"
                 )
                 batch = _cycle(jobs, submitted, count)
                 decisions.append(decision(member, metrics, 0, "submit", jobs=batch, seed=state.seed, reason=reason))
                 submitted += count
         if succeeded >= target:
-            done_words = f"{succeeded} of {target} successes reached"
+            done_words = f"{succeeded} of {plural(target, 'success', 'successes')} reached"
         else:
-            done_words = f"the cap of {cap} jobs submitted with {succeeded} of {target} successes"
+            successes = plural(target, "success", "successes")
+            done_words = f"the cap of {plural(cap, 'job')} submitted with {succeeded} of {successes}"
         counters, sized, done = follow(
             member,
             options,
