@@ -75,7 +75,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ensemble up``, and its exit codes in ``--help``."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "exit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items())
-    parser.add_argument("file", help="the Ensemble file (same format as the Kubernetes resource)")
+    parser.add_argument(
+        "file",
+        nargs="+",
+        help="the Ensemble file(s) (the Kubernetes resource's format); several share this machine",
+    )
+    parser.add_argument(
+        "--budget",
+        type=flags.integer(1, 100_000),
+        default=None,
+        metavar="N",
+        help="nodes all members of all the files may hold at once, shared by weighted max-min fair share "
+        "(docs/budget.md; default: no budget)",
+    )
     parser.add_argument(
         "--cores", type=flags.integer(1), default=1, help="cores per virtual node of the local queue (default 1)"
     )
@@ -319,6 +331,12 @@ class MemberView:
     ended: float | None = None
     #: (time, nodes up) at each metrics snapshot: what was available to the member
     available: list[tuple[float, int]] = field(default_factory=list)
+    #: With a node budget: the size the last scale asked for (the size granted is ``size``), the largest
+    #: asked for, and how often the budget held the member back.
+    wanted: int | None = None
+    peak_wanted: int = 0
+    held: int = 0
+    last_hold: tuple[int, int] | None = None
 
 
 class Monitor:
@@ -387,7 +405,16 @@ class Monitor:
             view.size = a.size_after
             view.peak = max(view.peak, a.size_after)
             view.sizes.append((a.time, a.size_after))
-            self.note(f"member {a.member}: scaled {a.size_before} → {a.size_after}")
+            if a.size_after != a.size_before or a.size_wanted is None:  # a budget's no-op grant: said below
+                self.note(f"member {a.member}: scaled {a.size_before} → {a.size_after}")
+        if a.action == "scale" and a.size_wanted is not None and a.size_after is not None:
+            hold = (a.size_after, a.size_wanted)
+            if a.size_after < a.size_wanted and view.last_hold != hold:
+                view.held += 1
+                self.note(f"member {a.member}: the budget holds it at {a.size_after} of {a.size_wanted} nodes wanted")
+            view.last_hold = hold if a.size_after < a.size_wanted else None
+            view.wanted = a.size_wanted
+            view.peak_wanted = max(view.peak_wanted, a.size_wanted)
 
     def on_event(self, e: MemberEvent) -> None:
         view = self.members.get(e.member)
@@ -427,7 +454,7 @@ class Monitor:
             table.add_row(
                 str(view.index),
                 view.phase,
-                str(view.size),
+                str(view.size) if view.wanted is None or view.wanted <= view.size else f"{view.size} of {view.wanted}",
                 str(view.up),
                 str(view.waiting),
                 str(view.running),
@@ -576,6 +603,11 @@ def _workdir(keep: str | None) -> Path:
 
 async def run(args: argparse.Namespace) -> int:
     """Run ``ensemble up``; returns the exit code."""
+    if len(args.file) > 1 or args.budget is not None:
+        from ensemble_cli import up_many  # several ensembles, one budget: its own module
+
+        return await up_many.run(args)
+    args.file = args.file[0]
     console = terminal.console()  # a log or a pipe: the whole summary table, not 80 columns of it
     try:
         ensemble = load(args.file)
@@ -652,10 +684,17 @@ def flux_partitions(ensemble: Ensemble, flux: str = "flux") -> dict[int, str]:
 
 
 def _sidecar_command(
-    args: argparse.Namespace, ensemble: Ensemble, member: Member, stack: Stack, ranks: str, outputs: Path
+    args: argparse.Namespace,
+    ensemble: Ensemble,
+    member: Member,
+    stack: Stack,
+    ranks: str,
+    outputs: Path,
+    state_dir: Path | None = None,
 ) -> list[str]:
     common = ["sidecar", "--backend", args.backend, "--port", "0", "--nodes", str(member.size)]
     common += ["--output-dir", str(outputs.resolve() / f"member-{member.index}")]
+    state = stack.workdir / f"sidecar-{member.index}" if state_dir is None else state_dir
     if args.backend == "flux":
         return [
             *common,
@@ -672,7 +711,7 @@ def _sidecar_command(
         "--cores", str(args.cores),
         "--provision-delay", str(args.provision_delay),
         # its journal: a sidecar restarted on it keeps its jobs (see docs/sidecar.md)
-        "--state-dir", str(stack.workdir / f"sidecar-{member.index}"),
+        "--state-dir", str(state),
     ]  # fmt: skip
 
 

@@ -102,6 +102,8 @@ class MemberSpec(Addressed, tag="member", kw_only=True):
     #: Kubernetes mode: the uid of the Ensemble this record belongs to. An Ensemble deleted and created
     #: again under the same name is a new owner: a record (or MiniCluster) of the old one is never its.
     owner_uid: str = ""
+    #: The ensemble's weight in the node budget's fair share (``spec.weight``; docs/budget.md).
+    weight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
 
 
 class NodeCounts(msgspec.Struct, kw_only=True):
@@ -227,6 +229,9 @@ class Applied(Addressed, tag="applied", kw_only=True):
     size_before: int | None = None
     size_after: int | None = None
     error: str = ""
+    #: With a node budget (docs/budget.md): the size the scale asked for (clamped to the member's bounds);
+    #: ``size_after`` below it means the budget held the member back. None: no budget.
+    size_wanted: int | None = None
 
 
 JobResult: TypeAlias = Literal["succeeded", "failed", "lost", "cancelled"]

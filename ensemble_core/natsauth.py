@@ -31,8 +31,11 @@ READER = "reader"
 STREAMS = (subjects.EVENTS_STREAM, subjects.METRICS_STREAM, subjects.DECISIONS_STREAM, subjects.JOBS_STREAM)
 KV_STREAMS = tuple(
     f"KV_{bucket}"
-    for bucket in (subjects.MEMBERS_BUCKET, subjects.DECIDER_BUCKET, subjects.ACTUATOR_BUCKET, subjects.JOBS_BUCKET)
-)
+    for bucket in (
+        subjects.MEMBERS_BUCKET, subjects.DECIDER_BUCKET, subjects.ACTUATOR_BUCKET, subjects.JOBS_BUCKET,
+        subjects.BUDGET_BUCKET,
+    )
+)  # fmt: skip
 
 #: The durable consumer each consuming service owns, on its stream (``natsio.DECIDER``, ``natsio.ACTUATOR``).
 DURABLES = {
@@ -101,11 +104,11 @@ def publish_allowed(service: str) -> list[str]:
             *_kv(members, write=False), *_durable(*DURABLES["decider"]),
         ],
         # what it did, member events, its records and the members' phases; the decisions consumed; the job
-        # ledger and the job reports it consumes
+        # ledger and the job reports it consumes; the node budget's grants
         "actuator": [
             "ensemble.applied.>", "ensemble.events.>", *_kv(actuator, write=True), *_kv(members, write=True),
             *_kv(jobs, write=True), subjects.deadletter("actuator"), *_durable(*DURABLES["actuator"]),
-            *_durable(*DURABLES["ledger"]),
+            *_durable(*DURABLES["ledger"]), *_kv(subjects.BUDGET_BUCKET, write=True),
         ],
     }[service]  # fmt: skip
     # flow control of the ephemeral (KV) consumers' deliveries

@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import msgspec
 import nats
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -74,6 +75,7 @@ BUCKETS = {
     subjects.DECIDER_BUCKET: 1,
     subjects.ACTUATOR_BUCKET: 1,
     subjects.JOBS_BUCKET: 1,
+    subjects.BUDGET_BUCKET: 1,
 }
 
 
@@ -630,10 +632,38 @@ async def _settle_outcome(js: JetStreamContext, msg: Msg, error: Outcome, servic
         await msg.nak(delay=RETRY_DELAY)
         return "retry"
     if confirm_ack:
-        await msg.ack_sync()
+        await confirm(msg)
     else:
         await msg.ack()
     return "ok"
+
+
+#: Tries, and seconds each, for the server's confirmation of an acknowledgement (nats-py waits 1 s once).
+ACK_CONFIRM_TRIES = 3
+ACK_CONFIRM_TIMEOUT = 5.0
+
+
+async def confirm(msg: Msg) -> bool:
+    """Acknowledge ``msg`` and wait for the server to confirm it; False when no confirmation came.
+
+    A confirmation that does not come (a loaded server, a slow link) is asked for again; after the last try
+    the message is left as it is — acknowledged or not, the server decides — and the service goes on: the
+    handler's effect is done and every handler is idempotent, so at worst the message is delivered once more
+    after the consumer's ack wait and skipped or applied again to the same absolute target.
+    """
+    for attempt in range(1, ACK_CONFIRM_TRIES + 1):
+        try:
+            await msg.ack_sync(timeout=ACK_CONFIRM_TIMEOUT)
+            return True
+        except nats.errors.TimeoutError:
+            if attempt == ACK_CONFIRM_TRIES:
+                log.warning(
+                    "no confirmation of an acknowledgement after %d tries of %.0fs; it may be delivered again",
+                    ACK_CONFIRM_TRIES,
+                    ACK_CONFIRM_TIMEOUT,
+                    extra={"subject": msg.subject},
+                )
+    return False
 
 
 #: Seconds after SIGTERM / SIGINT before a service that has not finished stopping is ended.

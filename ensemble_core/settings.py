@@ -76,6 +76,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: MiniCluster's size anyway (their jobs become lost); 0: wait until they are idle, however long. The creator
     #: gives each injected sidecar the same ``--shrink-grace``, after which it kills those jobs itself.
     shrink_grace: Annotated[float, msgspec.Meta(ge=0)] = 600.0
+    #: actuator: the nodes every member of every ensemble may hold at once, divided by weighted max-min fair share
+    #: (docs/budget.md); 0: no cluster-wide budget. At most 100,000: the fair share hands nodes out one at a time.
+    node_budget: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
+    #: actuator: per-namespace budgets, ``team-a=8,team-b=4`` (within the cluster-wide one, if set); empty: none.
+    namespace_budgets: str = ""
     #: Port of the /healthz, /readyz and /metrics HTTP server (0: none; the Kubernetes manifests use 8080).
     health_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
@@ -136,3 +141,21 @@ def parse_endpoints(value: str) -> dict[int, str]:
             )
         endpoints[int(index)] = endpoint.strip()
     return endpoints
+
+
+def parse_namespace_budgets(value: str) -> dict[str, int]:
+    """Parse ``ENSEMBLE_NAMESPACE_BUDGETS`` (``team-a=8,team-b=4``) into {namespace: nodes}."""
+    budgets: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        namespace, sep, nodes = (text.strip() for text in item.partition("="))
+        if not sep or not namespace or not nodes.isdigit():
+            raise SettingsError(
+                f"{env_name('namespace_budgets')}: {item!r} is not <namespace>=<nodes> with nodes a whole number >= 0 "
+                "(example: team-a=8,team-b=4)"
+            )
+        if namespace in budgets:
+            raise SettingsError(
+                f"{env_name('namespace_budgets')}: namespace {namespace!r} is given twice; give it once"
+            )
+        budgets[namespace] = int(nodes)
+    return budgets

@@ -49,10 +49,12 @@ KIND = "Ensemble"
 MAX_JOBS_PER_MEMBER = 1_000_000
 #: Largest MiniCluster size accepted.
 MAX_SIZE = 10_000
+#: Largest ``spec.weight`` (the budget's fair share, docs/budget.md).
+MAX_WEIGHT = 1000
 
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "spec", "status"}
-_SPEC_KEYS = {"members", "algorithm", "checkSeconds"}
+_SPEC_KEYS = {"members", "algorithm", "checkSeconds", "weight"}
 _MEMBER_KEYS = {"minicluster", "jobs", "algorithm", "sidecar"}
 #: ``apiVersion`` and ``kind`` are taken (the original embedded a whole MiniCluster), but only naming the
 #: MiniCluster the creator makes
@@ -120,6 +122,8 @@ class Ensemble:
     namespace: str
     check_seconds: float
     members: tuple[Member, ...]
+    #: ``spec.weight``: the ensemble's weight in a shared node budget's fair share (docs/budget.md).
+    weight: int = 1
     #: What was converted or refused to read the file (an ensemble-python file), one note each.
     notes: tuple[str, ...] = ()
 
@@ -139,6 +143,7 @@ class Ensemble:
             check_seconds=self.check_seconds,
             created=created,
             status_token=status_token,
+            weight=self.weight,
         )
 
 
@@ -723,6 +728,7 @@ def validate(document: object, namespace: str = "default") -> tuple[Ensemble | N
     if "spec" not in top:
         check.error("spec", "required; an Ensemble needs spec.members")
     check_seconds = check.integer(spec, "checkSeconds", "spec", 10, 1, 86_400)
+    weight = check.integer(spec, "weight", "spec", 1, 1, MAX_WEIGHT)
     default_algorithm = _algorithm(check, spec.get("algorithm"), "spec.algorithm") or AlgorithmSpec()
     raw_members = spec.get("members")
     members: list[Member] = []
@@ -740,7 +746,11 @@ def validate(document: object, namespace: str = "default") -> tuple[Ensemble | N
     if check.errors:
         return None, check.errors
     return Ensemble(
-        name=name, namespace=namespace, check_seconds=float(check_seconds or 10), members=tuple(members)
+        name=name,
+        namespace=namespace,
+        check_seconds=float(check_seconds or 10),
+        members=tuple(members),
+        weight=weight or 1,
     ), []
 
 

@@ -21,6 +21,9 @@ DECIDER_BUCKET = "ensemble-decider"
 ACTUATOR_BUCKET = "ensemble-actuator"
 #: The ledger of every member's jobs and their attempts (``services/actuator/ledger.py``).
 JOBS_BUCKET = "ensemble-jobs"
+#: The node budget's grants: one document (key :data:`BUDGET_KEY`) for every member (docs/budget.md).
+BUDGET_BUCKET = "ensemble-budget"
+BUDGET_KEY = "grants"
 
 _SAFE = re.compile(rb"[A-Za-z0-9-]")
 _TOKEN = re.compile(r"(?:[A-Za-z0-9-]|_[0-9A-F]{2})+")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -73,3 +74,29 @@ async def test_each_subjects_messages_come_together_in_order_and_settle_by_their
 async def _settled(js: object) -> bool:
     info = await js.consumer_info(subjects.METRICS_STREAM, natsio.DECIDER.name)  # type: ignore[attr-defined]
     return bool(info.num_ack_pending == 0 and info.num_pending == 0)
+
+
+class _SlowServer:
+    """A connection whose server confirms an acknowledgement only at the ``confirm_on``-th request (0: never)."""
+
+    def __init__(self, confirm_on: int) -> None:
+        self.confirm_on = confirm_on
+        self.requests = 0
+
+    async def request(self, subject: str, payload: bytes = b"", timeout: float = 1.0, **_: object) -> Msg:
+        self.requests += 1
+        if self.requests != self.confirm_on:
+            raise nats.errors.TimeoutError
+        return Msg(_client=self, subject=subject)  # type: ignore[arg-type]
+
+
+async def test_an_acknowledgement_the_server_confirms_late_is_asked_for_again_and_never_kills_the_service() -> None:
+    late = _SlowServer(confirm_on=2)
+    msg = Msg(_client=late, subject="ensemble.metrics.x", reply="$JS.ACK.x")  # type: ignore[arg-type]
+    assert await natsio.confirm(msg) is True
+    assert late.requests == 2 and msg._ackd
+
+    silent = _SlowServer(confirm_on=0)
+    msg = Msg(_client=silent, subject="ensemble.metrics.x", reply="$JS.ACK.x")  # type: ignore[arg-type]
+    assert await natsio.confirm(msg) is False  # given up, logged, and no exception: the handler's effect stands
+    assert silent.requests == natsio.ACK_CONFIRM_TRIES

@@ -626,3 +626,28 @@ async def test_an_actuator_restarted_mid_drain_goes_on_with_the_same_drain_and_g
 
 async def _count_drain(nc: Client) -> bool:
     return bool((await actuator_record(nc)).get("drain"))
+
+
+async def test_with_a_node_budget_a_held_back_scale_shows_wanted_and_granted_in_the_status_with_an_event(
+    api: tuple[kmock.KubernetesEmulator, str], nc: Client, settings: Settings
+) -> None:
+    emulator, url = api
+    budgeted = msgspec.structs.replace(k8s_settings(settings, url), node_budget=3)
+    async with member_sidecar(settings) as sidecar:
+        await put_member(emulator, nc, sidecar.endpoint)
+        # another ensemble's member holds 1 node of the 3 (its record only: it has decided nothing yet)
+        other = msgspec.structs.replace(await put_member(emulator, nc, sidecar.endpoint), ensemble="other", size=1)
+        members = await nc.jetstream().key_value(subjects.MEMBERS_BUCKET)
+        await members.put(MemberAddress(NS, "other", 0).key, encode(other))
+        async with service_running(run_actuator, budgeted):
+            await decide(nc, 1, "scale", 4, reason="11 jobs waiting")
+            await decide(nc, 2, "scale", 4, reason="11 jobs waiting")  # asked again at the next check
+            await wait_for(lambda: _count(applied(nc), 2), timeout=10)
+    result = (await applied(nc))[0]
+    assert (result.ok, result.size_before, result.size_after, result.size_wanted) == (True, 2, 2, 4)
+    assert scale_patches(emulator) == []  # held at the 2 it has: nothing to patch
+    member = ensemble_status(emulator)["members"][0]
+    assert (member["nodesWanted"], member["nodesGranted"], member["requestedSize"]) == (4, 2, 2)
+    [held] = [e for e in live(emulator, EVENTS) if e["reason"] == "BudgetHeld"]  # one for the same hold
+    assert held["type"] == "Normal" and "holds it at 2 of the 4 nodes it wants" in held["message"]
+    assert held["involvedObject"]["uid"] == ENSEMBLE["metadata"]["uid"]

@@ -15,9 +15,10 @@
   scaled down to its minSize when ``ENSEMBLE_COMPLETE_TO_MIN_SIZE`` is set.
 - ``submit`` goes to the member's sidecar over authenticated gRPC, as in local mode.
 - ``report`` writes what became of each decision into the Ensemble's ``status.members[]`` (``requestedSize``,
-  ``lastDecision``, ``lastDecisionTime``, ``lastReason``, ``phase``), ``status.size`` and the ``Scaling``
-  condition (docs/kubernetes.md has the shape), and posts an Event (Normal, or Warning when the decision
-  could not be applied) named after the decision, so a redelivered decision leaves one Event.
+  ``lastDecision``, ``lastDecisionTime``, ``lastReason``, ``phase``; with a node budget ``nodesWanted`` and
+  ``nodesGranted``), ``status.size`` and the ``Scaling`` condition (docs/kubernetes.md has the shape), and
+  posts an Event (Normal, or Warning when the decision could not be applied) named after the decision, so a
+  redelivered decision leaves one Event; a scale the budget held back adds a Normal ``BudgetHeld`` Event.
 
 Retrying answers (409, 429, 5xx, a broken connection) are retried with backoff by
 :class:`ensemble_core.kube.Kube`; when the backoff runs out the error is transient and the actuator
@@ -154,6 +155,11 @@ class KubernetesDriver:
             entry = member_status(status, decision.member)
             if applied.size_after is not None:
                 entry["requestedSize"] = applied.size_after
+            if applied.ok and applied.size_wanted is not None and applied.size_after is not None:
+                entry["nodesWanted"] = applied.size_wanted
+                entry["nodesGranted"] = applied.size_after
+            elif applied.ok and decision.action == "terminate" and "nodesGranted" in entry:
+                entry["nodesWanted"] = entry["nodesGranted"] = 0
             entry["lastDecision"] = f"scale {applied.size_after}" if decision.action == "scale" else decision.action
             entry["lastDecisionTime"] = datetime.datetime.fromtimestamp(applied.time, datetime.UTC).strftime(
                 "%Y-%m-%dT%H:%M:%SZ"
@@ -185,6 +191,16 @@ class KubernetesDriver:
         else:
             message = f"member {decision.member}: {decision.action} not applied: {applied.error}"
             await self.kube.event(ensemble, "Warning", "ActionFailed", message, key=decision.id)
+        wanted, granted = applied.size_wanted, applied.size_after
+        if applied.ok and wanted is not None and granted is not None and granted < wanted:
+            # one Event per member and hold: an algorithm that asks again at every check while it is held back
+            # (as the algorithms do, seeing jobs wait) does not post one at every check
+            message = (
+                f"member {decision.member}: the node budget holds it at {granted} of the {wanted} nodes it wants; "
+                "it grows when other members release nodes"
+            )
+            hold = f"{decision.namespace}/{decision.ensemble}/{decision.member}:budget-held:{granted}:{wanted}"
+            await self.kube.event(ensemble, "Normal", "BudgetHeld", message, key=hold)
 
     async def close(self) -> None:
         """Close the sidecar connections and the API client."""

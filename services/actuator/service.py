@@ -42,6 +42,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Awaitable
 from typing import cast
 
 import msgspec
@@ -56,6 +57,7 @@ from ensemble_core.messages import Applied, Decision, EventKind, JobReport, Memb
 from ensemble_core.settings import Settings
 from ensemble_core.sidecar_client import client_tls
 from ensemble_core.subjects import MemberAddress
+from services.actuator.budget import Budget, Limits, Reservation
 from services.actuator.drivers import Driver, DriverError, LocalDriver
 from services.actuator.effects import CooldownPending, Drain, DrainPending, InvalidDecision, apply, target_size
 from services.actuator.kubernetes import KubernetesDriver
@@ -73,6 +75,9 @@ DRAIN_POLL = 1.0
 #: Seconds between two scans of the ``ensemble-actuator`` bucket for pending drains this actuator does not
 #: follow yet (its own before a restart, or another replica's).
 DRAIN_SCAN = 30.0
+#: Seconds between two looks at the node budget for held-back grows that may now go on (another replica's
+#: release is seen within this; this actuator's own at once).
+BUDGET_POLL = 1.0
 
 
 class PendingDrain(msgspec.Struct, kw_only=True):
@@ -102,6 +107,7 @@ class Actuator:
         driver: Driver,
         cooldown: float,
         shrink_grace: float = 600.0,
+        budget: Budget | None = None,
     ) -> None:
         self.js = js
         self.members = members
@@ -111,6 +117,10 @@ class Actuator:
         self.shrink_grace = shrink_grace
         self._draining: set[MemberAddress] = set()
         self._locks: dict[MemberAddress, asyncio.Lock] = {}
+        #: The node budget (docs/budget.md); None: no budget, no grants kept.
+        self.budget = budget
+        #: Set when this actuator released nodes: held-back grows are looked at again at once.
+        self._released = asyncio.Event()
 
     async def load(self, address: MemberAddress) -> tuple[ActuatorRecord, int | None]:
         """The member's record and its KV revision (None when it has none yet)."""
@@ -151,12 +161,16 @@ class Actuator:
         async with self._lock(address):
             await self._handle(address, decision)
 
-    async def _handle(self, address: MemberAddress, decision: Decision) -> None:
+    async def _handle(self, address: MemberAddress, decision: Decision, raise_of: str | None = None) -> None:
+        """Apply ``decision`` (``raise_of``: it applies again the held-back grow of that id, to a larger grant)."""
         record, revision = await self.load(address)
         if decision.id in record.applied:
             await self.report(address, record.applied[decision.id], None, decision)
             return
         found = await self.member(address)
+        if raise_of is not None and self.budget is not None and (found is None or found[0].phase != "active"):
+            await self.budget.forget(address)  # a held-back grow of a member that is no more: nothing to raise
+            return
         if found is None or found[0].phase != "active":
             if found is None:
                 applied = self.applied(decision, ok=False, error="the member has no record (never created or removed)")
@@ -166,12 +180,21 @@ class Actuator:
                 phase = found[0].phase
                 own = {"terminate": "terminated", "complete": "completed"}.get(decision.action) == phase
                 applied = self.applied(decision, ok=own, error="" if own else f"the member is already {phase}")
+                if own and decision.action == "terminate" and self.budget is not None:
+                    await self._release(self.budget.forget(address))
             if record.drain is not None and record.drain.decision.id == decision.id:
                 record.drain = None  # nothing left to drain for
                 await self.save(address, record, revision)
             await self.report(address, applied, None, decision)
             return
         member, member_revision = found
+        budgeted: Reservation | None = None
+        if self.budget is not None and decision.action == "scale" and decision.size is not None:
+            budgeted = await self._reserve(address, member, decision, raise_of)
+            if budgeted is None:
+                log.info("held-back grow superseded meanwhile", extra={"member": str(address), "id": decision.id})
+                return
+            decision = msgspec.structs.replace(decision, size=budgeted.granted)
         now = time.time()
         drain = Drain(started=self._drain_start(record, member, decision, now), now=now, grace=self.shrink_grace)
         event: EventKind | None = None
@@ -201,14 +224,121 @@ class Actuator:
                 await self.set_phase(address, member, member_revision, effect.phase)
             if effect.scaled:
                 record.last_scale = now
-            applied = self.applied(decision, ok=effect.ok, before=effect.before, after=effect.after, error=effect.error)
+            applied = self.applied(
+                decision,
+                ok=effect.ok,
+                before=effect.before,
+                after=effect.after,
+                error=effect.error,
+                wanted=None if budgeted is None else budgeted.wanted,
+            )
             event = effect.event
+            await self._settle_budget(address, decision, effect.after)
         superseded = self._end_drain(record, decision, applied)
         self._remember(record, applied)
         await self.save(address, record, revision)
         if superseded is not None:
             await self.report(address, superseded[1], None, superseded[0])
         await self.report(address, applied, event, decision)
+
+    # -- the node budget (docs/budget.md, services/actuator/budget.py) ---------------------------
+
+    async def _reserve(
+        self, address: MemberAddress, member: MemberSpec, decision: Decision, raise_of: str | None
+    ) -> Reservation | None:
+        """Record the scale's want and reserve its grant before it is applied (None: a stale raise)."""
+        assert self.budget is not None and decision.size is not None
+        want = target_size(member, decision.size)
+        try:
+            current = await self.driver.size(member)
+        except DriverError as exc:
+            if exc.transient:
+                raise natsio.Transient(f"{address}: cannot read its size for the budget: {exc}", delay=2.0) from exc
+            current = member.size
+        unseen, gone = await self._census() if want > current else ({}, set())
+        reservation = await self.budget.reserve(
+            address, member, decision, want, current, unseen=unseen, gone=gone, raise_of=raise_of
+        )
+        if reservation is not None and reservation.held:
+            log.info(
+                "the node budget holds the member back: %d of %d nodes wanted",
+                reservation.granted,
+                reservation.wanted,
+                extra={"member": str(address), "id": decision.id, "budget": self.budget.limits.describe()},
+            )
+        return reservation
+
+    async def _census(self) -> tuple[dict[str, MemberSpec], set[str]]:
+        """Active members the budget has no entry for yet (they hold their size at creation), and the entries
+        of members whose record is gone (they hold nothing any more)."""
+        assert self.budget is not None
+        record, _ = await self.budget.load()
+        try:
+            keys = set(await self.members.keys())
+        except NoKeysError:
+            keys = set()
+        gone = set(record.members) - keys
+        unseen: dict[str, MemberSpec] = {}
+        for key in keys:
+            with contextlib.suppress(KeyNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+                entry = await self.members.get(key) if key not in record.members else None
+                if entry is not None and entry.value:
+                    spec = decode(entry.value, MemberSpec)
+                    if spec.phase == "active":
+                        unseen[key] = spec
+        return unseen, gone
+
+    async def _settle_budget(self, address: MemberAddress, decision: Decision, after: int | None) -> None:
+        """After an applied scale, terminate or complete: the member holds ``after`` nodes; wake the raises
+        if nodes were released."""
+        if self.budget is None or after is None:
+            return
+        if decision.action == "terminate":
+            await self._release(self.budget.forget(address))
+        elif decision.action == "complete":
+            await self._release(self.budget.settle(address, after, want=after))
+        elif decision.action == "scale":
+            await self._release(self.budget.settle(address, after))
+
+    async def _release(self, change: Awaitable[bool]) -> None:
+        if await change:
+            self._released.set()
+
+    async def watch_budget(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: apply again each held-back grow the budget now has nodes for, at once after this
+        actuator released nodes and every :data:`BUDGET_POLL` seconds (another replica's release, a restart)."""
+        if self.budget is None:
+            await stop.wait()  # nothing to watch; returning would end the other tasks (run: FIRST_COMPLETED)
+            return
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(BUDGET_POLL):
+                    await self._released.wait()
+            self._released.clear()
+            try:
+                raises = await self.budget.raises()
+            except Exception as exc:  # NATS unreachable for now: the next look tries again
+                log.warning("cannot read the node budget: %s", exc)
+                continue
+            for address, held, grant in raises:
+                await self._raise(address, held, grant)
+
+    async def _raise(self, address: MemberAddress, held: Decision, grant: int) -> None:
+        """Apply the held-back decision ``held`` again, now that ``grant`` nodes are free for it."""
+        again = msgspec.structs.replace(
+            held,
+            id=f"{held.id}:budget:{grant}",
+            reason=f"nodes freed in the budget: {grant} of the {held.size} wanted ({held.reason})",
+        )
+        try:
+            async with self._lock(address):
+                await self._handle(address, again, raise_of=held.id)
+        except natsio.Transient as exc:
+            log.info("held-back grow: retrying: %s", exc, extra={"member": str(address)})
+        except natsio.Poison as exc:
+            log.error("held-back grow dropped: %s", exc, extra={"member": str(address)})
+        except Exception:
+            log.exception("held-back grow: trying again later", extra={"member": str(address)})
 
     # -- shrinks that wait -----------------------------------------------------------------------
 
@@ -353,7 +483,14 @@ class Actuator:
             raise natsio.Transient(f"{address}: member record changed meanwhile; retrying", delay=0.1) from exc
 
     def applied(
-        self, decision: Decision, *, ok: bool, before: int | None = None, after: int | None = None, error: str = ""
+        self,
+        decision: Decision,
+        *,
+        ok: bool,
+        before: int | None = None,
+        after: int | None = None,
+        error: str = "",
+        wanted: int | None = None,
     ) -> Applied:
         """The ``Applied`` report of a decision."""
         return Applied(
@@ -367,6 +504,7 @@ class Actuator:
             size_before=before,
             size_after=after,
             error=error,
+            size_wanted=wanted,
         )
 
     async def report(
@@ -406,6 +544,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Consume decisions until ``stop`` (or SIGTERM), then drain."""
     stop = stop or asyncio.Event()
     tls = client_tls(settings)  # a bad CA file stops the service here, naming the variable
+    limits = Limits.from_settings(settings)  # so does a bad budget
     natsio.stop_on_signals(stop)
     nc = await natsio.connect(settings, "actuator")
     local = LocalDriver(settings.sidecar_token, settings.sidecar_timeout, tls)
@@ -424,7 +563,10 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             LedgerDriver(driver, jobs),
             settings.scale_cooldown,
             settings.shrink_grace,
+            Budget(await natsio.bucket(js, subjects.BUDGET_BUCKET), limits) if limits.enabled else None,
         )
+        if limits.enabled:
+            log.info("node budget: %s", limits.describe())
         subscription = await natsio.durable_subscription(js, natsio.ACTUATOR, settings)
         reports = await natsio.durable_subscription(js, natsio.LEDGER, settings)
         batch = settings.fetch_batch
@@ -439,6 +581,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             ),
             asyncio.create_task(jobs.run_sweeps(stop)),
             asyncio.create_task(actuator.watch_drains(stop)),
+            asyncio.create_task(actuator.watch_budget(stop)),
         ]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
