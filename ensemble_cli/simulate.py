@@ -167,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
     except (TraceError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for note in ensemble.notes:  # what reading an ensemble-python file converted or refused
+        print(f"{args.file}: note: {note}", file=sys.stderr)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     config = SimulationConfig(

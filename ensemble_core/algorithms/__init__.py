@@ -17,6 +17,7 @@ from .base import (
     option_names,
     parse_options,
     register,
+    takes_events,
     validate_options,
 )
 from .baselines import SeedAsBuilt, SeedAsBuiltState, Static, StaticOptions, StaticState
@@ -91,6 +92,7 @@ __all__ = [
     "option_names",
     "parse_options",
     "register",
+    "takes_events",
     "validate_options",
     "validate_rules",
 ]
