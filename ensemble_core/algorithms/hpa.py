@@ -23,6 +23,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ensemble_core.messages import Decision, MemberSpec, Metrics
+from ensemble_core.words import every, plural
 
 from .base import clamp, decision
 from .sizing import Order, finish, idle, scale_to
@@ -74,13 +75,15 @@ class HpaProportional:
             state = replace(state, last_seq=metrics.seq, submitted=True, jobs_submitted=total)
             if not jobs:
                 return state, []
-            why = f"hpa baseline: submit all {total} jobs"
+            why = f"hpa baseline: submit {every(total, 'job')}"
             return state, [decision(member, metrics, 0, "submit", jobs=jobs, order=options.order, seed=state.seed,
                                     reason=why)]  # fmt: skip
         inactive = state.inactive + 1 if idle(metrics, state.jobs_submitted) else 0
         state = replace(state, last_seq=metrics.seq, inactive=inactive)
         if inactive >= options.terminate_checks:
-            return replace(state, done=True), finish(member, metrics, 0, False, f"hpa baseline: idle {inactive} checks")
+            return replace(state, done=True), finish(
+                member, metrics, 0, False, f"hpa baseline: idle {plural(inactive, 'check')}"
+            )
         up = max(1, metrics.nodes.node_up_count)
         busy = max(0, metrics.nodes.node_up_count - metrics.nodes.node_free_count)
         demand = busy + sum(nodes * jobs for nodes, jobs in metrics.waiting.items() if jobs > 0)
@@ -94,5 +97,7 @@ class HpaProportional:
         target = desired if desired >= current else min(current, max(size for _, size in window))
         if target == current:
             return state, []
-        why = f"hpa baseline: demand {demand} nodes on {up} up, target utilisation {options.target_utilization}"
+        why = (
+            f"hpa baseline: demand {plural(demand, 'node')} on {up} up, target utilisation {options.target_utilization}"
+        )
         return state, scale_to(member, metrics, 0, target, why)
