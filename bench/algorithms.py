@@ -2,12 +2,14 @@
 
 Usage: .venv/bin/python bench/algorithms.py [--shared ../shared] [--out docs/benchmarks.md]
                                             [--json bench/results/algorithms.json]
+                                            [--cost-json bench/results/cost.json]
 
 Workloads: the three recorded GKE runs of the original (their trace, their options, 100 s provisioning
 delay, 10 s checks) and two synthetic ensembles of 1,000 jobs of mixed sizes. Each algorithm's
 makespan and node-seconds are set beside the reference model of the original (``seed-as-built``,
 simulated in the same run) and beside the makespan lower bound: provisioning delay +
-max(longest job, job node-seconds / maxSize). Also times the simulator itself.
+max(longest job, job node-seconds / maxSize). Also times the simulator itself. Then what users pay:
+the same algorithms and more baselines under the GKE cluster models, in VM-seconds (``bench/cost.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import cost  # noqa: E402
 
 from ensemble_cli.simulation import SimulationConfig, simulate  # noqa: E402
 from ensemble_core import algorithms  # noqa: E402
@@ -142,6 +146,7 @@ def main() -> int:
     parser.add_argument("--shared", default=str(REPO.parent / "shared"))
     parser.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
     parser.add_argument("--json", default=str(REPO / "bench/results/algorithms.json"))
+    parser.add_argument("--cost-json", default=str(REPO / "bench/results/cost.json"))
     args = parser.parse_args()
     names = [name for name in algorithms.names() if name not in SKIP]
     rows: list[dict[str, Any]] = []
@@ -188,9 +193,11 @@ def main() -> int:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    costs = cost.measure(Path(args.shared))
+    Path(args.cost_json).write_text(json.dumps(costs, indent=2) + "\n")
     out = Path(args.out)
     kept = out.read_text().partition(KEPT_SECTION) if out.exists() else ("", "", "")
-    out.write_text(markdown(report) + (kept[1] + kept[2] if kept[1] else ""))
+    out.write_text(markdown(report) + "\n" + cost.markdown(costs) + "\n" + (kept[1] + kept[2] if kept[1] else ""))
     for row in rows:
         print(
             f"{row['workload']:42s} {row['algorithm']:30s} makespan {row['makespan_s']:9.1f} "
@@ -199,6 +206,7 @@ def main() -> int:
             f"util {row['utilization']:.2f}"
         )
     print(json.dumps(timings))
+    print(cost.markdown(costs))
     return 0
 
 

@@ -176,6 +176,22 @@ def _row(report: JobEnded) -> Row:
     )
 
 
+def settled(results: Iterable[MemberResults]) -> bool:
+    """Whether every attempt reported ended is also ended in its member's ledger (the ledger is updated
+    from the reports a moment after they are published, so a run that ends on a job's event, as a rule
+    can, may be read in between)."""
+    for member in results:
+        if member.record is None:
+            continue
+        for row in member.rows:
+            group = member.record.groups.get(row.group)
+            if row.result == "unfinished" or group is None or row.index >= len(group.states):
+                continue
+            if group.states[row.index] == ledger.OPEN and group.attempts[row.index] == row.attempt:
+                return False
+    return True
+
+
 def not_succeeded(results: Iterable[MemberResults]) -> list[Row]:
     """The last attempt of every job that did not end succeeded, in member, group and index order."""
     failures: list[Row] = []

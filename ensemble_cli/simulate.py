@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ensemble_cli import cluster as cluster_models
 from ensemble_cli import plot, report, runview, terminal
 from ensemble_cli.carry import carry, dropped_note
 from ensemble_cli.simulation import DEFAULT_DELAY, SimulationConfig, SimulationResult, simulate
@@ -28,7 +29,13 @@ from sidecar.sim import TraceError, load_trace
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ensemble simulate``."""
-    parser.add_argument("file", help="the Ensemble file (members, sizes, jobs, algorithm and options)")
+    parser.add_argument(
+        "file",
+        nargs="+",
+        metavar="FILE[@SECONDS]",
+        help="the Ensemble file (members, sizes, jobs, algorithm and options); several share one cluster, "
+        "each arriving at its @SECONDS of virtual time (default @0), e.g. a.yaml b.yaml@600",
+    )
     parser.add_argument(
         "--trace",
         help='Flux job records (JSON Lines, or the original\'s {"jobs": [...]} dump) whose jobs replace the '
@@ -64,6 +71,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="the actuator's seconds between two scale changes (default 0)",
     )
+    parser.add_argument(
+        "--cluster",
+        default="none",
+        metavar="NAME|FILE",
+        help=f"the VMs under the MiniClusters: {', '.join(cluster_models.NAMES)}, or a YAML file of the model's "
+        "fields (default none: a node costs from its request to its release, no VMs); adds vm_seconds, "
+        "vm_seconds_makespan and vms_added",
+    )
+    parser.add_argument(
+        "--budget",
+        type=flags.integer(0),
+        help="nodes all members of all files may hold together, divided by weighted max-min fair share "
+        "among the members that want nodes (default: the cluster model's, else none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument(
@@ -88,6 +109,20 @@ def parse_options(pairs: list[str]) -> dict[str, str | int | float | bool]:
     return options
 
 
+def parse_arrival(text: str) -> tuple[str, float]:
+    """``FILE[@SECONDS]``: the file and its arrival time (0 without ``@``)."""
+    path, sep, when = text.rpartition("@")
+    if not sep or not path:
+        return text, 0.0
+    try:
+        arrival = float(when)
+    except ValueError:
+        raise ValueError(f"{text!r}: the arrival after @ must be seconds of virtual time, e.g. b.yaml@600") from None
+    if not math.isfinite(arrival) or arrival < 0:
+        raise ValueError(f"{text!r}: the arrival after @ must be a finite number of seconds >= 0")
+    return path, arrival
+
+
 def parse_delay(text: str) -> float | list[float]:
     """``--delay``: one number or a comma-separated list of numbers, each finite and >= 0."""
     try:
@@ -102,23 +137,38 @@ def parse_delay(text: str) -> float | list[float]:
 def run(args: argparse.Namespace) -> int:
     """Run ``ensemble simulate``; returns the exit code (2 for bad input, 1 if the run did not finish)."""
     console = terminal.console()  # in a pipe: whole tables, never cut at 80 columns
+    current = args.file[0]
     try:
-        ensemble = load(args.file)
+        arrivals = [parse_arrival(text) for text in args.file]
+        ensembles = []
+        for path, arrival in arrivals:
+            current = path
+            ensembles.append((load(path), arrival))
+        current = args.file[0]
+        names = [ensemble.name for ensemble, _ in ensembles]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"ensemble name {repeated[0]!r} is used by more than one file; give each a metadata.name")
+        ensemble, arrival = ensembles[0]
+        model = cluster_models.load_model(args.cluster)
         trace = load_trace(args.trace) if args.trace else None
         options = parse_options(args.option)
         delay = parse_delay(args.delay)
         notes: list[str] = []
         if args.algorithm is not None:
-            notes = _check_algorithm(ensemble, args.algorithm, options)
+            for each, _ in ensembles:
+                notes += _check_algorithm(each, args.algorithm, options)
         elif options:
             raise ValueError("--option needs --algorithm (the file's algorithms keep the file's options)")
     except SpecError as exc:
         for error in exc.errors:
-            print(f"{args.file}: {error}", file=sys.stderr)
+            print(f"{current}: {error}", file=sys.stderr)
         return 2
     except (TraceError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for note in ensemble.notes:  # what reading an ensemble-python file converted or refused
+        print(f"{args.file}: note: {note}", file=sys.stderr)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     config = SimulationConfig(
@@ -132,6 +182,10 @@ def run(args: argparse.Namespace) -> int:
         cooldown=args.cooldown,
         record=bool(args.record or args.plot or args.report),
         default_duration=args.default_duration,
+        cluster=model,
+        budget=args.budget,
+        arrival=arrival,
+        more=ensembles[1:],
     )
     result = simulate(config)
     summary = result.summary()
@@ -149,6 +203,9 @@ def run(args: argparse.Namespace) -> int:
         if args.plot:
             try:
                 plot.plot(view, args.plot, view.title)
+                if result.cluster is not None:
+                    bill = str(Path(args.plot).with_suffix("")) + "-vms" + (Path(args.plot).suffix or ".png")
+                    plot_bill(result, bill, title=f"{ensemble.name}: the VMs")
             except plot.PlotError as exc:
                 problems.append(str(exc))
         if args.report:
@@ -204,7 +261,17 @@ def print_summary(console: Console, summary: dict[str, Any], result: SimulationR
         "jobs", "failed_jobs", "mean_wait_s", "p95_wait_s", "wall_s",
     ):  # fmt: skip
         table.add_row(key, str(summary[key]))
+    for key in ("cluster", "vm_seconds", "vm_seconds_makespan", "vms_added", "budget", "mean_turnaround_s", "jain"):
+        if key in summary:
+            table.add_row(key, str(summary[key]))
     console.print(table)
+    if "ensembles" in summary:
+        ensembles = Table(title="ensembles")
+        for column in ("ensemble", "arrival s", "turnaround s", "node-seconds"):
+            ensembles.add_column(column)
+        for name, row in summary["ensembles"].items():
+            ensembles.add_row(name, f"{row['arrival_s']:.0f}", str(row["turnaround_s"]), f"{row['node_seconds']:.0f}")
+        console.print(ensembles)
     if len(result.members) > 1:
         members = Table(title="members")
         for column in ("member", "algorithm", "jobs", "makespan s", "node-seconds", "ups/downs", "peak", "ended"):
@@ -216,3 +283,27 @@ def print_summary(console: Console, summary: dict[str, Any], result: SimulationR
                 f"{m.scale_ups}/{m.scale_downs}", str(m.peak_size), m.ended or "-",
             )  # fmt: skip
         console.print(members)
+
+
+def plot_bill(result: SimulationResult, path: str, title: str) -> None:
+    """The cluster model's VMs alive and the running bill (VM-seconds) over time, until the pool is back
+    at its minimum (a second figure beside ``--plot``'s, so each can change on its own)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    assert result.cluster is not None
+    rows = result.cluster.timeline(result.pool_end)
+    figure, axis = plt.subplots(figsize=(10, 3.2))
+    axis.step([t for t, _, _ in rows], [n for _, n, _ in rows], where="post", label="VMs alive")
+    axis.set_ylabel("VMs")
+    axis.set_xlabel("virtual seconds")
+    bill = axis.twinx()
+    bill.plot([t for t, _, _ in rows], [b for _, _, b in rows], color="tab:red", label="VM-seconds billed")
+    bill.set_ylabel("VM-seconds")
+    figure.legend(loc="upper left", fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -9,6 +9,15 @@ of virtual time takes a fraction of a second.
 Cost model: a node costs from the moment it is requested until it is released — the integral of
 ``max(requested size, nodes up)`` over time (nodes still provisioning are requested; nodes draining
 after a shrink are up until their job ends). A terminated member costs nothing more.
+
+With a cluster model (``SimulationConfig.cluster``, ``--cluster``; see :mod:`ensemble_cli.cluster`)
+the nodes are pods on VMs that every member shares, their delays come from the VMs, and the bill is
+the VMs' lives until the autoscaler has brought the pool back to its minimum (``vm_seconds``).
+Several ensembles (``SimulationConfig.more``) arrive at their own times on the same cluster, and a
+node budget (``budget``) caps the nodes all members hold together, divided among the members that
+want nodes by :func:`ensemble_core.budget.fair_share`: a member's scale request is granted up to
+its share (as the actuator grants it), and a member above its share is shrunk to it when others want
+the nodes.
 """
 
 from __future__ import annotations
@@ -18,14 +27,16 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from ensemble_cli.carry import carry
+from ensemble_cli.cluster import Cluster, ClusterModel
 from ensemble_core import algorithms
+from ensemble_core.budget import fair_share, jain_index
 from ensemble_core.messages import AlgorithmSpec, Applied, Decision, JobSpec, MemberSpec, Metrics
 from ensemble_core.spec import Ensemble, Member
 from ensemble_core.wire import ResizeResult, SubmitPayload, SubmitResult
@@ -64,6 +75,16 @@ class SimulationConfig:
     record: bool = False
     #: Run time of a job with no ``duration`` when there is no trace (a job's ``duration`` is its run time).
     default_duration: float = 60.0
+    #: The VMs under the MiniClusters (None: the model without VMs, a node costs from request to release).
+    cluster: ClusterModel | None = None
+    #: Nodes all members together may hold (None: the cluster model's budget, if any).
+    budget: int | None = None
+    #: When ``ensemble`` arrives (virtual seconds), and further ensembles with their arrival times.
+    arrival: float = 0.0
+    more: Sequence[tuple[Ensemble, float]] = ()
+    #: Each member's initial nodes are requested when its ensemble arrives (a MiniCluster created then)
+    #: instead of being up already.
+    cold_start: bool = False
 
 
 @dataclass
@@ -84,6 +105,9 @@ class MemberResult:
 
     index: int
     algorithm: str
+    ensemble: str = ""
+    arrival: float = 0.0
+    max_size: int = 0
     jobs: int = 0
     failed_jobs: int = 0
     makespan_s: float = 0.0
@@ -112,6 +136,39 @@ class SimulationResult:
     samples: list[Sample] = field(default_factory=list)
     #: Every job attempt of each member, by member index (when recording).
     jobs: dict[int, list[Job]] = field(default_factory=dict)
+    #: The cluster model's VMs (None without one).
+    cluster: Cluster | None = None
+    #: When the pool was back at its minimum after the run (with a cluster model).
+    pool_end: float = 0.0
+    budget: int | None = None
+    #: Per ensemble: the sum over checks of held / entitled nodes, and the number of such checks.
+    entitled: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def ensembles(self) -> dict[str, dict[str, Any]]:
+        """Per ensemble (in arrival order): arrival, turnaround (arrival → its last job done), node-seconds."""
+        rows: dict[str, dict[str, Any]] = {}
+        for m in sorted(self.members, key=lambda m: (m.arrival, m.ensemble)):
+            row = rows.setdefault(m.ensemble, {"arrival_s": m.arrival, "end": None, "node_seconds": 0.0,
+                                               "job_node_seconds": 0.0, "max_size": 0})  # fmt: skip
+            row["node_seconds"] += m.node_seconds
+            row["job_node_seconds"] += m.job_node_seconds
+            row["max_size"] += m.max_size
+            if m.last_end is not None:
+                row["end"] = max(row["end"] or 0.0, m.last_end)
+        for row in rows.values():
+            end = row.pop("end")
+            row["turnaround_s"] = round(end - row["arrival_s"], 3) if end is not None else None
+            row["node_seconds"] = round(row["node_seconds"], 3)
+            row["job_node_seconds"] = round(row["job_node_seconds"], 3)
+        return rows
+
+    def fairness(self) -> float:
+        """Jain's index of the ensembles' node shares: at each check an ensemble is entitled to its
+        weighted max-min fair share of the budget (of all nodes wanted, without one) given what every
+        ensemble wants; its share is the nodes it holds (at most that) over it, averaged over the checks
+        at which it was entitled to any. 1.0: each got its fair share as much as the others did."""
+        shares = {name: total / count for name, (total, count) in self.entitled.items() if count}
+        return round(jain_index(shares), 4)
 
     def summary(self) -> dict[str, Any]:
         """The figures of the whole ensemble (``--json``)."""
@@ -136,7 +193,26 @@ class SimulationResult:
             "completed": self.completed,
             "virtual_end_s": round(self.virtual_end, 3),
             "wall_s": round(self.wall_seconds, 4),
+            **self._cluster_summary(min(starts, default=0.0), max(ends, default=0.0)),
         }
+
+    def _cluster_summary(self, first_submit: float, last_end: float) -> dict[str, Any]:
+        figures: dict[str, Any] = {}
+        if self.cluster is not None:
+            figures["cluster"] = self.cluster.model.name
+            figures["vm_seconds"] = round(self.cluster.vm_seconds(0.0, self.pool_end), 3)
+            figures["vm_seconds_makespan"] = round(self.cluster.vm_seconds(first_submit, last_end), 3)
+            figures["vms_added"] = self.cluster.vms_added()
+            figures["pool_back_at_minimum_s"] = round(self.pool_end, 3)
+        if self.budget is not None:
+            figures["budget"] = self.budget
+        if len({m.ensemble for m in self.members}) > 1:
+            rows = self.ensembles()
+            turnarounds = [row["turnaround_s"] for row in rows.values() if row["turnaround_s"] is not None]
+            figures["ensembles"] = rows
+            figures["mean_turnaround_s"] = round(statistics.fmean(turnarounds), 3) if turnarounds else 0.0
+            figures["jain"] = self.fairness()
+        return figures
 
 
 def trace_groups(trace: Sequence[TraceJob]) -> list[JobSpec]:
@@ -164,13 +240,17 @@ def trace_groups(trace: Sequence[TraceJob]) -> list[JobSpec]:
 class SimDriver:
     """The actuator's ``Driver`` on a simulated queue (every call is immediate on the virtual clock)."""
 
-    def __init__(self, sim: SimQueue) -> None:
+    def __init__(self, sim: SimQueue, grant: Callable[[int], int] | None = None) -> None:
         self.sim = sim
+        #: Under a node budget: the size a scale to ``target`` is granted (the actuator's enforcement).
+        self.grant = grant
 
     async def size(self, member: MemberSpec) -> int:
         return self.sim.queue.size
 
     async def scale(self, member: MemberSpec, target: int) -> int:
+        if self.grant is not None:
+            target = self.grant(target)
         current = self.sim.queue.size
         if target == current:
             return current
@@ -203,8 +283,17 @@ class SimDriver:
 class _Member:
     """One simulated member: its queue, algorithm and bookkeeping."""
 
-    def __init__(self, config: SimulationConfig, spec: Member, check_seconds: float) -> None:
-        ensemble = config.ensemble
+    def __init__(
+        self,
+        config: SimulationConfig,
+        ensemble: Ensemble,
+        spec: Member,
+        check_seconds: float,
+        *,
+        key: int = 0,
+        arrival: float = 0.0,
+        cluster: Cluster | None = None,
+    ) -> None:
         algorithm_spec = spec.algorithm
         if config.algorithm is not None:
             # the member keeps the options of its own algorithm that this one takes; config.options win
@@ -228,38 +317,150 @@ class _Member:
         preprovisioned = getattr(self.options, "preprovisioned", False)
         if preprovisioned:
             initial = getattr(self.options, "size", 0) or spec.max_size
+        self.key = key
+        self.arrival = arrival
+        self.started = False
+        self.initial = initial
+        self.cold = config.cold_start
+        self.cluster = cluster
         self.sim = SimQueue(
-            nodes=initial,
+            nodes=0 if self.cold else initial,
             max_nodes=max(spec.max_size, initial),
             provision_delay=config.delay,
             trace=self.trace,
             default_duration=None if self.trace else config.default_duration,
             seed=config.seed + spec.index,
+            start=arrival,
+            provisioner=None if cluster is None else (lambda now, count: cluster.place(key, now, count)),
         )
-        self.driver = SimDriver(self.sim)
+        if cluster is not None:
+            cluster.join(key, self.sim.node_up_at)
+        self.driver = SimDriver(self.sim, grant=self._granted)
+        self.budget: _Budget | None = None
         self.state = self.algorithm.initial_state(self.member, self.options)
         self.result = MemberResult(
-            index=spec.index, algorithm=algorithm_spec.name, peak_size=initial, options=dict(algorithm_spec.options)
-        )
+            index=spec.index, algorithm=algorithm_spec.name, ensemble=ensemble.name, arrival=arrival,
+            max_size=max(spec.max_size, initial), peak_size=initial, options=dict(algorithm_spec.options),
+        )  # fmt: skip
         self.seq = 0
         self.last_scale = -math.inf
         self.pending: list[Decision] = []
         self.active = True
-        self.cost_at = 0.0
+        self.cost_at = arrival
+        #: The size the algorithm last asked for (what it wants under a budget).
+        self.want = initial
+
+    def _granted(self, target: int) -> int:
+        self.want = target
+        return target if self.budget is None else min(target, self.budget.grant(self))
+
+    def start(self, now: float) -> None:
+        """The member's ensemble arrives: its initial nodes are up."""
+        self.started = True
+        if self.cold:
+            self.sim.advance(now)
+            self.sim.grow(self.initial)
+        elif self.cluster is not None:
+            self.cluster.start(self.key, self.initial, now)
+
+    def step(self, at: float) -> None:
+        """Advance the queue to ``at``, adding the cost of the nodes held on the way."""
+        self._charge(at)
+        self.sim.advance(at)
+        self.sync(at)
+
+    def sync(self, now: float) -> None:
+        """Tell the cluster how many pods the member holds now (pods of drained nodes go)."""
+        if self.cluster is not None:
+            q = self.sim.queue
+            self.cluster.hold(self.key, max(q.size, q.nodes_up), now)
 
     def integrate_to(self, to: float) -> None:
         """Advance the queue to ``to``, adding the cost of the nodes held on the way."""
         while (at := self.sim.next_event_time()) is not None and at <= to:
-            self._charge(at)
-            self.sim.advance(at)
-        self._charge(to)
-        self.sim.advance(to)
+            self.step(at)
+        self.step(to)
 
     def _charge(self, until: float) -> None:
         if self.active:
             held = max(self.sim.queue.size, self.sim.queue.nodes_up)
             self.result.node_seconds += held * (until - self.cost_at)
         self.cost_at = until
+
+
+class _Budget:
+    """A node budget over every member: each member's grant is its fair share of what they want."""
+
+    def __init__(self, nodes: int, members: list[_Member]) -> None:
+        self.nodes = nodes
+        self.members = members
+        for m in members:
+            m.budget = self
+
+    def grants(self) -> dict[str, int]:
+        wants = {f"{m.key:06d}": m.want if (m.active and m.started) else 0 for m in self.members}
+        return fair_share(wants, {}, self.nodes)
+
+    def grant(self, member: _Member) -> int:
+        """The member's fair share, less what others still hold beyond theirs (nodes not yet given back)."""
+        held = sum(_held(m) for m in self.members if m is not member and m.started)
+        return max(0, min(self.grants()[f"{member.key:06d}"], self.nodes - held))
+
+    def rebalance(self, now: float) -> None:
+        """Shrink members above their share (others want the nodes), then grow members below what they want
+        with the nodes that are free."""
+        grants = self.grants()
+        running = [m for m in self.members if m.active and m.started]
+        for m in running:
+            if m.sim.queue.size > grants[f"{m.key:06d}"]:
+                m.sim.shrink(grants[f"{m.key:06d}"])
+                m.sync(now)
+        for m in running:
+            target = min(m.want, self.grant(m))
+            if m.sim.queue.size < target:
+                m.sim.grow(target)
+                m.result.peak_size = max(m.result.peak_size, m.sim.queue.size)
+                m.sync(now)
+
+
+def _held(m: _Member) -> int:
+    """Nodes a member holds: requested, or up and draining after a shrink."""
+    return max(m.sim.queue.size, m.sim.queue.nodes_up)
+
+
+def _count_shares(members: list[_Member], budget: int | None, entitled: dict[str, tuple[float, int]]) -> None:
+    """Add one check to each ensemble's held / entitled nodes (for Jain's index, see ``fairness``)."""
+    wants: dict[str, int] = {}
+    held: dict[str, int] = {}
+    for m in members:
+        name = m.result.ensemble
+        running = m.active and m.started
+        wants[name] = wants.get(name, 0) + (m.want if running else 0)
+        held[name] = held.get(name, 0) + (_held(m) if running else 0)
+    shares = fair_share(wants, {}, budget if budget is not None else sum(wants.values()))
+    for name, share in shares.items():
+        if share > 0:
+            total, count = entitled.get(name, (0.0, 0))
+            entitled[name] = (total + min(held[name], share) / share, count + 1)
+
+
+def _advance_all(members: list[_Member], to: float, shared: bool) -> None:
+    """Advance every started member to ``to``; members that share a cluster, all their events in one
+    time order (members that share nothing one after the other, which is faster)."""
+    if not shared:
+        for m in members:
+            if m.started:
+                m.integrate_to(to)
+        return
+    while True:
+        due = [(at, m.key) for m in members if m.started and (at := m.sim.next_event_time()) is not None and at <= to]
+        if not due:
+            break
+        at, key = min(due)
+        members[key].step(at)
+    for m in members:
+        if m.started:
+            m.step(to)
 
 
 async def _check(m: _Member, now: float, config: SimulationConfig, records: list[msgspec.Struct]) -> None:
@@ -334,23 +535,39 @@ async def _apply(
 async def _run(config: SimulationConfig) -> SimulationResult:
     started = time.perf_counter()
     check = float(config.check_seconds or config.ensemble.check_seconds)
-    members = [_Member(config, spec, check) for spec in config.ensemble.members]
+    cluster = Cluster(config.cluster, config.seed) if config.cluster is not None else None
+    members: list[_Member] = []
+    for ensemble, arrival in [(config.ensemble, config.arrival), *config.more]:
+        for spec in ensemble.members:
+            members.append(_Member(config, ensemble, spec, check, key=len(members), arrival=arrival, cluster=cluster))
+    budget_nodes = config.budget if config.budget is not None else (config.cluster.budget if config.cluster else None)
+    budget = _Budget(budget_nodes, members) if budget_nodes is not None else None
     records: list[msgspec.Struct] = []
     samples: list[Sample] = []
     attempts: dict[int, list[Job]] = {}
+    entitled: dict[str, tuple[float, int]] = {}
     now = 0.0
+    shared = cluster is not None or budget is not None
     while now <= config.limit and any(m.active for m in members):
+        _advance_all(members, now, shared)
         for m in members:
-            if not m.active:
+            if m.active and not m.started and m.arrival <= now:
+                m.start(now)
+        for m in members:
+            if not (m.active and m.started):
                 continue
-            m.integrate_to(now)
             await _check(m, now, config, records)
+            m.sync(now)
             if config.record:
                 q = m.sim.queue
-                samples.append(Sample(now, m.result.index, q.size, q.nodes_up, q.waiting, q.running))
+                samples.append(Sample(now, m.key, q.size, q.nodes_up, q.waiting, q.running))
+        if budget is not None:
+            budget.rebalance(now)
+        if config.more:
+            _count_shares(members, budget_nodes, entitled)
         now += check
+    _advance_all(members, now, shared)
     for m in members:
-        m.integrate_to(now)
         jobs = m.sim.queue.recent(sys.maxsize)
         if config.record:
             attempts[m.result.index] = jobs
@@ -373,6 +590,10 @@ async def _run(config: SimulationConfig) -> SimulationResult:
         records=records,
         samples=samples,
         jobs=attempts,
+        cluster=cluster,
+        pool_end=cluster.finish(now) if cluster is not None else now,
+        budget=budget_nodes,
+        entitled=entitled,
     )
 
 

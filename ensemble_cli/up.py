@@ -492,6 +492,10 @@ SHOW_FAILURES = 10
 SHOW_OUTPUT = 300
 
 
+#: Reads of the results, 0.25 s apart, while a reported end is not in its ledger yet.
+SETTLE_READS = 20
+
+
 def results_folder(args: argparse.Namespace, ensemble: Ensemble) -> Path:
     """Where the results go: ``--results``, else ``<--logs>/results``, else ``./ensemble-results/<name>-<time>``."""
     if args.results:
@@ -800,6 +804,11 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
     try:
         async with asyncio.timeout(60):
             found = await collect_results(access, ensemble)
+            for _ in range(SETTLE_READS):  # the last reports may not be in the ledgers yet
+                if results.settled(found):
+                    break
+                await asyncio.sleep(0.25)
+                found = await collect_results(access, ensemble)
     except Exception as exc:  # NATS itself may be the part that died
         console.print(f"[red]no results: the job reports cannot be read from NATS ({exc!r})[/red]", highlight=False)
         return EXIT_INCOMPLETE

@@ -52,6 +52,7 @@ from ensemble_core import natsauth
 from ensemble_core.settings import env_name
 from ensemble_core.spec import Ensemble, SpecError, load, warnings
 from ensemble_core.tokens import ensemble_token
+from ensemble_core.words import plural
 
 
 class NamedMonitor(Monitor):
@@ -190,7 +191,9 @@ async def _run_stack(args: argparse.Namespace, ensembles: list[Ensemble], stack:
             endpoints[e.name][member.index] = f"127.0.0.1:{await _first_line(part, START_TIMEOUT)}"
     monitors = [NamedMonitor(e) for e in ensembles]
     if args.budget is not None:
-        console.print(f"node budget: {args.budget} nodes for {len(ensembles)} ensembles", highlight=False)
+        console.print(
+            f"node budget: {plural(args.budget, 'node')} for {plural(len(ensembles), 'ensemble')}", highlight=False
+        )
     nc = await nats.connect(access.url_for(natsauth.MONITOR))
     incomplete = False
     try:
@@ -326,7 +329,7 @@ async def _finish(
             f"held back {m['held_back']} times"
             for m in budget["members"]
         )
-        console.print(f"budget {args.budget} nodes: {shown}", highlight=False, soft_wrap=True)
+        console.print(f"budget {plural(args.budget, 'node')}: {shown}", highlight=False, soft_wrap=True)
     where = ", ".join(str(folder) for folder in folders.values())
     seconds = time.time() - started
     if incomplete:

@@ -152,6 +152,17 @@ class GroupStats(msgspec.Struct, kw_only=True, omit_defaults=True):
     wait_var: float | None = None
     wait_iqr: float | None = None
     wait_mad: float | None = None
+    #: Jobs that started running (left the queue for nodes), jobs ended by a cancel, and jobs waiting now.
+    started: NonNegative = 0
+    cancelled: NonNegative = 0
+    waiting: NonNegative = 0
+    #: Time in the queue (seconds) of every job that started *or still waits* at the snapshot (a waiting
+    #: job counts ``time - submit``), so it grows while jobs pile up — the successor's ``<group>-pending``.
+    #: ``queued_count`` is how many jobs that covers; mean / min / max are 0 while it is 0.
+    queued_count: NonNegative = 0
+    queued_mean: float = 0.0
+    queued_min: float = 0.0
+    queued_max: float = 0.0
 
 
 class Metrics(Addressed, tag="metrics", kw_only=True):
@@ -171,6 +182,10 @@ class Metrics(Addressed, tag="metrics", kw_only=True):
     #: out of retries): running, waiting, or about to be submitted again. None: not known (a recording
     #: made before the ledger, or a poller that cannot read it). An algorithm is idle only at 0.
     outstanding: NonNegative | None = None
+    #: 0: a periodic check (one per ``checkSeconds``; what algorithms count). n > 0: the n-th snapshot
+    #: pushed by a queue change since check ``seq`` — the same ``seq`` as that check, published at once
+    #: for event-driven algorithms (``rules``); the decider gives it to no other algorithm.
+    event: NonNegative = 0
 
 
 Action: TypeAlias = Literal["scale", "submit", "terminate", "complete"]

@@ -22,6 +22,7 @@ can never grow past it; the original instead refused every scale-up when ``maxSi
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import importlib.resources
@@ -123,6 +124,8 @@ class Ensemble:
     members: tuple[Member, ...]
     #: ``spec.weight``: the ensemble's weight in a shared node budget's fair share (docs/budget.md).
     weight: int = 1
+    #: What was converted or refused to read the file (an ensemble-python file), one note each.
+    notes: tuple[str, ...] = ()
 
     def member_spec(self, member: Member, endpoint: str, created: float = 0.0, status_token: str = "") -> MemberSpec:
         """The ``MemberSpec`` the services share for one member served at ``endpoint``."""
@@ -182,7 +185,8 @@ class _Checker:
             self.error(where, "required; set it to an integer")
             return None
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            # isdigit() also takes digits int() refuses ('²'): ASCII digits only
+            if isinstance(value, str) and value.strip().lstrip("-").isascii() and value.strip().lstrip("-").isdigit():
                 value = int(value)
             else:
                 self.error(where, f"expected an integer, got {_kind(value)} {value!r}")
@@ -325,7 +329,9 @@ def _algorithm(check: _Checker, value: object, path: str) -> AlgorithmSpec | Non
     check.errors.extend(f"{path}.options.{problem}" for problem in algorithms.validate_options(name, options))
     # Rules name job groups, which only a member has: those are checked per member by _rule_groups.
     raw_rules = data.get("rules")
-    check.errors.extend(f"{path}.{problem}" for problem in algorithms.validate_rules(name, raw_rules or []))
+    check.errors.extend(
+        f"{path}.{problem}" for problem in algorithms.validate_rules(name, raw_rules or [], options=options)
+    )
     rules = [rule for rule in raw_rules if isinstance(rule, dict)] if isinstance(raw_rules, list) else []
     return AlgorithmSpec(name=name, options=options, rules=rules)
 
@@ -336,8 +342,8 @@ def _rule_groups(check: _Checker, algorithm: AlgorithmSpec, path: str, jobs: tup
         return
     groups = [job.name for job in jobs]
     # Everything but the group names was reported with the algorithm itself.
-    reported = set(algorithms.validate_rules(algorithm.name, algorithm.rules))
-    for problem in algorithms.validate_rules(algorithm.name, algorithm.rules, groups):
+    reported = set(algorithms.validate_rules(algorithm.name, algorithm.rules, options=algorithm.options))
+    for problem in algorithms.validate_rules(algorithm.name, algorithm.rules, groups, algorithm.options):
         if problem not in reported:
             check.error(f"{path}.{problem.split(': ', 1)[0]}", f"{problem.split(': ', 1)[1]}{member}")
 
@@ -763,7 +769,9 @@ def load(path: str | Path, namespace: str = "default") -> Ensemble:
 
     The errors do not repeat the file's path (every caller prints it once): a field's error starts with its
     field path, a file that cannot be read or parsed with what went wrong (``line 2, column 3: not valid
-    YAML: mapping values are not allowed here``).
+    YAML: mapping values are not allowed here``). An ensemble-python ``ensemble.yaml`` (top-level ``jobs``,
+    ``rules``, ``logging``) is converted first (:mod:`ensemble_core.compat`); its notes are the Ensemble's
+    ``notes`` (and come first among the errors).
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -779,17 +787,23 @@ def load(path: str | Path, namespace: str = "default") -> Ensemble:
         # the parser's own limits: an integer of more than 4300 digits, nesting deeper than Python's stack
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise SpecError([f"cannot be read as YAML: {reason}"]) from None
+    from ensemble_core import compat  # it builds on this module
+
+    notes: list[str] = []
+    if compat.is_ensemble_python(document):
+        document, notes = compat.convert(document, Path(path).stem)
     ensemble, errors = validate(document, namespace)
     if ensemble is None:
-        raise SpecError(errors)
-    return ensemble
+        raise SpecError([*notes, *errors] if notes else errors)
+    return dataclasses.replace(ensemble, notes=tuple(notes)) if notes else ensemble
 
 
 def warnings(ensemble: Ensemble) -> list[str]:
-    """What a valid Ensemble says that is likely not meant, as ``<path>: <problem>``: a member with no job to
+    """The notes of a converted file, then what a valid Ensemble says that is likely not meant, as
+    ``<path>: <problem>``: a member with no job to
     run (an empty ``jobs`` list, or every group at ``count: 0``) starts, has nothing to do and terminates, and
     the run then "succeeds" having done nothing."""
-    found: list[str] = []
+    found: list[str] = list(ensemble.notes)
     for member in ensemble.members:
         if any(job.count for job in member.jobs):
             continue

@@ -498,7 +498,7 @@ class JournalState:
             size=size,
             finished=self.finished,
             failed=self.failed,
-            groups={name: group.stats() for name, group in self._groups.items()},
+            groups={name: group.stats(now) for name, group in self._groups.items()},
             time=now,
             terminated=terminated,
             draining=draining,
@@ -625,6 +625,7 @@ class JournalState:
                 job.success = False
             if name == "alloc":
                 job.t_run = timestamp
+                self._group(job.group).left_queue(job.id, timestamp - job.t_submit)
             self._move(job, _NEXT_STATE[name], timestamp)
 
     # -- internals -------------------------------------------------------------------------------
@@ -644,7 +645,9 @@ class JournalState:
         )
         self._jobs[job_id] = self._active[job_id] = job
         self._states[JobState.NEW] += 1
-        self._group(job.group).submitted += 1
+        tally = self._group(job.group)
+        tally.submitted += 1
+        tally.queued(job_id, timestamp)
         job_index, attempt = user.get(JOB_INDEX_ATTRIBUTE), user.get(ATTEMPT_ATTRIBUTE)
         if isinstance(job_index, int) and not isinstance(job_index, bool) and job_index >= 0:
             job.index = job_index
@@ -688,10 +691,14 @@ class JournalState:
             job.end_seq = len(self._ended)
             if not job.success:
                 self.failed += 1
-            self._group(job.group).ended(
+            group = self._group(job.group)
+            if job.t_run is None:
+                group.left_queue(job.id, None)
+            group.ended(
                 success=job.success,
                 run=timestamp - job.t_run if job.t_run is not None else None,
                 wait=job.t_run - job.t_submit if job.t_run is not None else None,
+                cancelled=job.cancelled,
             )
 
     def _hold(self, job_id: int, resources: Mapping[str, Any]) -> None:

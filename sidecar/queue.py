@@ -156,29 +156,81 @@ class Job:
 
 @dataclass(slots=True)
 class GroupTally:
-    """Incrementally maintained statistics of one job group (O(1) per finished job)."""
+    """Incrementally maintained statistics of one job group (O(1) amortised per job event and per status)."""
 
     submitted: int = 0
     finished: int = 0
     succeeded: int = 0
     failed: int = 0
+    started: int = 0
+    cancelled: int = 0
     run: Spread = field(default_factory=Spread)
     wait: Spread = field(default_factory=Spread)
+    #: Waits of the jobs that started (recorded at the start, not at the end).
+    started_wait: Spread = field(default_factory=Spread)
+    #: The jobs waiting now, by id: their submit time; ``_queue`` holds the ids in submit order, including
+    #: ids that left since (dropped lazily from either end), so the oldest and newest are found in O(1).
+    _in_queue: dict[int, float] = field(default_factory=dict)
+    _queue: deque[int] = field(default_factory=deque)
+    _submit_sum: float = 0.0
 
-    def ended(self, *, success: bool, run: float | None, wait: float | None) -> None:
+    def queued(self, job_id: int, t_submit: float) -> None:
+        """A job of the group entered the queue at ``t_submit``."""
+        if job_id in self._in_queue:
+            return
+        self._in_queue[job_id] = t_submit
+        self._queue.append(job_id)
+        self._submit_sum += t_submit
+
+    def left_queue(self, job_id: int, wait: float | None) -> None:
+        """A job left the queue: started after ``wait`` seconds, or (``wait`` None) ended without running."""
+        t_submit = self._in_queue.pop(job_id, None)
+        if t_submit is not None:
+            self._submit_sum -= t_submit
+            if not self._in_queue:
+                self._submit_sum = 0.0  # no rounding residue survives an empty queue
+        if wait is not None:
+            self.started += 1
+            self.started_wait.add(wait)
+
+    def ended(self, *, success: bool, run: float | None, wait: float | None, cancelled: bool = False) -> None:
         """Count a job that became inactive; ``run`` / ``wait`` seconds are added when it ran."""
         self.finished += 1
         if success:
             self.succeeded += 1
         else:
             self.failed += 1
+        if cancelled:
+            self.cancelled += 1
         if run is not None:
             self.run.add(run)
         if wait is not None:
             self.wait.add(wait)
 
-    def stats(self) -> GroupStats:
-        """The group's counts and run / wait statistics as the status payload reports them."""
+    def _end_of_queue(self, oldest: bool) -> float:
+        queue = self._queue
+        while queue and (queue[0] if oldest else queue[-1]) not in self._in_queue:
+            if oldest:
+                queue.popleft()
+            else:
+                queue.pop()
+        return self._in_queue[queue[0] if oldest else queue[-1]]
+
+    def stats(self, now: float = 0.0) -> GroupStats:
+        """The group's counts and run / wait statistics as the status payload reports them at ``now``."""
+        waiting = len(self._in_queue)
+        started = self.started_wait
+        queued_count = started.n + waiting
+        queued_mean = queued_min = queued_max = 0.0
+        if queued_count:
+            queued_mean = (started.total + waiting * now - self._submit_sum) / queued_count
+            lows = [started.low] if started.n else []
+            highs = [started.high] if started.n else []
+            if waiting:
+                lows.append(now - self._end_of_queue(oldest=False))
+                highs.append(now - self._end_of_queue(oldest=True))
+            queued_min, queued_max = max(0.0, min(lows)), max(0.0, max(highs))
+            queued_mean = max(queued_min, min(queued_max, queued_mean))
         return GroupStats(
             submitted=self.submitted,
             finished=self.finished,
@@ -196,6 +248,13 @@ class GroupTally:
             wait_var=self.wait.variance(),
             wait_iqr=self.wait.iqr(),
             wait_mad=self.wait.mad(),
+            started=self.started,
+            cancelled=self.cancelled,
+            waiting=waiting,
+            queued_count=queued_count,
+            queued_mean=queued_mean,
+            queued_min=queued_min,
+            queued_max=queued_max,
         )
 
 
@@ -426,7 +485,7 @@ class Queue:
             size=self.size,
             finished=self._finished,
             failed=self._failed,
-            groups={name: group.stats() for name, group in self._groups.items()},
+            groups={name: group.stats(now) for name, group in self._groups.items()},
             time=now,
             terminated=self.terminated,
             instance=self.instance,
@@ -486,7 +545,9 @@ class Queue:
             self._jobs[job.id] = job
             self._waiting.append(job)
             self._waiting_by_nodes[job.nodes] += 1
-            self._group(job.group).submitted += 1
+            tally = self._group(job.group)
+            tally.submitted += 1
+            tally.queued(job.id, now)
             queued += 1
         self._states[JobState.SCHED] += queued
         result = SubmitResult(submitted=queued, instance=self.instance)
@@ -509,6 +570,7 @@ class Queue:
             self._move(job, JobState.RUN)
             job.t_run = now
             self._busy += job.nodes
+            self._group(job.group).left_queue(job.id, now - job.t_submit)
             started.append(job)
         return started
 
@@ -583,8 +645,10 @@ class Queue:
             job.result = "cancelled"
             job.reason = "cancelled while waiting"
             self._end(job)
+            stats.left_queue(job.id, None)
         stats.finished += len(cancelled)
         stats.failed += len(cancelled)
+        stats.cancelled += len(cancelled)
         self._finished += len(cancelled)
         self._failed += len(cancelled)
         return len(cancelled)

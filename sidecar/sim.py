@@ -218,12 +218,16 @@ class SimQueue:
         default_duration: float | None = None,
         seed: int = 0,
         start: float = 0.0,
+        provisioner: Callable[[float, int], list[float | None]] | None = None,
     ) -> None:
         """A queue of ``nodes`` nodes (``cores`` each, growable to ``max_nodes``) at virtual time ``start``.
 
         ``provision_delay``: seconds from a grow to each new node being up, a constant or a list to
         draw from. ``trace``: recorded jobs giving run times. ``default_duration``: run time of a job
-        without a duration when there is no trace. ``seed``: every random choice.
+        without a duration when there is no trace. ``seed``: every random choice. ``provisioner``:
+        when given, it decides the delays instead (``provisioner(now, count)``: one delay per new
+        node, ``None`` for a node that has no room yet and is brought up later with :meth:`node_up_at`),
+        as a cluster of VMs shared by several queues does.
         """
         delays = [float(provision_delay)] if isinstance(provision_delay, int | float) else list(provision_delay)
         if not delays:
@@ -238,6 +242,7 @@ class SimQueue:
         self.default_duration = default_duration
         self._delays = delays
         self._delay_rng = random.Random(f"provision:{seed}")
+        self._provisioner = provisioner
         self._plans: dict[int, _Plan] = {}
         self._events: list[tuple[float, int, int, int]] = []
         self._seq = itertools.count()
@@ -270,6 +275,11 @@ class SimQueue:
             processed += 1
         self.now = to
         return processed
+
+    def node_up_at(self, at: float) -> None:
+        """Bring one requested node up at virtual time ``at`` (now, if ``at`` has passed): a node a
+        ``provisioner`` deferred, once the cluster has room for it."""
+        heapq.heappush(self._events, (max(at, self.now), next(self._seq), _NODE_UP, 1))
 
     def run_until_idle(self, limit: float = math.inf) -> float:
         """Advance event by event until nothing is pending (or the next event is past ``limit``); return :attr:`now`."""
@@ -368,8 +378,16 @@ class SimQueue:
     def _provision(self, count: int) -> None:
         if count <= 0:
             return
-        for _ in range(count):
-            delay = self._delays[0] if len(self._delays) == 1 else self._delay_rng.choice(self._delays)
+        if self._provisioner is not None:
+            delays = self._provisioner(self.now, count)
+        else:
+            delays = [
+                self._delays[0] if len(self._delays) == 1 else self._delay_rng.choice(self._delays)
+                for _ in range(count)
+            ]
+        for delay in delays:
+            if delay is None:
+                continue
             if delay <= 0:
                 self.queue.nodes_ready(1)
             else:

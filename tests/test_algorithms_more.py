@@ -483,14 +483,16 @@ def document(algorithm: dict[str, Any], *, member_algorithm: dict[str, Any] | No
         (
             [{"trigger": "metric", "name": "median.sleep-duration", "when": 1, "action": {"name": "grow"}}],
             "spec.algorithm.rules[0].name: 'median.sleep-duration' is not a statistic; one of "
-            "count.<group>.finished|success|failed, mean|min|max|variance|var|std|iqr|mad.<group>-duration or "
-            "mean|min|max|variance|var|std|iqr|mad.<group>-pending",
+            "count.<group>.finished|success|failed|submitted|started|cancelled|waiting, "
+            "mean|min|max|variance|var|std|iqr|mad.<group>-duration, "
+            "mean|min|max|variance|var|std|iqr|mad.<group>-pending or mean|min|max.<group>-waiting",
         ),
         (
             [{"trigger": "metric", "name": "count.sleep.succeeded", "when": 1, "action": {"name": "grow"}}],
             "spec.algorithm.rules[0].name: 'count.sleep.succeeded' is not a statistic; one of "
-            "count.<group>.finished|success|failed, mean|min|max|variance|var|std|iqr|mad.<group>-duration or "
-            "mean|min|max|variance|var|std|iqr|mad.<group>-pending",
+            "count.<group>.finished|success|failed|submitted|started|cancelled|waiting, "
+            "mean|min|max|variance|var|std|iqr|mad.<group>-duration, "
+            "mean|min|max|variance|var|std|iqr|mad.<group>-pending or mean|min|max.<group>-waiting",
         ),
         (
             [{"trigger": "metric", "name": "count.sleep.success", "when": "=> 2", "action": {"name": "grow"}}],
@@ -499,8 +501,9 @@ def document(algorithm: dict[str, Any], *, member_algorithm: dict[str, Any] | No
         ),
         (
             [{"trigger": "job-finsh", "group": "sleep", "action": {"name": "terminate"}}],
-            "spec.algorithm.rules[0].trigger: must be one of start, job-finish, job-success, job-failure, metric, "
-            "got 'job-finsh'; did you mean job-finish?",
+            "spec.algorithm.rules[0].trigger: must be one of start, job-depend, job-sched, job-run, job-cancel, "
+            "job-cleanup, job-finish, job-success, job-failure, job-fail, metric, got 'job-finsh'; "
+            "did you mean job-finish?",
         ),
         (
             [{"trigger": "start", "action": {"name": "grow", "value": 0}}],
@@ -518,8 +521,10 @@ def document(algorithm: dict[str, Any], *, member_algorithm: dict[str, Any] | No
         ),
         (
             [{"trigger": "start", "action": {"name": "custom"}}],
-            "spec.algorithm.rules[0].action.name: custom actions (user code) are not supported: an algorithm is a "
-            "pure function; use one of submit, grow, shrink, terminate",
+            "spec.algorithm.rules[0].action.name: custom actions are refused: they run the file's Python code inside "
+            "the decider, which decides for every ensemble of the operator (code execution in a shared service). "
+            "Express the step with the actions submit, grow, shrink, terminate and metric or job-event triggers, or "
+            "run that code as a job",
         ),
         ([], "spec.algorithm.rules: the rules algorithm needs at least one rule (a trigger and an action)"),
         (["start"], "spec.algorithm.rules[0]: expected a mapping with trigger and action, got a string"),

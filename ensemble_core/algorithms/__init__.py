@@ -17,10 +17,12 @@ from .base import (
     option_names,
     parse_options,
     register,
+    takes_events,
     validate_options,
 )
 from .baselines import SeedAsBuilt, SeedAsBuiltState, Static, StaticOptions, StaticState
 from .demand_fit import DemandFit, DemandFitOptions, DemandFitState
+from .hpa import HpaOptions, HpaProportional, HpaState
 from .random_selection import RandomSelection, RandomSelectionOptions, RandomSelectionState
 from .rules import Rules, RulesOptions, RulesState, validate_rules
 from .select_runtime import SelectRuntime, SelectRuntimeOptions, SelectRuntimeState
@@ -39,6 +41,7 @@ _rules: Algorithm[RulesOptions, RulesState] = Rules()
 # Baselines to measure against (ensemble simulate / bench), not recommendations.
 _static: Algorithm[StaticOptions, StaticState] = Static()
 _seed_as_built: Algorithm[WorkloadDemandOptions, SeedAsBuiltState] = SeedAsBuilt()
+_hpa: Algorithm[HpaOptions, HpaState] = HpaProportional()
 register(_workload_demand)
 register(_demand_fit)
 register(_random_selection)
@@ -48,6 +51,7 @@ register(_select_longest)
 register(_rules)
 register(_static)
 register(_seed_as_built)
+register(_hpa)
 
 __all__ = [
     "Algorithm",
@@ -55,6 +59,9 @@ __all__ = [
     "DemandFit",
     "DemandFitOptions",
     "DemandFitState",
+    "HpaOptions",
+    "HpaProportional",
+    "HpaState",
     "OptionsError",
     "RandomSelection",
     "RandomSelectionOptions",
@@ -85,6 +92,7 @@ __all__ = [
     "option_names",
     "parse_options",
     "register",
+    "takes_events",
     "validate_options",
     "validate_rules",
 ]

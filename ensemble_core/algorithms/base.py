@@ -238,7 +238,8 @@ def decision(
 ) -> Decision:
     """A decision about ``member`` taken on ``metrics``, the ``index``-th of that call.
 
-    Its id, ``"<namespace>/<ensemble>/<member>/<metrics.seq>/<index>"``, is the same every time the
+    Its id, ``"<namespace>/<ensemble>/<member>/<metrics.seq>/<index>"`` (``<seq>e<event>`` for an event
+    snapshot, ``Metrics.event > 0``), is the same every time the
     same metrics are decided on, so a redelivered or replayed decision can be recognised (and
     de-duplicated downstream). ``time`` is ``metrics.time`` and ``based_on`` is ``metrics.seq``.
     """
@@ -246,7 +247,7 @@ def decision(
         namespace=member.namespace,
         ensemble=member.ensemble,
         member=member.member,
-        id=f"{member.namespace}/{member.ensemble}/{member.member}/{metrics.seq}/{index}",
+        id=f"{member.namespace}/{member.ensemble}/{member.member}/{_snapshot(metrics)}/{index}",
         time=metrics.time,
         based_on=metrics.seq,
         action=action,
@@ -256,3 +257,16 @@ def decision(
         seed=seed,
         reason=reason,
     )
+
+
+def _snapshot(metrics: Metrics) -> str:
+    return f"{metrics.seq}e{metrics.event}" if metrics.event else str(metrics.seq)
+
+
+def takes_events(algorithm: object) -> bool:
+    """Whether ``algorithm`` decides on event snapshots (``Metrics.event > 0``) too, not only on checks.
+
+    An algorithm says so with a class attribute ``events = True``; every other one counts checks and is
+    given checks only (the decider skips event snapshots for it).
+    """
+    return getattr(algorithm, "events", False) is True

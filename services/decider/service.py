@@ -4,6 +4,10 @@ For each metrics message, in order:
 1. look up the member's record (``ensemble-members``, cached and kept current by a KV watch) and its
    decider record (``ensemble-decider``, cached with its revision — a copy changed by another replica is
    caught by the compare-and-set of step 5, which drops the copy and retries);
+0. an event snapshot (``Metrics.event > 0``, pushed by a queue change after check ``seq``) is only for
+   algorithms that take events (``algorithms.takes_events``: ``rules``); any other algorithm counts
+   checks and never sees one (it is acknowledged without a write). Snapshots are ordered by
+   (``seq``, ``event``): the record keeps ``last_event`` beside ``last_seq``;
 2. a snapshot at or before the record's ``last_seq`` was already consumed: skip it — except the
    snapshot of ``last_seq`` itself, whose decisions are published again (a crash may have come between
    saving and publishing; ``Nats-Msg-Id`` deduplication makes the second publish harmless);
@@ -82,12 +86,29 @@ class DeciderRecord(msgspec.Struct, kw_only=True):
     last_seq: int
     state: msgspec.Raw
     decisions: list[Decision] = []
+    #: The last event snapshot consumed after check ``last_seq`` (``Metrics.event``; 0: the check itself).
+    last_event: int = 0
+
+
+def _follows(last_seq: int, last_event: int, metrics: Metrics) -> bool:
+    """Whether ``metrics`` is the next snapshot after (``last_seq``, ``last_event``): the next check, or an
+    event snapshot after the same check (events are numbered upwards; one lost in the poller is no gap)."""
+    if metrics.event == 0:
+        return metrics.seq == last_seq + 1
+    return metrics.seq == last_seq and metrics.event > last_event
+
+
+def _ignored(metrics: Metrics, algorithm: algorithms.Algorithm[Any, Any]) -> bool:
+    """An event snapshot for an algorithm that counts checks: it never sees one (acknowledged, no write)."""
+    return metrics.event > 0 and not algorithms.takes_events(algorithm)
 
 
 class _Pending:
     """Snapshots of one member decided in memory whose state is not saved yet (see :meth:`Decider.handle_group`)."""
 
-    __slots__ = ("address", "decisions", "indices", "key", "last_seq", "member", "revision", "state", "subject")
+    __slots__ = (
+        "address", "decisions", "indices", "key", "last_event", "last_seq", "member", "revision", "state", "subject",
+    )  # fmt: skip
 
     def __init__(
         self, address: MemberAddress, key: str, subject: str, member: Member, revision: int, last_seq: int, state: Any
@@ -98,6 +119,7 @@ class _Pending:
         self.member = member
         self.revision = revision
         self.last_seq = last_seq
+        self.last_event = 0
         self.state = state
         self.decisions: list[Decision] = []
         self.indices: list[int] = []
@@ -299,22 +321,26 @@ class Decider:
         if member is None or (pending is not None and pending.member is not member):
             return None
         spec, algorithm, options = member
+        if _ignored(metrics, algorithm):
+            return None
         if pending is None:
             cached = self._records.get(key)
             if cached is None or not cached[2]:
                 return None
             revision, record, _ = cached
-            if record.algorithm != algorithm.name or metrics.seq != record.last_seq + 1:
+            if record.algorithm != algorithm.name or not _follows(record.last_seq, record.last_event, metrics):
                 return None
             if _waited(msg) > stale_after(spec):
                 return None
             state = decode(record.state, algorithm.state_type)
             pending = _Pending(address, key, subject, member, revision, record.last_seq, state)
-        elif metrics.seq != pending.last_seq + 1:
+            pending.last_event = record.last_event
+        elif not _follows(pending.last_seq, pending.last_event, metrics):
             # no staleness check: stored after the pending group's first snapshot, which was fresh
             return None
         pending.state, decisions = algorithm.decide(spec, options, pending.state, metrics)
         pending.last_seq = metrics.seq
+        pending.last_event = metrics.event
         pending.decisions.extend(decisions)
         pending.indices.append(index)
         return pending
@@ -326,6 +352,7 @@ class Decider:
             last_seq=pending.last_seq,
             state=msgspec.Raw(msgspec.json.encode(pending.state)),
             decisions=pending.decisions,
+            last_event=pending.last_event,
         )
         try:
             await self.save(pending.key, pending.revision, record)
@@ -363,10 +390,14 @@ class Decider:
             log.info("metrics for an unknown member; skipped", extra={"member": str(address)})
             return
         spec, algorithm, options = member
+        if _ignored(metrics, algorithm):
+            return
+        # an event snapshot belongs to check ``seq``: it is ahead when that check is not decided yet
+        next_seq = metrics.seq if metrics.event else metrics.seq - 1
 
         revision, record = await self.record(key)
         same_algorithm = record is not None and record.algorithm == algorithm.name
-        if record is not None and same_algorithm and metrics.seq > record.last_seq + 1 and msg is not None:
+        if record is not None and same_algorithm and next_seq > record.last_seq and msg is not None:
             # The poller numbers snapshots without gaps, so an earlier one is still in flight — most
             # likely at another replica. Read the record afresh; if the gap is still there, hold this
             # snapshot briefly so a member's snapshots are decided in order. A snapshot that never comes
@@ -377,12 +408,13 @@ class Decider:
             if (
                 record is not None
                 and same_algorithm
-                and metrics.seq > record.last_seq + 1
+                and next_seq > record.last_seq
                 and _waited(msg) < max(HOLD_FOR_GAP, spec.check_seconds)
             ):
                 raise natsio.Transient(f"{key}: snapshot {record.last_seq + 1} not decided yet", delay=0.05)
-        if record is not None and same_algorithm and metrics.seq <= record.last_seq:
-            if metrics.seq == record.last_seq:
+        last = (record.last_seq, record.last_event) if record is not None else (-1, 0)
+        if record is not None and same_algorithm and (metrics.seq, metrics.event) <= last:
+            if (metrics.seq, metrics.event) == last:
                 await self.publish(subject, record.decisions)
             return
         if record is not None and record.decisions and not self._records[key][2]:
@@ -392,7 +424,11 @@ class Decider:
         if waited > stale_after(spec):
             if record is not None and same_algorithm:
                 await self.save(
-                    key, revision, DeciderRecord(algorithm=algorithm.name, last_seq=metrics.seq, state=record.state)
+                    key,
+                    revision,
+                    DeciderRecord(
+                        algorithm=algorithm.name, last_seq=metrics.seq, state=record.state, last_event=metrics.event
+                    ),
                 )
             # Without a state yet (or for a new algorithm) nothing is saved: the first fresh snapshot
             # starts it, rather than a snapshot that may no longer describe the member.
@@ -412,6 +448,7 @@ class Decider:
             last_seq=metrics.seq,
             state=msgspec.Raw(msgspec.json.encode(state)),
             decisions=decisions,
+            last_event=metrics.event,
         )
         await self.save(key, revision, new_record)
         await self.publish(subject, decisions)

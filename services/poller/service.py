@@ -42,7 +42,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge, Histogram
 
-from ensemble_core import health, ledger, minicluster, natsio, subjects
+from ensemble_core import algorithms, health, ledger, minicluster, natsio, subjects
 from ensemble_core.kube import Kube, api_client
 from ensemble_core.kube_watch import Watcher
 from ensemble_core.messages import (
@@ -243,6 +243,17 @@ class MemberLoop:
         #: when the next check is due (monotonic clock); kept across reconnections, so opening a stream
         #: again does not add a check
         self._next_check = time.monotonic()
+        #: the member's algorithm decides on event snapshots too: publish one on each pushed change
+        self.events = _takes_events(spec)
+        #: set by the stream follower on each pushed snapshot
+        self._pushed = asyncio.Event()
+        #: the last check published by this loop (None: none yet, or its seq is in doubt), the event
+        #: snapshots published after it, what the last snapshot published showed, and its outstanding count
+        self._check_seq: int | None = None
+        self._events_since = 0
+        self._shown: object = None
+        self._outstanding_at_check: int | None = None
+        self._requested_at_check: int | None = None
 
     async def run(self) -> None:
         """Watch (or poll) and publish; after a failure retry, the waits doubling up to ``max_backoff``."""
@@ -296,10 +307,22 @@ class MemberLoop:
                 while True:
                     wait = self._next_check - time.monotonic()
                     if wait > 0:
-                        done, _ = await asyncio.wait({follower}, timeout=wait)
-                        if done:
+                        waiters: set[asyncio.Future[Any]] = {follower}
+                        pushed = asyncio.ensure_future(self._pushed.wait()) if self.events else None
+                        if pushed is not None:
+                            waiters.add(pushed)
+                        try:
+                            done, _ = await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                        finally:
+                            if pushed is not None:
+                                pushed.cancel()
+                        if follower in done:
                             follower.result()  # the stream failed: raise why
                             return True
+                        if self.events and self._pushed.is_set():
+                            self._pushed.clear()
+                            await self._publish_event(self._latest)
+                            continue
                     if time.monotonic() - self._latest_at <= PUSH_FRESH:
                         await self._publish(self._latest, time.time(), "watch")
                         _still_running()
@@ -329,6 +352,7 @@ class MemberLoop:
                 async with asyncio.timeout(self.watch_silence):  # not wait_for: see _watch
                     self._latest = await anext(stream)
                 self._latest_at = time.monotonic()
+                self._pushed.set()
             except TimeoutError:
                 return
 
@@ -380,6 +404,11 @@ class MemberLoop:
             return
         LAG.observe(time.time() - checked)
         PUBLISHED.labels(source).inc()
+        self._check_seq, self._events_since, self._outstanding_at_check = self.seq, 0, outstanding
+        self._requested_at_check = requested
+        # _pushed stays as it is: a push that came while this check was being published is published
+        # next (unless it shows nothing the check did not)
+        self._shown = _shown(status)
         self._export(metrics)
         self.seq += 1
 
@@ -408,6 +437,49 @@ class MemberLoop:
         for state in ("waiting", "running", "finished", "failed"):
             with contextlib.suppress(KeyError):
                 MEMBER_JOBS.remove(*labels, state)
+
+    async def _publish_event(self, status: StatusPayload | None) -> None:
+        """Publish a pushed change at once as an event snapshot of the last check (``Metrics.event``).
+
+        Only for an algorithm that takes events, after this loop published a check, when the queue or a
+        group's counts changed since the last snapshot published; the sidecar's coalescing (100 ms)
+        bounds how often. A failed publish drops the event (the next check carries the state anyway).
+        """
+        if status is None or self._check_seq is None or self.seq is None:
+            return
+        shown = _shown(status)
+        if shown == self._shown:
+            return
+        checked = time.time()
+        # the jobs that ended go out first, as for a check: a rule may end the member on this snapshot
+        await self._report_jobs(status)
+        self._outstanding_at_check = await self._outstanding()
+        event = self._events_since + 1
+        metrics = to_metrics(
+            self.address,
+            self._check_seq,
+            checked,
+            status,
+            requested=self._requested_at_check,  # Kubernetes mode: the MiniCluster's size at the check
+            outstanding=self._outstanding_at_check,
+        )
+        metrics.event = event
+        try:
+            ack = await self.js.publish(
+                subjects.metrics(self.address),
+                encode(metrics),
+                headers={"Nats-Msg-Id": f"{self.address.key}:{self._check_seq}e{event}"},
+            )
+        except Exception as exc:
+            log.warning("event publish failed: %s", exc, extra={"member": str(self.address)})
+            return
+        self._events_since = event
+        if ack.duplicate:
+            return
+        self._shown = shown
+        LAG.observe(time.time() - checked)
+        PUBLISHED.labels("event").inc()
+        self._export(metrics)
 
     async def _report_jobs(self, status: StatusPayload) -> None:
         """Publish a report of each job that ended since the last one reported, and of a replaced queue.
@@ -514,6 +586,24 @@ class MemberLoop:
             log.warning("event %s not published: %s", kind, exc, extra={"member": str(self.address)})
             return False
         return True
+
+
+def _takes_events(spec: MemberSpec) -> bool:
+    try:
+        return algorithms.takes_events(algorithms.get(spec.algorithm.name))
+    except algorithms.UnknownAlgorithm:
+        return False
+
+
+def _shown(status: StatusPayload) -> object:
+    """What an event snapshot must change to be published: the queue's counts and every group's counts."""
+    return (
+        msgspec.structs.astuple(status.queue),
+        {
+            name: (g.submitted, g.started, g.cancelled, g.waiting, g.finished, g.succeeded, g.failed)
+            for name, g in status.groups.items()
+        },
+    )
 
 
 def _still_running() -> None:
