@@ -33,7 +33,7 @@ def _service(name: str) -> Callable[[Settings], Coroutine[Any, Any, None]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ensemble_cli import record, replay, simulate, up, validate
+    from ensemble_cli import nats_replicas, record, replay, simulate, up, validate
 
     parser = argparse.ArgumentParser(
         prog="ensemble",
@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_arguments(commands.add_parser("replay", help="run an algorithm over a recording offline"))
     record.add_arguments(commands.add_parser("record", help="export the metrics and decisions streams to a recording"))
     simulate.add_arguments(commands.add_parser("simulate", help="what-if run of an ensemble on a virtual clock"))
+    nats_replicas.add_arguments(
+        commands.add_parser("nats-replicas", help="change the replica count of every stream and bucket")
+    )
     commands.add_parser("sidecar", help="serve a queue over gRPC (see `ensemble sidecar --help`)", add_help=False)
     for name, text in (
         ("creator", "register members and announce them (settings from ENSEMBLE_* variables)"),
@@ -83,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         from ensemble_cli import simulate
 
         return simulate.run(args)
+    if args.command == "nats-replicas":
+        from ensemble_cli import nats_replicas
+
+        return nats_replicas.run(args)
     if args.command == "up":
         from ensemble_cli import up
 

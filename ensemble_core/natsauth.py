@@ -31,8 +31,11 @@ READER = "reader"
 STREAMS = (subjects.EVENTS_STREAM, subjects.METRICS_STREAM, subjects.DECISIONS_STREAM, subjects.JOBS_STREAM)
 KV_STREAMS = tuple(
     f"KV_{bucket}"
-    for bucket in (subjects.MEMBERS_BUCKET, subjects.DECIDER_BUCKET, subjects.ACTUATOR_BUCKET, subjects.JOBS_BUCKET)
-)
+    for bucket in (
+        subjects.MEMBERS_BUCKET, subjects.DECIDER_BUCKET, subjects.ACTUATOR_BUCKET, subjects.JOBS_BUCKET,
+        subjects.POLLERS_BUCKET,
+    )
+)  # fmt: skip
 
 #: The durable consumer each consuming service owns, on its stream (``natsio.DECIDER``, ``natsio.ACTUATOR``).
 DURABLES = {
@@ -89,10 +92,11 @@ def publish_allowed(service: str) -> list[str]:
             f"$JS.API.STREAM.MSG.GET.{subjects.METRICS_STREAM}",
         ],
         # metrics, job reports and reachability events; the member records watched; its last seq and last
-        # job report per member; the ledger read for each member's outstanding jobs
+        # job report per member; the ledger read for each member's outstanding jobs; the pollers' heartbeats
+        # and member ownerships
         "poller": [
             "ensemble.metrics.>", "ensemble.jobs.>", "ensemble.events.>", subjects.deadletter("poller"),
-            *_kv(members, write=False), *_kv(jobs, write=False),
+            *_kv(members, write=False), *_kv(jobs, write=False), *_kv(subjects.POLLERS_BUCKET, write=True),
             f"$JS.API.STREAM.MSG.GET.{subjects.METRICS_STREAM}", f"$JS.API.STREAM.MSG.GET.{subjects.JOBS_STREAM}",
         ],
         # decisions and its state; the member records watched; the metrics consumed

@@ -604,7 +604,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     nc = await natsio.connect(settings, "creator")
     try:
         js = nc.jetstream()
-        await natsio.declare(js)
+        await natsio.declare(js, settings)
         creator = Creator(kube, js, await natsio.bucket(js, subjects.MEMBERS_BUCKET), settings)
         await creator.run(stop)
     finally:

@@ -614,7 +614,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     js = nc.jetstream()
     members = Members(js, settings, tls, sizes)
     try:
-        await natsio.declare(js)
+        await natsio.declare(js, settings)
         members.ledgers = await natsio.bucket(js, subjects.JOBS_BUCKET)
         await _follow_records(members, await natsio.bucket(js, subjects.MEMBERS_BUCKET), stop)
     finally:
