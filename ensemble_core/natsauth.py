@@ -33,7 +33,7 @@ KV_STREAMS = tuple(
     f"KV_{bucket}"
     for bucket in (
         subjects.MEMBERS_BUCKET, subjects.DECIDER_BUCKET, subjects.ACTUATOR_BUCKET, subjects.JOBS_BUCKET,
-        subjects.POLLERS_BUCKET,
+        subjects.POLLERS_BUCKET, subjects.OWNERS_BUCKET,
     )
 )  # fmt: skip
 
@@ -97,6 +97,7 @@ def publish_allowed(service: str) -> list[str]:
         "poller": [
             "ensemble.metrics.>", "ensemble.jobs.>", "ensemble.events.>", subjects.deadletter("poller"),
             *_kv(members, write=False), *_kv(jobs, write=False), *_kv(subjects.POLLERS_BUCKET, write=True),
+            *_kv(subjects.OWNERS_BUCKET, write=True),
             f"$JS.API.STREAM.MSG.GET.{subjects.METRICS_STREAM}", f"$JS.API.STREAM.MSG.GET.{subjects.JOBS_STREAM}",
         ],
         # decisions and its state; the member records watched; the metrics consumed

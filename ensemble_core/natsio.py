@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import faulthandler
 import functools
 import logging
@@ -75,10 +76,14 @@ BUCKETS = {
     subjects.ACTUATOR_BUCKET: 1,
     subjects.JOBS_BUCKET: 1,
     subjects.POLLERS_BUCKET: 1,
+    subjects.OWNERS_BUCKET: 1,
 }
+
+
 def _bucket_ttl(bucket: str, settings: Settings) -> float | None:
-    """Seconds after which a key not written again expires: the pollers' heartbeats and ownerships only."""
-    return settings.poller_lease_seconds if bucket == subjects.POLLERS_BUCKET else None
+    """Seconds after which a key not written again expires: only the pollers' heartbeats, long after the lease
+    (liveness is judged by heartbeats seen to change; expiry only clears away the keys of pollers gone)."""
+    return 10 * settings.poller_lease_seconds if bucket == subjects.POLLERS_BUCKET else None
 
 
 def stream_names() -> list[str]:
@@ -201,7 +206,7 @@ async def declare(js: JetStreamContext, settings: Settings | None = None) -> Non
 
 
 def _with_replicas(config: StreamConfig, replicas: int) -> StreamConfig:
-    return StreamConfig.from_response({**config.as_dict(), "num_replicas": replicas})
+    return dataclasses.replace(config, num_replicas=replicas)
 
 
 @dataclass(frozen=True)
@@ -214,7 +219,9 @@ class ReplicaChange:
     changed: bool
 
 
-async def set_replicas(js: JetStreamContext, replicas: int, *, apply: bool, timeout: float = 60.0) -> list[ReplicaChange]:
+async def set_replicas(
+    js: JetStreamContext, replicas: int, *, apply: bool, timeout: float = 60.0
+) -> list[ReplicaChange]:
     """Set every existing stream and bucket of ours to ``replicas`` replicas (``apply=False``: only report).
 
     Each stream is updated in turn (a stream update changes only its ``num_replicas``) and, before the

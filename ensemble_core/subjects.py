@@ -21,8 +21,10 @@ DECIDER_BUCKET = "ensemble-decider"
 ACTUATOR_BUCKET = "ensemble-actuator"
 #: The ledger of every member's jobs and their attempts (``services/actuator/ledger.py``).
 JOBS_BUCKET = "ensemble-jobs"
-#: The pollers' heartbeats (``live.<poller>``) and which poller polls each member (``owner.<member key>``).
+#: The pollers' heartbeats (``live.<poller>``).
 POLLERS_BUCKET = "ensemble-pollers"
+#: Which poller polls each member (key: the member key; value: the poller's name).
+OWNERS_BUCKET = "ensemble-owners"
 
 _SAFE = re.compile(rb"[A-Za-z0-9-]")
 _TOKEN = re.compile(r"(?:[A-Za-z0-9-]|_[0-9A-F]{2})+")

@@ -70,6 +70,7 @@ from ensemble_core.sidecar_client import (
 from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import MAX_ENDED_PAGE, JobInfo, StatusPayload
+from services.poller.shard import Shard
 
 log = logging.getLogger("poller")
 
@@ -178,17 +179,18 @@ async def last_report(js: JetStreamContext, address: MemberAddress) -> tuple[str
     return report.instance, 0
 
 
-async def next_seq(js: JetStreamContext, address: MemberAddress) -> int:
-    """The sequence after the last check of this member in the stream (0 for a new member)."""
+async def next_seq(js: JetStreamContext, address: MemberAddress) -> tuple[int, int]:
+    """The sequence after the last check of this member in the stream (0 for a new member), and the stream
+    sequence of that last check (0: none), which the next publish expects to still be the last."""
     try:
         last = await js.get_last_msg(subjects.METRICS_STREAM, subjects.metrics(address))
     except NotFoundError:
-        return 0
+        return 0, 0
     try:
-        return decode(last.data or b"", Metrics).seq + 1
+        return decode(last.data or b"", Metrics).seq + 1, last.seq or 0
     except (msgspec.DecodeError, msgspec.ValidationError):
         # an unreadable last message (dead-lettered by the decider) still used its sequence number
-        return (last.seq or 0) + 1
+        return (last.seq or 0) + 1, last.seq or 0
 
 
 class MemberLoop:
@@ -230,6 +232,8 @@ class MemberLoop:
         self.reachable = True
         #: the next seq to publish; None: read it from the stream first (at start, after a failed publish)
         self.seq: int | None = None
+        #: the stream sequence of the member's last check, which the next publish expects (compare-and-set)
+        self.last_stored = 0
         self._latest: StatusPayload | None = None
         self._latest_at = 0.0
         #: when the next check is due (monotonic clock); kept across reconnections, so opening a stream
@@ -349,16 +353,22 @@ class MemberLoop:
         outstanding = await self._outstanding()
         try:
             if self.seq is None:
-                self.seq = await next_seq(self.js, self.address)
+                self.seq, self.last_stored = await next_seq(self.js, self.address)
             metrics = to_metrics(self.address, self.seq, checked, status, requested=requested, outstanding=outstanding)
+            # expected last subject sequence: a check is stored only right after the one this loop read or
+            # wrote, so a poller that polls a member it no longer owns (a handover it has not heard of) can
+            # never store a seq twice or out of order
             ack = await self.js.publish(
                 subjects.metrics(self.address),
                 encode(metrics),
-                headers={"Nats-Msg-Id": f"{self.address.key}:{self.seq}"},
+                headers={
+                    "Nats-Msg-Id": f"{self.address.key}:{self.seq}",
+                    "Nats-Expected-Last-Subject-Sequence": str(self.last_stored),
+                },
             )
         except Exception as exc:
-            # NATS away, or the ack lost after the message was stored: this check is dropped, and the
-            # next one takes whatever seq the stream says comes next
+            # NATS away, the ack lost after the message was stored, or another check stored meanwhile: this
+            # check is dropped, and the next one takes whatever seq the stream says comes next
             log.warning("publish failed: %s", exc, extra={"member": str(self.address)})
             self.seq = None
             return
@@ -372,6 +382,7 @@ class MemberLoop:
         LAG.observe(time.time() - checked)
         PUBLISHED.labels(source).inc()
         self.seq += 1
+        self.last_stored = ack.seq
 
     async def _report_jobs(self, status: StatusPayload) -> None:
         """Publish a report of each job that ended since the last one reported, and of a replaced queue.
@@ -572,7 +583,7 @@ class Members:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _follow_records(members: Members, bucket: KeyValue, stop: asyncio.Event) -> None:
+async def _follow_records(members: Members | Shard, bucket: KeyValue, stop: asyncio.Event) -> None:
     watcher = await bucket.watchall()
     stopping = asyncio.create_task(stop.wait())
     try:
@@ -613,12 +624,27 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     nc = await natsio.connect(settings, "poller")
     js = nc.jetstream()
     members = Members(js, settings, tls, sizes)
+    sharding: asyncio.Task[None] | None = None
     try:
         await natsio.declare(js, settings)
         members.ledgers = await natsio.bucket(js, subjects.JOBS_BUCKET)
-        await _follow_records(members, await natsio.bucket(js, subjects.MEMBERS_BUCKET), stop)
+        shard = Shard(
+            await natsio.bucket(js, subjects.POLLERS_BUCKET),
+            await natsio.bucket(js, subjects.OWNERS_BUCKET),
+            members,
+            settings,
+        )
+        log.info("joined the pollers", extra={"poller": shard.name})
+        sharding = asyncio.create_task(shard.run(stop))
+        sharding.add_done_callback(lambda _: stop.set())  # a shard that failed stops the poller (see below)
+        await _follow_records(shard, await natsio.bucket(js, subjects.MEMBERS_BUCKET), stop)
     finally:
+        if sharding is not None:
+            stop.set()
+            await asyncio.wait({sharding})
         await members.close()
+        if sharding is not None and not sharding.cancelled() and sharding.exception() is not None:
+            raise sharding.exception()  # type: ignore[misc]
         if watching is not None:
             watching.cancel()
             await asyncio.wait({watching})
