@@ -43,7 +43,7 @@ def test_rendezvous_hashing_spreads_members_and_moves_only_a_lost_pollers_member
 
 
 def test_a_lease_shorter_than_three_heartbeats_is_refused_naming_both_settings() -> None:
-    with pytest.raises(SettingsError, match="ENSEMBLE_POLLER_LEASE_SECONDS.*ENSEMBLE_POLLER_HEARTBEAT"):
+    with pytest.raises(SettingsError, match=r"ENSEMBLE_POLLER_LEASE_SECONDS.*ENSEMBLE_POLLER_HEARTBEAT"):
         load({"ENSEMBLE_POLLER_HEARTBEAT": "2", "ENSEMBLE_POLLER_LEASE_SECONDS": "5"})
 
 

@@ -233,6 +233,7 @@ async def kube_emulator() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]
             "v1/pods",
             "v1/events",
             "v1/secrets",
+            "coordination.k8s.io/v1/leases",
         ):
             emulator.resources[resource] = {}
         emulator[kmock.action.CREATE] << 201 << (lambda request: request.data)
