@@ -57,7 +57,7 @@ COMBINATIONS: dict[str, list[str]] = {
         "ha",
         "sidecar-tls",
         "nats-cluster",
-    ],  # fmt: skip
+    ],
 }
 RENDERS = [*COMBINATIONS, "overlays/production"]
 SERVICES = ("creator", "poller", "decider", "actuator")
