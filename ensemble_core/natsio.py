@@ -157,7 +157,27 @@ class ReplicasChanged(SettingsError):
     how to change it (it is never changed silently)."""
 
 
+#: Seconds ``declare`` keeps retrying while JetStream does not answer (a cluster electing its leaders).
+DECLARE_PATIENCE = 120.0
+
+
 async def declare(js: JetStreamContext, settings: Settings | None = None) -> None:
+    """:func:`declare_once`, tried again while JetStream answers "not now" (a timeout, no responders, 503):
+    a cluster that lost a server, or is electing a stream's leader, does for a few seconds, and a service
+    starting then must wait for it rather than exit."""
+    deadline = time.monotonic() + DECLARE_PATIENCE
+    while True:
+        try:
+            await declare_once(js, settings)
+            return
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("JetStream not answering while declaring streams (%s); trying again", type(exc).__name__)
+            await asyncio.sleep(1.0)
+
+
+async def declare_once(js: JetStreamContext, settings: Settings | None = None) -> None:
     """Create the streams and KV buckets that do not exist yet (with ``settings.nats_replicas`` replicas);
     leave existing ones as they are.
 

@@ -54,35 +54,41 @@ async def test_one_of_two_candidates_leads_and_the_other_takes_over_when_it_stop
     emulator, url = api
     a, b = Candidate(url, "creator-a"), Candidate(url, "creator-b")
     task_a = asyncio.create_task(a.elector.run(a.lead, a.stop))
-    await wait_for(lambda: a.terms, timeout=5)
-    task_b = asyncio.create_task(b.elector.run(b.lead, b.stop))
-    await asyncio.sleep(3 * DURATION)  # b sees a renew all along: it stands by
-    assert b.terms == [] and a.terms[0][1] == 0.0
-    assert lease(emulator)["holderIdentity"] == "creator-a"
-    assert lease(emulator)["leaseDurationSeconds"] == 1
+    task_b: asyncio.Task[None] | None = None
+    try:
+        await wait_for(lambda: a.terms, timeout=5)
+        task_b = asyncio.create_task(b.elector.run(b.lead, b.stop))
+        await asyncio.sleep(3 * DURATION)  # b sees a renew all along: it stands by
+        assert b.terms == [] and a.terms[0][1] == 0.0
+        assert lease(emulator)["holderIdentity"] == "creator-a"
+        assert lease(emulator)["leaseDurationSeconds"] == 1
 
-    a.frozen = True
-    frozen = time.monotonic()
-    await wait_for(lambda: b.terms, timeout=5 * DURATION)
-    took = b.terms[0][0] - frozen
-    print(f"standby led {took:.2f} s after the leader stopped renewing")
-    # a stopped leading (its renew deadline) before b started; b within the duration (plus a retry or two)
-    assert 0.0 < a.terms[0][1] <= b.terms[0][0]
-    assert took <= DURATION + 0.5
-    assert lease(emulator)["holderIdentity"] == "creator-b"
-    assert lease(emulator)["leaseTransitions"] == 1
+        a.frozen = True
+        frozen = time.monotonic()
+        await wait_for(lambda: b.terms, timeout=5 * DURATION)
+        took = b.terms[0][0] - frozen
+        print(f"standby led {took:.2f} s after the leader stopped renewing")
+        # a stopped leading (its renew deadline) before b started; b within the duration (plus a retry or two)
+        assert 0.0 < a.terms[0][1] <= b.terms[0][0]
+        assert took <= DURATION + 0.5
+        assert lease(emulator)["holderIdentity"] == "creator-b"
+        assert lease(emulator)["leaseTransitions"] == 1
 
-    a.frozen = False  # a comes back: it stands by, b keeps leading
-    await asyncio.sleep(2 * DURATION)
-    assert len(a.terms) == 1 and b.terms[0][1] == 0.0
-    b.stop.set()
-    await asyncio.wait_for(task_b, 5)
-    # b released the Lease on its way out: a leads at its next retry, not a whole duration later
-    released = time.monotonic()
-    await wait_for(lambda: len(a.terms) == 2, timeout=5)
-    assert a.terms[1][0] - released < DURATION
-    a.stop.set()
-    await asyncio.wait_for(task_a, 5)
+        a.frozen = False  # a comes back: it stands by, b keeps leading
+        await asyncio.sleep(2 * DURATION)
+        assert len(a.terms) == 1 and b.terms[0][1] == 0.0
+        b.stop.set()
+        await asyncio.wait_for(task_b, 5)
+        # b released the Lease on its way out: a leads at its next retry, not a whole duration later
+        released = time.monotonic()
+        await wait_for(lambda: len(a.terms) == 2, timeout=5)
+        assert a.terms[1][0] - released < DURATION
+        a.stop.set()
+        await asyncio.wait_for(task_a, 5)
+    finally:
+        a.stop.set()
+        b.stop.set()
+        await asyncio.wait_for(asyncio.gather(task_a, *([task_b] if task_b else []), return_exceptions=True), 5)
     for kube in (a.kube, b.kube):
         await kube.close()
 
