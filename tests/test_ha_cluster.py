@@ -22,8 +22,9 @@ import pytest
 import yaml
 from nats.aio.client import Client
 
-from ensemble_core import subjects
+from ensemble_core import natsio, subjects
 from ensemble_core.messages import Applied, Decision, MemberSpec, Metrics
+from ensemble_core.settings import Settings
 from tests.conftest import wait_for
 from tests.nats_cluster import NatsCluster, stream_leader, wait_current
 
@@ -89,6 +90,13 @@ async def test_an_ensemble_completes_with_nothing_lost_or_doubled_while_nats_ser
         nc = await nats.connect(cluster.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2)
         js = nc.jetstream()
         await wait_for(lambda: _meta_ready(nc), timeout=20, interval=0.2)
+        # an installation that ran one replica: the streams moved to three explicitly (`ensemble nats-replicas`)
+        await natsio.declare(js, Settings(nats_replicas=1))
+        with pytest.raises(natsio.ReplicasChanged, match="ensemble nats-replicas 3"):
+            await natsio.declare_once(js, Settings(nats_replicas=3))
+        changed = await natsio.set_replicas(js, 3, apply=True)
+        assert {c.stream for c in changed if c.changed} == set(natsio.stream_names())
+        await natsio.declare_once(js, Settings(nats_replicas=3))
         token = "cluster-secret"
         file = tmp_path / "ensemble.yaml"
         file.write_text(yaml.safe_dump(ENSEMBLE))

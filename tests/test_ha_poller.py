@@ -138,3 +138,14 @@ async def test_three_pollers_share_the_members_and_a_killed_ones_members_are_pol
         by_member[metrics.member].append(metrics.seq)
     for member, seqs in by_member.items():
         assert seqs == list(range(len(seqs))), f"member {member}: seqs {seqs} not gap-free and unique"
+
+
+async def test_a_service_refuses_streams_of_another_replica_count_and_names_the_command(
+    nc: Client, settings: Settings
+) -> None:
+    from ensemble_core import natsio
+
+    with pytest.raises(natsio.ReplicasChanged, match=r"ENSEMBLE_NATS_REPLICAS=3.*ensemble nats-replicas 3"):
+        await natsio.declare(nc.jetstream(), Settings(nats_url=settings.nats_url, nats_replicas=3))
+    unchanged = await natsio.set_replicas(nc.jetstream(), 3, apply=False)
+    assert unchanged and all(c.before == 1 and not c.changed for c in unchanged)
