@@ -243,15 +243,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             stopping = time.monotonic()
             for poller in pollers:
                 poller.send_signal(signal.SIGTERM)
-            for index, poller in enumerate(pollers):
+            for poller in pollers:
                 try:
                     poller.wait(60)
                 except subprocess.TimeoutExpired:
                     poller.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
                     poller.wait()
-                if poller.returncode != 0:
-                    log_path = Path(tmp) / f"poller-{index}.log"
-                    raise RuntimeError(f"poller exited {poller.returncode}: {log_path.read_text()[-6000:]}")
+            # a poller that did not stop within its grace exits 1: recorded (and failing "ok"), not hidden
+            exit_codes = [poller.returncode for poller in pollers]
             stop_seconds = time.monotonic() - stopping
             stored = await read_checks(url)
         finally:
@@ -310,9 +309,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "max": round(max(cpu), 1) if cpu else None,
         },
         "poller_stop_seconds": round(stop_seconds, 2),
+        "poller_exit_codes": exit_codes,
         "poller_rss_mib": {"end": round(rss[-1] / 2**20, 1) if rss else None, "max": round(max(rss) / 2**20, 1)},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0]},
-        "ok": bool(lags) and percentile(lags, 99) < LAG_TARGET and not broken and per_period > 0.97,
+        "ok": bool(lags)
+        and percentile(lags, 99) < LAG_TARGET
+        and not broken
+        and per_period > 0.97
+        and not any(exit_codes),
     }
 
 
