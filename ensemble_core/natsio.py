@@ -1,8 +1,9 @@
 """The one place that talks to NATS: connection, stream / consumer / bucket declarations, the consume loop.
 
 Services use only this module's helpers, so the idioms of DESIGN.md live here once:
-- streams, consumers and KV buckets are declared idempotently and an existing stream's configuration
-  is never silently rewritten (a mismatch is logged);
+- streams, consumers and KV buckets are declared idempotently, with ``ENSEMBLE_NATS_REPLICAS`` replicas,
+  and an existing stream's configuration is never silently rewritten (other subjects are logged; another
+  replica count stops the service, and ``ensemble nats-replicas`` / :func:`set_replicas` changes it);
 - consumers are durable pull consumers; a message is acknowledged (``ack_sync``) only after its handler
   stored its effect (:func:`consume` one message at a time, :func:`consume_groups` a subject's messages
   of a batch at once); a :class:`Transient` error naks with a delay; a message that cannot be decoded,

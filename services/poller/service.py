@@ -15,9 +15,12 @@ of the pushed state (which the sidecar keeps within its 100 ms coalescing interv
 when it sent ``RequestStatus``. The lag, published minus ``Metrics.time``, is exported as the
 ``ensemble_poller_lag_seconds`` histogram (see docs/poller.md).
 
-The sequence resumes from the last message in the stream after a restart, and every check is
-published with ``Nats-Msg-Id: <member key>:<seq>``, so a seq is never published twice or out of
-order. An unreachable sidecar (or one that refuses the token) is retried with exponential backoff
+Several pollers share the members: each polls only the members whose owner record names it
+(``shard.py``), and a member moves when a poller joins, stops or dies. The sequence resumes from the
+last message in the stream when a member's loop starts (after a restart or a handover), and every check
+is published with ``Nats-Msg-Id: <member key>:<seq>`` and the stream's expected last subject sequence
+(the member's last check, as read or written by this loop), so a seq is never published twice, skipped
+or out of order, even by a poller that has not yet heard that the member moved. An unreachable sidecar (or one that refuses the token) is retried with exponential backoff
 from ``check_seconds`` up to ``MAX_BACKOFF`` (the loop's retries, and its connection's attempts to
 reconnect), and announced once with an ``unreachable`` event, then ``reachable`` when it answers again.
 
