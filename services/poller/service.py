@@ -22,7 +22,8 @@ is published with ``Nats-Msg-Id: <member key>:<seq>`` and the stream's expected 
 (the member's last check, as read or written by this loop), so a seq is never published twice, skipped
 or out of order, even by a poller that has not yet heard that the member moved. An unreachable
 sidecar (or one that refuses the token) is retried with exponential backoff from ``check_seconds`` up
-to ``MAX_BACKOFF`` (the loop's retries, and its connection's attempts to reconnect), and announced once with an ``unreachable`` event, then ``reachable`` when it answers again.
+to ``MAX_BACKOFF`` (the loop's retries, and its connection's attempts to reconnect), and announced
+once with an ``unreachable`` event, then ``reachable`` when it answers again.
 
 ``Metrics.size`` is the member's *requested* size: what its sidecar reports locally (the local queue's
 size, a Flux partition's undrained ranks), and in Kubernetes mode (``ENSEMBLE_MODE=kubernetes``) its
