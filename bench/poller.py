@@ -1,7 +1,11 @@
-"""One poller process keeping thousands of members at their check period: lag, cadence, CPU and memory.
+"""Poller processes keeping thousands of members at their check period: lag, cadence, CPU and memory.
 
 Usage: ``.venv/bin/python bench/poller.py [--members 2000] [--sidecars 4] [--check 1] [--duration 60]
-[--warmup 15] [--mode watch|poll] [--backend local|sim]``
+[--warmup 15] [--mode watch|poll] [--backend local|sim] [--pollers 1] [--scale 1,4]``
+
+``--pollers N`` runs N pollers that share the members (services/poller/shard.py). ``--scale 1,4`` runs
+the whole benchmark once per poller count, each on a fresh nats-server, sidecars and members, and writes
+``bench/results/scale.json`` with every run side by side (the first count is the baseline).
 
 A private nats-server is started, then ``--sidecars`` sidecar processes (``ensemble sidecar --backend
 BACKEND --nodes 1``, no jobs), ``--members`` members registered in the ``ensemble-members`` bucket
@@ -17,7 +21,8 @@ After ``--warmup`` seconds, ``--duration`` seconds are measured:
 - cadence: the gaps between consecutive ``Metrics.time`` of a member, and the checks stored per
   member per check period (1.0: none missed);
 - integrity: every member's seqs in the stream are contiguous, with no duplicate;
-- the poller's CPU (psutil, sampled every second; 100 % is one core) and resident memory.
+- the poller's CPU (psutil, sampled every second; 100 % is one core) and resident memory, summed over
+  the pollers, and how many members each poller owned at the end (``ensemble-owners``).
 
 Writes ``bench/results/poller.json`` (or ``--out``) and prints the figures with their targets.
 """
@@ -54,7 +59,10 @@ from ensemble_core.subjects import MemberAddress  # noqa: E402
 from ensemble_core.tokens import ensemble_token  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "poller.json"
-ENSEMBLE_BIN = REPO / ".venv" / "bin" / "ensemble"
+SCALE_RESULTS = REPO / "bench" / "results" / "scale.json"
+#: The ``ensemble`` command of this checkout (whichever Python runs the benchmark).
+ENSEMBLE_CLI = [sys.executable, "-m", "ensemble_cli"]
+CLI_ENV = {"PYTHONPATH": str(REPO)}
 NAMESPACE = "bench"
 ENSEMBLE = "poller"
 SECRET = "bench-secret"
@@ -110,9 +118,9 @@ def start_sidecar(mode: str, backend: str) -> tuple[subprocess.Popen[str], str]:
     if mode == "poll":
         command = [sys.executable, str(Path(__file__).resolve()), "--serve-original"]
     else:
-        command = [str(ENSEMBLE_BIN), "sidecar", "--backend", backend, "--port", "0", "--nodes", "1"]
+        command = [*ENSEMBLE_CLI, "sidecar", "--backend", backend, "--port", "0", "--nodes", "1"]
         command += ["--log-level", "WARNING"]
-    env = {**os.environ, "ENSEMBLE_SIDECAR_TOKEN": ensemble_token(SECRET, NAMESPACE, ENSEMBLE)}
+    env = {**os.environ, **CLI_ENV, "ENSEMBLE_SIDECAR_TOKEN": ensemble_token(SECRET, NAMESPACE, ENSEMBLE)}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     assert process.stdout is not None
     port = process.stdout.readline().strip()
@@ -123,10 +131,10 @@ def start_sidecar(mode: str, backend: str) -> tuple[subprocess.Popen[str], str]:
 
 
 def start_poller(url: str, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "ENSEMBLE_NATS_URL": url, "ENSEMBLE_SIDECAR_TOKEN": SECRET, "ENSEMBLE_LOG_LEVEL": "INFO"}
-    env["PYTHONFAULTHANDLER"] = "1"
+    env = {**os.environ, **CLI_ENV, "ENSEMBLE_NATS_URL": url, "ENSEMBLE_SIDECAR_TOKEN": SECRET}
+    env.update(ENSEMBLE_LOG_LEVEL="INFO", PYTHONFAULTHANDLER="1")
     with log_path.open("wb") as log:
-        return subprocess.Popen([str(ENSEMBLE_BIN), "poller"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen([*ENSEMBLE_CLI, "poller"], stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def member_spec(member: int, endpoint: str, check: float) -> MemberSpec:
@@ -171,6 +179,30 @@ async def read_checks(url: str) -> list[tuple[Check, float]]:
     return out
 
 
+async def owners_per_poller(url: str) -> list[int]:
+    """How many members each poller owns (``ensemble-owners``), largest first."""
+    nc = await nats.connect(url)
+    counts: dict[str, int] = {}
+    try:
+        bucket = await nc.jetstream().key_value(subjects.OWNERS_BUCKET)
+        watcher = await bucket.watchall()
+        async for entry in _until_synced(watcher):
+            if entry.value:
+                counts[entry.value.decode()] = counts.get(entry.value.decode(), 0) + 1
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    finally:
+        await nc.close()
+    return sorted(counts.values(), reverse=True)
+
+
+async def _until_synced(watcher: Any) -> Any:
+    while True:
+        entry = await watcher.updates(timeout=30)
+        if entry is None:
+            return
+        yield entry
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     processes: list[subprocess.Popen[Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-poller-") as tmp:
@@ -191,34 +223,35 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 await members.put(MemberAddress(NAMESPACE, ENSEMBLE, i).key, encode(spec))
             await nc.close()
 
-            log_path = Path(tmp) / "poller.log"
-            poller = start_poller(url, log_path)
-            processes.append(poller)
-            watched = psutil.Process(poller.pid)
-            watched.cpu_percent(None)
+            pollers = [start_poller(url, Path(tmp) / f"poller-{i}.log") for i in range(args.pollers)]
+            processes.extend(pollers)
+            watched = [psutil.Process(p.pid) for p in pollers]
+            for w in watched:
+                w.cpu_percent(None)
             await asyncio.sleep(args.warmup)
             start = time.time()
             cpu: list[float] = []
             rss: list[int] = []
-            watched.cpu_percent(None)
+            for w in watched:
+                w.cpu_percent(None)
             while time.time() - start < args.duration:
                 await asyncio.sleep(1.0)
-                cpu.append(watched.cpu_percent(None))
-                rss.append(watched.memory_info().rss)
+                cpu.append(sum(w.cpu_percent(None) for w in watched))
+                rss.append(sum(w.memory_info().rss for w in watched))
             end = time.time()
-            poller.send_signal(signal.SIGTERM)
+            owned = await owners_per_poller(url)
             stopping = time.monotonic()
-            try:
-                poller.wait(60)
-            except subprocess.TimeoutExpired:
-                poller.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
-                poller.wait()
+            for poller in pollers:
+                poller.send_signal(signal.SIGTERM)
+            for poller in pollers:
+                try:
+                    poller.wait(60)
+                except subprocess.TimeoutExpired:
+                    poller.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
+                    poller.wait()
+            # a poller that did not stop within its grace exits 1: recorded (and failing "ok"), not hidden
+            exit_codes = [poller.returncode for poller in pollers]
             stop_seconds = time.monotonic() - stopping
-            if poller.returncode != 0:
-                raise RuntimeError(
-                    f"poller exited {poller.returncode} {stop_seconds:.1f} s after SIGTERM: "
-                    f"{log_path.read_text()[-6000:]}"
-                )
             stored = await read_checks(url)
         finally:
             for process in reversed(processes):
@@ -248,6 +281,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "sidecar_backend": args.backend if args.mode == "watch" else "original-shaped (RequestStatus only)",
         "members": args.members,
         "sidecar_processes": args.sidecars,
+        "pollers": args.pollers,
+        "members_per_poller": owned,
         "check_seconds": args.check,
         "warmup_seconds": args.warmup,
         "window_seconds": round(end - start, 2),
@@ -268,14 +303,20 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "p99": round(percentile(gaps, 99), 4),
             "max": round(max(gaps), 4) if gaps else None,
         },
+        # summed over the pollers
         "poller_cpu_percent_of_one_core": {
             "mean": round(statistics.fmean(cpu), 1) if cpu else None,
             "max": round(max(cpu), 1) if cpu else None,
         },
         "poller_stop_seconds": round(stop_seconds, 2),
+        "poller_exit_codes": exit_codes,
         "poller_rss_mib": {"end": round(rss[-1] / 2**20, 1) if rss else None, "max": round(max(rss) / 2**20, 1)},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0]},
-        "ok": bool(lags) and percentile(lags, 99) < LAG_TARGET and not broken and per_period > 0.97,
+        "ok": bool(lags)
+        and percentile(lags, 99) < LAG_TARGET
+        and not broken
+        and per_period > 0.97
+        and not any(exit_codes),
     }
 
 
@@ -288,26 +329,73 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=15.0, help="seconds before measuring")
     parser.add_argument("--mode", choices=("watch", "poll"), default="watch")
     parser.add_argument("--backend", choices=("local", "sim"), default="local", help="sidecar backend (watch mode)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--pollers", type=int, default=1, help="pollers sharing the members")
+    parser.add_argument("--scale", help="comma-separated poller counts: one run each, written to scale.json")
+    parser.add_argument("--out", type=Path, default=None, help="results file (default: poller.json, scale.json)")
     parser.add_argument("--serve-original", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_original:
         asyncio.run(serve_original())
         return 0
+    if args.scale:
+        return scale(args)
     result = asyncio.run(bench(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result)
+    print(f"wrote {out}")
+    return 0 if result["ok"] else 1
+
+
+def scale(args: argparse.Namespace) -> int:
+    """One run per poller count of ``--scale``, side by side against the first (the baseline)."""
+    runs = []
+    for count in [int(part) for part in args.scale.split(",")]:
+        args.pollers = count
+        runs.append(asyncio.run(bench(args)))
+        report(runs[-1])
+    base = runs[0]
+    summary = [
+        {
+            "pollers": run["pollers"],
+            "members_per_poller": run["members_per_poller"],
+            "lag_p99_seconds": run["lag_seconds"]["p99"],
+            "checks_per_member_per_period": run["checks_per_member_per_period"],
+            "cpu_percent_of_one_core_total": run["poller_cpu_percent_of_one_core"]["mean"],
+            "lag_p99_vs_baseline": round(run["lag_seconds"]["p99"] / base["lag_seconds"]["p99"], 3)
+            if base["lag_seconds"]["p99"]
+            else None,
+            "ok": run["ok"],
+        }
+        for run in runs
+    ]
+    out = args.out or SCALE_RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "poller-scale", "baseline_pollers": base["pollers"], "summary": summary,
+                               "runs": runs}, indent=2) + "\n")  # fmt: skip
+    for row in summary:
+        print(
+            f"{row['pollers']} poller(s): lag p99 {row['lag_p99_seconds']} s "
+            f"({row['lag_p99_vs_baseline']}x the baseline), checks/member/period "
+            f"{row['checks_per_member_per_period']}, CPU {row['cpu_percent_of_one_core_total']} % of a core, "
+            f"members per poller {row['members_per_poller']}"
+        )
+    print(f"wrote {out}")
+    return 0 if all(row["ok"] for row in summary) else 1
+
+
+def report(result: dict[str, Any]) -> None:
     lag, cpu = result["lag_seconds"], result["poller_cpu_percent_of_one_core"]
     print(
-        f"{result['members']} members at {result['check_seconds']} s ({result['mode']}): "
+        f"{result['members']} members at {result['check_seconds']} s ({result['mode']}, "
+        f"{result['pollers']} poller(s)): "
         f"lag p50 {lag['p50']} s, p99 {lag['p99']} s (target < {LAG_TARGET}), max {lag['max']} s; "
         f"checks/member/period {result['checks_per_member_per_period']}; "
         f"seq gaps/duplicates in {result['members_with_seq_gaps_or_duplicates']} members; "
         f"poller CPU {cpu['mean']} % of a core (max {cpu['max']}), "
         f"RSS {result['poller_rss_mib']['max']} MiB"
     )
-    print(f"wrote {args.out}")
-    return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def _service(name: str) -> Callable[[Settings], Coroutine[Any, Any, None]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ensemble_cli import record, replay, report, simulate, status, up, validate
+    from ensemble_cli import nats_replicas, record, replay, report, simulate, status, up, validate
 
     # a misspelt subcommand, choice or flag is answered with the close match and the subcommand's usage
     parser = Parser(
@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_arguments(commands.add_parser("simulate", help="what-if run of an ensemble on a virtual clock"))
     report.add_arguments(commands.add_parser("report", help="write an HTML report of a recording or a results folder"))
     status.add_arguments(commands.add_parser("status", help="what the running ensembles are doing (read from NATS)"))
+    nats_replicas.add_arguments(
+        commands.add_parser("nats-replicas", help="change the replica count of every stream and bucket")
+    )
     commands.add_parser("sidecar", help="serve a queue over gRPC (see `ensemble sidecar --help`)", add_help=False)
     for name, text in (
         ("creator", "register members and announce them (settings from ENSEMBLE_* variables)"),
@@ -97,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         from ensemble_cli import simulate
 
         return simulate.run(args)
+    if args.command == "nats-replicas":
+        from ensemble_cli import nats_replicas
+
+        return nats_replicas.run(args)
     if args.command == "up":
         from ensemble_cli import up
 

@@ -755,6 +755,8 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
             "ENSEMBLE_FILE": str(Path(args.file).resolve()),
             "ENSEMBLE_ENDPOINTS": ",".join(f"{i}={e}" for i, e in endpoints.items()),
             "ENSEMBLE_NAMESPACE": ensemble.namespace,
+            # one private server: one replica, whatever the shell's environment says for a cluster
+            "ENSEMBLE_NATS_REPLICAS": "1",
         }
         for name in SERVICES:
             # least privilege: the decider calls no sidecar, the poller reads with the records' status tokens;

@@ -35,6 +35,7 @@ KV_STREAMS = tuple(
     for bucket in (
         subjects.MEMBERS_BUCKET, subjects.DECIDER_BUCKET, subjects.ACTUATOR_BUCKET, subjects.JOBS_BUCKET,
         subjects.BUDGET_BUCKET,
+        subjects.POLLERS_BUCKET, subjects.OWNERS_BUCKET,
     )
 )  # fmt: skip
 
@@ -93,10 +94,12 @@ def publish_allowed(service: str) -> list[str]:
             f"$JS.API.STREAM.MSG.GET.{subjects.METRICS_STREAM}",
         ],
         # metrics, job reports and reachability events; the member records watched; its last seq and last
-        # job report per member; the ledger read for each member's outstanding jobs
+        # job report per member; the ledger read for each member's outstanding jobs; the pollers' heartbeats
+        # and member ownerships
         "poller": [
             "ensemble.metrics.>", "ensemble.jobs.>", "ensemble.events.>", subjects.deadletter("poller"),
-            *_kv(members, write=False), *_kv(jobs, write=False),
+            *_kv(members, write=False), *_kv(jobs, write=False), *_kv(subjects.POLLERS_BUCKET, write=True),
+            *_kv(subjects.OWNERS_BUCKET, write=True),
             f"$JS.API.STREAM.MSG.GET.{subjects.METRICS_STREAM}", f"$JS.API.STREAM.MSG.GET.{subjects.JOBS_STREAM}",
         ],
         # decisions and its state; the member records watched; the metrics consumed

@@ -1,8 +1,9 @@
 """The one place that talks to NATS: connection, stream / consumer / bucket declarations, the consume loop.
 
 Services use only this module's helpers, so the idioms of DESIGN.md live here once:
-- streams, consumers and KV buckets are declared idempotently and an existing stream's configuration
-  is never silently rewritten (a mismatch is logged);
+- streams, consumers and KV buckets are declared idempotently, with ``ENSEMBLE_NATS_REPLICAS`` replicas,
+  and an existing stream's configuration is never silently rewritten (other subjects are logged; another
+  replica count stops the service, and ``ensemble nats-replicas`` / :func:`set_replicas` changes it);
 - consumers are durable pull consumers; a message is acknowledged (``ack_sync``) only after its handler
   stored its effect (:func:`consume` one message at a time, :func:`consume_groups` a subject's messages
   of a batch at once); a :class:`Transient` error naks with a delay; a message that cannot be decoded,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import faulthandler
 import functools
 import logging
@@ -41,7 +43,7 @@ from nats.js.kv import KeyValue
 
 from ensemble_core import health, subjects
 from ensemble_core.messages import Addressed, Base, DeadLetter, Decision, check_version, decode_with, encode
-from ensemble_core.settings import Settings
+from ensemble_core.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,20 @@ BUCKETS = {
     subjects.ACTUATOR_BUCKET: 1,
     subjects.JOBS_BUCKET: 1,
     subjects.BUDGET_BUCKET: 1,
+    subjects.POLLERS_BUCKET: 1,
+    subjects.OWNERS_BUCKET: 1,
 }
+
+
+def _bucket_ttl(bucket: str, settings: Settings) -> float | None:
+    """Seconds after which a key not written again expires: only the pollers' heartbeats, long after the lease
+    (liveness is judged by heartbeats seen to change; expiry only clears away the keys of pollers gone)."""
+    return 10 * settings.poller_lease_seconds if bucket == subjects.POLLERS_BUCKET else None
+
+
+def stream_names() -> list[str]:
+    """Every stream of ours, the buckets' streams (``KV_<bucket>``) included."""
+    return [str(config.name) for config in STREAMS] + [f"KV_{bucket}" for bucket in BUCKETS]
 
 
 @dataclass(frozen=True)
@@ -140,28 +155,126 @@ async def connect(settings: Settings, name: str) -> Client:
     return connecting.result()
 
 
-async def declare(js: JetStreamContext) -> None:
-    """Create the streams and KV buckets that do not exist yet; leave existing ones as they are."""
+class ReplicasChanged(SettingsError):
+    """An existing stream or bucket has another replica count than ``ENSEMBLE_NATS_REPLICAS``; the message says
+    how to change it (it is never changed silently)."""
+
+
+#: Seconds ``declare`` keeps retrying while JetStream does not answer (a cluster electing its leaders).
+DECLARE_PATIENCE = 120.0
+
+
+async def declare(js: JetStreamContext, settings: Settings | None = None) -> None:
+    """:func:`declare_once`, tried again while JetStream answers "not now" (a timeout, no responders, 503):
+    a cluster that lost a server, or is electing a stream's leader, does for a few seconds, and a service
+    starting then must wait for it rather than exit."""
+    deadline = time.monotonic() + DECLARE_PATIENCE
+    while True:
+        try:
+            await declare_once(js, settings)
+            return
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("JetStream not answering while declaring streams (%s); trying again", type(exc).__name__)
+            await asyncio.sleep(1.0)
+
+
+async def declare_once(js: JetStreamContext, settings: Settings | None = None) -> None:
+    """Create the streams and KV buckets that do not exist yet (with ``settings.nats_replicas`` replicas);
+    leave existing ones as they are.
+
+    An existing one with another replica count stops the service with :class:`ReplicasChanged`: a service
+    started with ``ENSEMBLE_NATS_REPLICAS=3`` against streams of one replica would otherwise run, unnoticed,
+    without the redundancy it was configured for. ``ensemble nats-replicas N`` (:func:`set_replicas`)
+    changes them explicitly.
+    """
+    settings = settings or Settings()
+    replicas = settings.nats_replicas
+    wrong: list[str] = []
     for config in STREAMS:
         assert config.name is not None
         try:
             info = await js.stream_info(config.name)
         except NotFoundError:
-            await js.add_stream(config)
-            log.info("created stream", extra={"stream": config.name})
+            await js.add_stream(_with_replicas(config, replicas))
+            log.info("created stream", extra={"stream": config.name, "replicas": replicas})
             continue
         if sorted(info.config.subjects or []) != sorted(config.subjects or []):
             log.warning(
                 "stream exists with other subjects; not changing it",
                 extra={"stream": config.name, "found": info.config.subjects, "wanted": config.subjects},
             )
+        if (info.config.num_replicas or 1) != replicas:
+            wrong.append(f"{config.name} has {info.config.num_replicas or 1}")
     for bucket, history in BUCKETS.items():
         try:
             await js.key_value(bucket)
         except BucketNotFoundError:
-            await js.create_key_value(bucket=bucket, history=history)
-            log.info("created bucket", extra={"bucket": bucket})
+            await js.create_key_value(
+                bucket=bucket, history=history, replicas=replicas, ttl=_bucket_ttl(bucket, settings)
+            )
+            log.info("created bucket", extra={"bucket": bucket, "replicas": replicas})
+            continue
+        found = (await js.stream_info(f"KV_{bucket}")).config.num_replicas or 1
+        if found != replicas:
+            wrong.append(f"bucket {bucket} has {found}")
+    if wrong:
+        raise ReplicasChanged(
+            f"ENSEMBLE_NATS_REPLICAS={replicas}, but {', '.join(wrong)} replica(s); nothing was changed. Change "
+            f"them with `ensemble nats-replicas {replicas}` (needs a cluster of at least {replicas} servers), "
+            "or set ENSEMBLE_NATS_REPLICAS to what they have"
+        )
     health.mark_ready()
+
+
+def _with_replicas(config: StreamConfig, replicas: int) -> StreamConfig:
+    return dataclasses.replace(config, num_replicas=replicas)
+
+
+@dataclass(frozen=True)
+class ReplicaChange:
+    """What :func:`set_replicas` found and did for one stream."""
+
+    stream: str
+    before: int
+    after: int
+    changed: bool
+
+
+async def set_replicas(
+    js: JetStreamContext, replicas: int, *, apply: bool, timeout: float = 60.0
+) -> list[ReplicaChange]:
+    """Set every existing stream and bucket of ours to ``replicas`` replicas (``apply=False``: only report).
+
+    Each stream is updated in turn (a stream update changes only its ``num_replicas``) and, before the
+    next, waited on until its cluster reports every replica current, so at most one stream is ever
+    catching up. Streams that do not exist yet are skipped: services create them with their setting.
+    """
+    changes: list[ReplicaChange] = []
+    for name in stream_names():
+        try:
+            info = await js.stream_info(name)
+        except NotFoundError:
+            continue
+        before = info.config.num_replicas or 1
+        if before == replicas or not apply:
+            changes.append(ReplicaChange(name, before, before, False))
+            continue
+        info.config.num_replicas = replicas
+        await js.update_stream(info.config)
+        deadline = time.monotonic() + timeout
+        while True:
+            cluster = (await js.stream_info(name)).cluster
+            peers = list(cluster.replicas or []) if cluster is not None else []
+            if len(peers) + 1 >= replicas and all(peer.current for peer in peers):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stream {name}: its {replicas} replicas were not current after {timeout:g} s")
+            await asyncio.sleep(0.2)
+        log.info("changed replicas", extra={"stream": name, "before": before, "after": replicas})
+        changes.append(ReplicaChange(name, before, replicas, True))
+    return changes
 
 
 async def bucket(js: JetStreamContext, name: str) -> KeyValue:

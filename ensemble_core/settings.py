@@ -81,6 +81,21 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     node_budget: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
     #: actuator: per-namespace budgets, ``team-a=8,team-b=4`` (within the cluster-wide one, if set); empty: none.
     namespace_budgets: str = ""
+    #: Replicas of every stream and bucket the services create (1: a single server; 3 on a three-node
+    #: JetStream cluster). An existing stream with another count stops the services: change it with
+    #: ``ensemble nats-replicas N`` (docs/kubernetes.md).
+    nats_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    #: poller: seconds between two heartbeats of a poller in ``ensemble-pollers``.
+    poller_heartbeat: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    #: poller: seconds after its last heartbeat at which a poller counts as gone and its members move to
+    #: the others (the ``ensemble-pollers`` bucket's TTL, fixed when the bucket is created); at least
+    #: three heartbeats.
+    poller_lease_seconds: Annotated[float, msgspec.Meta(gt=0)] = 6.0
+    #: creator (Kubernetes mode): the Lease two or more creators elect their leader with
+    #: (``<namespace>/<name>``; the manifests give the pod's namespace).
+    leader_lease: str = "ensemble-system/ensemble-creator"
+    #: creator (Kubernetes mode): seconds a leader's Lease holds without renewal before a standby takes over.
+    leader_lease_seconds: Annotated[float, msgspec.Meta(gt=0)] = 15.0
     #: Port of the /healthz, /readyz and /metrics HTTP server (0: none; the Kubernetes manifests use 8080).
     health_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
@@ -126,7 +141,14 @@ def load(environ: Mapping[str, str] | None = None, **overrides: object) -> Setti
             errors.append(f"{env_name(field.name)}={raw[field.name]!r}: {detail}")
     if errors:
         raise SettingsError("invalid settings: " + "; ".join(errors))
-    return msgspec.convert(raw, type=Settings, strict=False)
+    settings = msgspec.convert(raw, type=Settings, strict=False)
+    if settings.poller_lease_seconds < 3 * settings.poller_heartbeat:
+        raise SettingsError(
+            f"{env_name('poller_lease_seconds')}={settings.poller_lease_seconds:g}: must be at least three "
+            f"heartbeats ({env_name('poller_heartbeat')}={settings.poller_heartbeat:g}), or one late heartbeat "
+            "would move every member of a live poller"
+        )
+    return settings
 
 
 def parse_endpoints(value: str) -> dict[int, str]:

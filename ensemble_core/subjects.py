@@ -24,6 +24,10 @@ JOBS_BUCKET = "ensemble-jobs"
 #: The node budget's grants: one document (key :data:`BUDGET_KEY`) for every member (docs/budget.md).
 BUDGET_BUCKET = "ensemble-budget"
 BUDGET_KEY = "grants"
+#: The pollers' heartbeats (``live.<poller>``).
+POLLERS_BUCKET = "ensemble-pollers"
+#: Which poller polls each member (key: the member key; value: the poller's name).
+OWNERS_BUCKET = "ensemble-owners"
 
 _SAFE = re.compile(rb"[A-Za-z0-9-]")
 _TOKEN = re.compile(r"(?:[A-Za-z0-9-]|_[0-9A-F]{2})+")

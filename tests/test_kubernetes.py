@@ -74,7 +74,7 @@ async def api() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]:
     async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
         for resource in ("ensemble.flux-framework.org/v1alpha1/ensembles", "flux-framework.org/v1alpha2/miniclusters"):
             emulator.resources[resource] = {}
-        for resource in ("v1/pods", "v1/events", "v1/secrets"):
+        for resource in ("v1/pods", "v1/events", "v1/secrets", "coordination.k8s.io/v1/leases"):
             emulator.resources[resource] = {}
         emulator[kmock.action.CREATE] << 201 << (lambda request: request.data)
 

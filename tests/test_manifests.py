@@ -47,7 +47,17 @@ COMBINATIONS: dict[str, list[str]] = {
     "monitoring": ["monitoring"],
     "ha": ["ha"],
     "sidecar-tls": ["sidecar-tls"],
-    "everything": ["tls", "tls-cert-manager", "nats-auth", "network-policy", "monitoring", "ha", "sidecar-tls"],
+    "nats-cluster": ["nats-cluster"],
+    "everything": [
+        "tls",
+        "tls-cert-manager",
+        "nats-auth",
+        "network-policy",
+        "monitoring",
+        "ha",
+        "sidecar-tls",
+        "nats-cluster",
+    ],
 }
 RENDERS = [*COMBINATIONS, "overlays/production"]
 SERVICES = ("creator", "poller", "decider", "actuator")
@@ -64,6 +74,7 @@ RBAC: dict[str, dict[tuple[str, str], set[str]]] = {
         ("", "pods"): {"list", "watch"},
         ("", "secrets"): {"create"},
         ("", "events"): {"create"},
+        ("coordination.k8s.io", "leases@ensemble-system"): {"get", "create", "patch"},
     },
     "actuator": {
         ("flux-framework.org", "miniclusters"): {"get", "delete"},
@@ -652,7 +663,7 @@ def test_nats_keeps_its_store_on_a_claim() -> None:
 # --- components ------------------------------------------------------------------------------------
 
 
-def test_ha_replicates_only_the_services_that_are_safe_to_replicate() -> None:
+def test_ha_replicates_every_service_with_a_disruption_budget() -> None:
     objects = render("ha")
     budgets = {
         b["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
@@ -660,10 +671,43 @@ def test_ha_replicates_only_the_services_that_are_safe_to_replicate() -> None:
     }
     for service in SERVICES:
         spec = deployment(objects, service)["spec"]
-        if service in ("decider", "actuator"):
-            assert spec["replicas"] == 2 and service in budgets
-        else:
-            assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate" and service not in budgets
+        assert spec["replicas"] == 2 and spec["strategy"]["type"] == "RollingUpdate" and service in budgets
+    # the base runs one of each
+    for service in SERVICES:
+        assert deployment(render("base"), service)["spec"]["replicas"] == 1
+
+
+def test_the_creator_elects_its_leader_with_a_lease_in_its_own_namespace() -> None:
+    (container,) = deployment(render("ha"), "creator")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["ENSEMBLE_LEADER_LEASE"]["value"] == "$(POD_NAMESPACE)/ensemble-creator"
+
+
+@pytest.mark.parametrize("name", ["nats-cluster", "overlays/production"])
+def test_nats_cluster_is_three_servers_with_routes_to_each_a_claim_each_and_three_replicas(
+    name: str, tmp_path: Path
+) -> None:
+    objects = render(name)
+    (nats,) = find(objects, "StatefulSet", "nats")
+    spec = nats["spec"]
+    assert (spec["replicas"], spec["podManagementPolicy"]) == (3, "Parallel")
+    assert spec["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    (headless,) = find(objects, "Service", "nats-headless")
+    assert headless["spec"]["clusterIP"] == "None" and spec["serviceName"] == "nats-headless"
+    assert {"port": 6222, "targetPort": "cluster", "name": "cluster"} in headless["spec"]["ports"]
+    files = nats_files(name)
+    routes = re.findall(r"nats://([a-z0-9-]+)\.([a-z0-9-]+):6222", files["cluster.conf"])
+    assert routes == [(f"nats-{i}", "nats-headless") for i in range(3)]
+    (settings_map,) = [o for o in find(objects, "ConfigMap") if o["metadata"]["name"].startswith("ensemble-settings")]
+    assert settings_map["data"]["ENSEMBLE_NATS_REPLICAS"] == "3"
+    (budget,) = [b for b in find(objects, "PodDisruptionBudget") if b["metadata"]["name"] == "nats"]
+    assert budget["spec"]["maxUnavailable"] == 1
+    if name == "overlays/production":
+        tls_files(tmp_path, "nats.ensemble-system.svc")
+    result = check_nats_config(files, tmp_path, NATS_PASSWORDS)
+    assert result.returncode == 0, result.stderr
 
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:

@@ -233,6 +233,7 @@ async def kube_emulator() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]
             "v1/pods",
             "v1/events",
             "v1/secrets",
+            "coordination.k8s.io/v1/leases",
         ):
             emulator.resources[resource] = {}
         emulator[kmock.action.CREATE] << 201 << (lambda request: request.data)
@@ -267,6 +268,8 @@ def rbac_requests(requests: list[kmock.Request]) -> dict[tuple[str, str], set[st
     return used
 
 
+#: The namespace of the creator's leader-election Lease (its default, ``ENSEMBLE_LEADER_LEASE``).
+LEASE_NAMESPACE = "ensemble-system"
 #: Granted without an API call behind it: with blockOwnerDeletion in its owner references, the
 #: OwnerReferencesPermissionEnforcement admission plugin requires the creator to be allowed this.
 GRANTED_FOR_ADMISSION = {"creator": {("ensemble.flux-framework.org", "ensembles/finalizers"): {"update"}}}
@@ -299,8 +302,18 @@ async def test_each_service_account_is_granted_exactly_the_calls_its_service_mak
     finally:
         await sidecar.stop(grace=0.1)
     granted = rendered_rbac(render("base"))
+    leases = [r for r in creator_calls if r.resource is not None and r.resource.plural == "leases"]
+    assert leases and {r.namespace for r in leases} == {LEASE_NAMESPACE}
     used = {
-        "creator": rbac_requests(creator_calls),
+        "creator": {
+            # the Lease is granted by a Role in its one namespace (rendered_rbac marks it so)
+            (
+                (group, f"{resource}@{LEASE_NAMESPACE}")
+                if (group, resource) == ("coordination.k8s.io", "leases")
+                else (group, resource)
+            ): verbs
+            for (group, resource), verbs in rbac_requests(creator_calls).items()
+        },
         "actuator": rbac_requests(actuator_calls),
         "poller": rbac_requests(poller_calls),
     }
@@ -442,8 +455,13 @@ def minicluster_owner(document: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def production_nats(directory: Path, passwords: dict[str, str]) -> Iterator[int]:
-    """nats-server running the production overlay's rendered configuration, on a free local port."""
+    """nats-server running the production overlay's rendered configuration, on a free local port.
+
+    One server stands for the three: its cluster block (routes to the StatefulSet's other pods, which do
+    not exist here) is left out; tests/test_ha_cluster.py runs a real three-server cluster."""
     for name, text in nats_files("overlays/production").items():
+        if name == "cluster.conf":
+            text = "# one server: no cluster\n"
         text = text.replace("/data/jetstream", str(directory / "jetstream")).replace("/etc/nats-tls", str(directory))
         text = text.replace("listen: 0.0.0.0:4222", "listen: 127.0.0.1:-1").replace("http: 0.0.0.0:8222", "")
         (directory / name).write_text(text)

@@ -570,7 +570,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         driver = KubernetesDriver(Kube(api_client(settings.kube_api)), local, settings.complete_to_min_size)
     try:
         js = nc.jetstream()
-        await natsio.declare(js)
+        await natsio.declare(js, settings)
         members = await natsio.bucket(js, subjects.MEMBERS_BUCKET)
         jobs = Ledger(await natsio.bucket(js, subjects.JOBS_BUCKET), members, driver)
         actuator = Actuator(

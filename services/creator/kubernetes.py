@@ -25,6 +25,10 @@ reconciles that Ensemble at once; the relist reconciles every one.
 5. the Ensemble's status (phase, members, conditions) is updated, and every ``ENSEMBLE_STATUS_SECONDS`` each
    member's nodes up and job counts from its last metrics (``Unreachable`` when none came for three checks).
 
+Only one creator acts at a time: replicas elect a leader with a Kubernetes Lease
+(``ENSEMBLE_LEADER_LEASE``, :mod:`ensemble_core.leader`); the others stand by and take over within
+``ENSEMBLE_LEADER_LEASE_SECONDS`` of the leader's last renewal.
+
 Then the records are swept: an active member whose MiniCluster is gone gets a ``gone`` event and its
 record moves to ``terminated``; the records of an Ensemble that no longer exists (or exists with another
 uid) are deleted. Every step can be repeated: a restart at any point creates nothing twice.
@@ -44,7 +48,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 
-from ensemble_core import minicluster, natsio, subjects
+from ensemble_core import leader, minicluster, natsio, subjects
 from ensemble_core.kube import (
     ENSEMBLE_GROUP,
     ENSEMBLE_PLURAL,
@@ -600,13 +604,25 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             f"{env_name('sidecar_tls_secret')}: expected <namespace>/<name> of a kubernetes.io/tls Secret, "
             f"got {secret!r}"
         )
+    lease = settings.leader_lease
+    if lease.count("/") != 1 or not all(lease.split("/")):
+        raise SettingsError(f"{env_name('leader_lease')}: expected <namespace>/<name> of a Lease, got {lease!r}")
     kube = Kube(api_client(settings.kube_api))
     nc = await natsio.connect(settings, "creator")
     try:
         js = nc.jetstream()
-        await natsio.declare(js)
-        creator = Creator(kube, js, await natsio.bucket(js, subjects.MEMBERS_BUCKET), settings)
-        await creator.run(stop)
+        await natsio.declare(js, settings)
+        members = await natsio.bucket(js, subjects.MEMBERS_BUCKET)
+
+        async def lead(ended: asyncio.Event) -> None:
+            # a new Creator each term: what it knew as the leader before may be stale by now
+            await Creator(kube, js, members, settings).run(ended)
+
+        namespace, name = lease.split("/")
+        elector = leader.LeaderElector(
+            kube, namespace, name, identity=leader.identity(), duration=settings.leader_lease_seconds
+        )
+        await elector.run(lead, stop)
     finally:
         await kube.close()
         await nc.drain()

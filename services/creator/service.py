@@ -46,7 +46,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     nc = await natsio.connect(settings, "creator")
     try:
         js = nc.jetstream()
-        await natsio.declare(js)
+        await natsio.declare(js, settings)
         members = await natsio.bucket(js, subjects.MEMBERS_BUCKET)
         for member in ensemble.members:
             address = MemberAddress(ensemble.namespace, ensemble.name, member.index)

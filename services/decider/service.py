@@ -510,7 +510,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     nc = await natsio.connect(settings, "decider")
     try:
         js = nc.jetstream()
-        await natsio.declare(js)
+        await natsio.declare(js, settings)
         publisher = natsio.Publisher(nc)
         await publisher.start()
         decider = Decider(

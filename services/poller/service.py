@@ -15,11 +15,15 @@ of the pushed state (which the sidecar keeps within its 100 ms coalescing interv
 when it sent ``RequestStatus``. The lag, published minus ``Metrics.time``, is exported as the
 ``ensemble_poller_lag_seconds`` histogram (see docs/poller.md).
 
-The sequence resumes from the last message in the stream after a restart, and every check is
-published with ``Nats-Msg-Id: <member key>:<seq>``, so a seq is never published twice or out of
-order. An unreachable sidecar (or one that refuses the token) is retried with exponential backoff
-from ``check_seconds`` up to ``MAX_BACKOFF`` (the loop's retries, and its connection's attempts to
-reconnect), and announced once with an ``unreachable`` event, then ``reachable`` when it answers again.
+Several pollers share the members: each polls only the members whose owner record names it
+(``shard.py``), and a member moves when a poller joins, stops or dies. The sequence resumes from the
+last message in the stream when a member's loop starts (after a restart or a handover), and every check
+is published with ``Nats-Msg-Id: <member key>:<seq>`` and the stream's expected last subject sequence
+(the member's last check, as read or written by this loop), so a seq is never published twice, skipped
+or out of order, even by a poller that has not yet heard that the member moved. An unreachable
+sidecar (or one that refuses the token) is retried with exponential backoff from ``check_seconds`` up
+to ``MAX_BACKOFF`` (the loop's retries, and its connection's attempts to reconnect), and announced
+once with an ``unreachable`` event, then ``reachable`` when it answers again.
 
 ``Metrics.size`` is the member's *requested* size: what its sidecar reports locally (the local queue's
 size, a Flux partition's undrained ranks), and in Kubernetes mode (``ENSEMBLE_MODE=kubernetes``) its
@@ -70,6 +74,7 @@ from ensemble_core.sidecar_client import (
 from ensemble_core.subjects import MemberAddress
 from ensemble_core.tokens import ensemble_token
 from ensemble_core.wire import MAX_ENDED_PAGE, JobInfo, StatusPayload
+from services.poller.shard import Shard
 
 log = logging.getLogger("poller")
 
@@ -186,17 +191,18 @@ async def last_report(js: JetStreamContext, address: MemberAddress) -> tuple[str
     return report.instance, 0
 
 
-async def next_seq(js: JetStreamContext, address: MemberAddress) -> int:
-    """The sequence after the last check of this member in the stream (0 for a new member)."""
+async def next_seq(js: JetStreamContext, address: MemberAddress) -> tuple[int, int]:
+    """The sequence after the last check of this member in the stream (0 for a new member), and the stream
+    sequence of that last check (0: none), which the next publish expects to still be the last."""
     try:
         last = await js.get_last_msg(subjects.METRICS_STREAM, subjects.metrics(address))
     except NotFoundError:
-        return 0
+        return 0, 0
     try:
-        return decode(last.data or b"", Metrics).seq + 1
+        return decode(last.data or b"", Metrics).seq + 1, last.seq or 0
     except (msgspec.DecodeError, msgspec.ValidationError):
         # an unreadable last message (dead-lettered by the decider) still used its sequence number
-        return (last.seq or 0) + 1
+        return (last.seq or 0) + 1, last.seq or 0
 
 
 class MemberLoop:
@@ -238,6 +244,8 @@ class MemberLoop:
         self.reachable = True
         #: the next seq to publish; None: read it from the stream first (at start, after a failed publish)
         self.seq: int | None = None
+        #: the stream sequence of the member's last check, which the next publish expects (compare-and-set)
+        self.last_stored = 0
         self._latest: StatusPayload | None = None
         self._latest_at = 0.0
         #: when the next check is due (monotonic clock); kept across reconnections, so opening a stream
@@ -382,16 +390,22 @@ class MemberLoop:
         outstanding = await self._outstanding()
         try:
             if self.seq is None:
-                self.seq = await next_seq(self.js, self.address)
+                self.seq, self.last_stored = await next_seq(self.js, self.address)
             metrics = to_metrics(self.address, self.seq, checked, status, requested=requested, outstanding=outstanding)
+            # expected last subject sequence: a check is stored only right after the one this loop read or
+            # wrote, so a poller that polls a member it no longer owns (a handover it has not heard of) can
+            # never store a seq twice or out of order
             ack = await self.js.publish(
                 subjects.metrics(self.address),
                 encode(metrics),
-                headers={"Nats-Msg-Id": f"{self.address.key}:{self.seq}"},
+                headers={
+                    "Nats-Msg-Id": f"{self.address.key}:{self.seq}",
+                    "Nats-Expected-Last-Subject-Sequence": str(self.last_stored),
+                },
             )
         except Exception as exc:
-            # NATS away, or the ack lost after the message was stored: this check is dropped, and the
-            # next one takes whatever seq the stream says comes next
+            # NATS away, the ack lost after the message was stored, or another check stored meanwhile: this
+            # check is dropped, and the next one takes whatever seq the stream says comes next
             log.warning("publish failed: %s", exc, extra={"member": str(self.address)})
             self.seq = None
             return
@@ -411,6 +425,7 @@ class MemberLoop:
         self._shown = _shown(status)
         self._export(metrics)
         self.seq += 1
+        self.last_stored = ack.seq
 
     def _labels(self) -> tuple[str, str, str]:
         return self.address.namespace, self.address.ensemble, str(self.address.member)
@@ -702,7 +717,7 @@ class Members:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _follow_records(members: Members, bucket: KeyValue, stop: asyncio.Event) -> None:
+async def _follow_records(members: Members | Shard, bucket: KeyValue, stop: asyncio.Event) -> None:
     watcher = await bucket.watchall()
     stopping = asyncio.create_task(stop.wait())
     try:
@@ -743,12 +758,27 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     nc = await natsio.connect(settings, "poller")
     js = nc.jetstream()
     members = Members(js, settings, tls, sizes)
+    sharding: asyncio.Task[None] | None = None
     try:
-        await natsio.declare(js)
+        await natsio.declare(js, settings)
         members.ledgers = await natsio.bucket(js, subjects.JOBS_BUCKET)
-        await _follow_records(members, await natsio.bucket(js, subjects.MEMBERS_BUCKET), stop)
+        shard = Shard(
+            await natsio.bucket(js, subjects.POLLERS_BUCKET),
+            await natsio.bucket(js, subjects.OWNERS_BUCKET),
+            members,
+            settings,
+        )
+        log.info("joined the pollers", extra={"poller": shard.name})
+        sharding = asyncio.create_task(shard.run(stop))
+        sharding.add_done_callback(lambda _: stop.set())  # a shard that failed stops the poller (see below)
+        await _follow_records(shard, await natsio.bucket(js, subjects.MEMBERS_BUCKET), stop)
     finally:
+        if sharding is not None:
+            stop.set()
+            await asyncio.wait({sharding})
         await members.close()
+        if sharding is not None and not sharding.cancelled() and sharding.exception() is not None:
+            raise sharding.exception()  # type: ignore[misc]
         if watching is not None:
             watching.cancel()
             await asyncio.wait({watching})
