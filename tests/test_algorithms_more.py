@@ -76,9 +76,9 @@ def test_demand_fit_submits_and_asks_for_the_planned_nodes_at_once() -> None:
     assert decisions[1].reason == (
         "12 jobs submitted need 60 nodes (widest 8); 0 busy; all at once: grow 1 → 24 (capped at maxSize 24)"
     )
-    # With the default three waves it asks for a third of the 60 node-jobs.
+    # With the default 3.5 waves it asks for ceil(60 / 3.5) = 18 nodes.
     default = Run(make_member("demand-fit", jobs=LAMMPS))
-    assert actions(default.feed(make_metrics(0, size=1, free=1)))[1] == ("scale", 20)
+    assert actions(default.feed(make_metrics(0, size=1, free=1)))[1] == ("scale", 18)
 
 
 def test_demand_fit_never_asks_again_for_nodes_still_coming() -> None:
@@ -90,12 +90,37 @@ def test_demand_fit_never_asks_again_for_nodes_still_coming() -> None:
 
 
 def test_demand_fit_grows_for_the_widest_waiting_job_and_the_busy_nodes() -> None:
-    run = Run(make_member("demand-fit", jobs=LAMMPS, max_size=40), waves=2)
+    run = Run(make_member("demand-fit", jobs=LAMMPS, max_size=40), waves=2, podsPerVm=1)
     run.feed(make_metrics(0, size=20, free=20))
     # 10 nodes busy, 4+8 waiting: ceil(22 / 2) = 11, but the 8-node job needs 8 free of 10 busy → 11 ≥ 8.
     [grow] = run.feed(make_metrics(1, size=8, free=0, run=2, waiting={4: 1, 8: 1}, next_jobs=[8, 4], up=10))
     assert (grow.action, grow.size) == ("scale", 11)
     assert grow.reason.startswith("2 jobs waiting need 12 nodes (widest 8); 10 busy, 0 coming; in 2 waves")
+
+
+@pytest.mark.parametrize(("waves", "pods", "size", "plan"), [
+    (2, 2, 12, "in 2 waves, 11 rounded up to whole VMs of 2 pods: grow 8 → 12"),
+    (2, 4, 12, "in 2 waves, 11 rounded up to whole VMs of 4 pods: grow 8 → 12"),
+    (2.5, 1, 9, "in 2.5 waves: grow 8 → 9"),  # ceil(22 / 2.5) = 9
+    (2.5, 2, 10, "in 2.5 waves, 9 rounded up to whole VMs of 2 pods: grow 8 → 10"),
+    (1, 3, 24, "all at once, 22 rounded up to whole VMs of 3 pods: grow 8 → 24"),
+])  # fmt: skip
+def test_demand_fit_rounds_a_grow_up_to_whole_vms_and_takes_fractional_waves(
+    waves: float, pods: int, size: int, plan: str
+) -> None:
+    run = Run(make_member("demand-fit", jobs=LAMMPS, max_size=40), waves=waves, podsPerVm=pods)
+    run.feed(make_metrics(0, size=20, free=20))
+    [grow] = run.feed(make_metrics(1, size=8, free=0, run=2, waiting={4: 1, 8: 1}, next_jobs=[8, 4], up=10))
+    assert (grow.action, grow.size) == ("scale", size)
+    assert grow.reason.endswith(plan), grow.reason
+
+
+def test_demand_fit_rounding_to_whole_vms_stops_at_max_size() -> None:
+    # 60 node-jobs at once want 60 → capped at an odd maxSize even though a VM holds 2 pods.
+    run = Run(make_member("demand-fit", jobs=LAMMPS, max_size=23), waves=1, podsPerVm=2)
+    [_, grow] = run.feed(make_metrics(0, size=1, free=1))
+    assert (grow.action, grow.size) == ("scale", 23)
+    assert grow.reason.endswith("all at once: grow 1 → 23 (capped at maxSize 23)")
 
 
 def test_demand_fit_shrinks_idle_nodes_after_the_window_and_terminates_when_done() -> None:
@@ -566,7 +591,7 @@ def test_every_rules_problem_is_reported_at_once() -> None:
     ("name", "raw", "problem"),
     [
         ("demand-fit", {"wave": 2}, "wave: unknown option for demand-fit; did you mean waves?"),
-        ("demand-fit", {"waves": "many"}, "waves: expected an integer between 1 and 1000, got 'many'"),
+        ("demand-fit", {"waves": "many"}, "waves: expected a number between 1 and 1000, got 'many'"),
         ("demand-fit", {"shrinkChecks": 0}, "shrinkChecks: expected an integer between 1 and 1000, got 0"),
         ("random-selection", {"batchSize": 2}, "batchSize: unknown option for random-selection; did you mean batch?"),
         ("random-selection", {"batch": 2.5}, "batch: expected an integer between 1 and 100000, got 2.5"),

@@ -49,8 +49,10 @@ def test_reference_model_reproduces_the_recorded_runs(run: str) -> None:
 
 @pytest.mark.parametrize("run", sorted(RECORDED))
 def test_demand_fit_beats_the_original_on_both_axes(run: str) -> None:
+    # In node-seconds (no VMs), with three waves: the default's 3.5 is chosen on the VM bill instead and
+    # trades some makespan for fewer VMs (test_simulate_cluster pins it on what users pay).
     original = seed_run(run, "seed-as-built")
-    fit = seed_run(run, "demand-fit")
+    fit = seed_run(run, "demand-fit", waves=3)
     assert float(fit["node_seconds"]) <= float(original["node_seconds"])
     assert float(fit["makespan_s"]) <= 0.72 * float(original["makespan_s"])
 

@@ -185,6 +185,8 @@ def _problem(info: msgspec.inspect.Type, annotation: Any, value: RawOption, erro
         expected = "expected a boolean (yes/no or true/false)"
     elif isinstance(info, msgspec.inspect.IntType):
         expected = "expected an integer" + _bounds(info.ge, info.le)
+    elif isinstance(info, msgspec.inspect.FloatType):
+        expected = "expected a number" + _bounds(info.ge, info.le)
     else:
         # Kinds no registered algorithm uses yet keep msgspec's own wording.
         expected = str(error)
@@ -204,14 +206,18 @@ def _literal_problem(value: RawOption, annotation: Any) -> str:
     return problem
 
 
-def _bounds(ge: int | None, le: int | None) -> str:
+def _bounds(ge: float | None, le: float | None) -> str:
     if ge is not None and le is not None:
-        return f" between {ge} and {le}"
+        return f" between {_number(ge)} and {_number(le)}"
     if ge is not None:
-        return f" >= {ge}"
+        return f" >= {_number(ge)}"
     if le is not None:
-        return f" <= {le}"
+        return f" <= {_number(le)}"
     return ""
+
+
+def _number(bound: float) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
 
 
 def clamp(member: MemberSpec, target: int) -> int:
