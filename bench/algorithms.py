@@ -197,7 +197,9 @@ def main() -> int:
     Path(args.cost_json).write_text(json.dumps(costs, indent=2) + "\n")
     out = Path(args.out)
     kept = out.read_text().partition(KEPT_SECTION) if out.exists() else ("", "", "")
-    out.write_text(markdown(report) + "\n" + cost.markdown(costs) + "\n" + (kept[1] + kept[2] if kept[1] else ""))
+    body = (markdown(report) + "\n" + cost.markdown(costs)).rstrip("\n") + "\n"
+    # the kept section follows after one blank line, as tests/chaos.py's write_section() puts it
+    out.write_text(body + ("\n" + KEPT_SECTION.lstrip("\n") + kept[2] if kept[1] else ""))
     for row in rows:
         print(
             f"{row['workload']:42s} {row['algorithm']:30s} makespan {row['makespan_s']:9.1f} "
