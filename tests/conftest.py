@@ -29,6 +29,19 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
 
+#: Test files that share one resource beyond their own ports and directories, by the resource: under
+#: pytest-xdist (``make test`` runs the suite on several workers) each group runs on one worker, in turn.
+#: The Docker tests share the engine's image tag and compose project names.
+XDIST_GROUPS = {"test_image.py": "docker", "test_compose.py": "docker"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = XDIST_GROUPS.get(item.path.name)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a nats-server with JetStream started for this test session."""
