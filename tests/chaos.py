@@ -68,6 +68,8 @@ KINDS: dict[str, tuple[str, ...]] = {
     "stack-kill": ("stack",),
 }
 MEMBERS = 3
+#: The ensemble's checkSeconds: the poller checks each member this often.
+CHECK_SECONDS = 1
 MIN_SIZE, MAX_SIZE = 1, 4
 #: Each member's jobs: (group, count, nodes, seconds each sleeps).
 JOBS = (("wide", 3, 3, 3.0), ("pair", 4, 2, 2.0), ("single", 20, 1, 1.5))
@@ -124,7 +126,7 @@ def ensemble_document(marks: Path) -> dict[str, Any]:
         "kind": "Ensemble",
         "metadata": {"name": NAME},
         "spec": {
-            "checkSeconds": 1,
+            "checkSeconds": CHECK_SECONDS,
             "members": [
                 {
                     "minicluster": {"spec": {"size": MIN_SIZE, "minSize": MIN_SIZE, "maxSize": MAX_SIZE}},
@@ -694,7 +696,12 @@ class Run:
         for at, a in applied:
             first_applied.setdefault(a.decision, at)
         outcome.apply_lag = _spread([first_applied[d.id] - at for at, d in decisions if d.id in first_applied])
+        # a member ends for the recovery figures at its terminate decision: the poller stops polling it then,
+        # so no metrics are due from it afterwards even when the terminate is applied later
         terminated_at = {a.member: at for at, a in applied if a.ok and a.action == "terminate"}
+        for at, d in decisions:
+            if d.action == "terminate":
+                terminated_at[d.member] = min(at, terminated_at.get(d.member, at))
         caused = _attribute_losses(outcome, self.faults, attempts)
         for fault in self.faults:
             hung = sorted(
@@ -831,7 +838,9 @@ def _fault_outcome(
         members, hung = fault.sidecars, []
     else:
         members = [m for m in range(MEMBERS) if m not in hung]
-    running = [m for m in members if terminated_at.get(m, float("inf")) > fault.end]
+    # metrics are due from a member still polled a whole check after the fault: one that terminated sooner
+    # (its last check came just before the fault ended, its terminate decision before the next) owes none
+    running = [m for m in members if terminated_at.get(m, float("inf")) > fault.end + CHECK_SECONDS]
     waits = []
     for member in running:
         after = [at for at, m in metrics if m.member == member and at > fault.end]
@@ -956,7 +965,8 @@ def report(runs: list[RunOutcome], wall_seconds: float) -> dict[str, Any]:
             "from": "the fault's end: the last killed part started again (each after its own 0.2-1.5 s down; "
             "the whole stack after one such downtime, nats-server first, then the sidecars, then the services), "
             "a hung sidecar resumed (SIGCONT), a slow sidecar's slowness began",
-            "to_next_metrics": "the first metrics stored after it, of every affected member still running (the "
+            "to_next_metrics": "the first metrics stored after it, of every affected member still running a "
+            "check period after it (one whose terminate was decided sooner owes no more metrics; the "
             "slowest of them): a fault of sidecars only affects their members, any other fault every member but "
             "those whose sidecar was hung at its end (listed in hung_members)",
             "to_next_applied": "the first decision applied after it on an affected member; it includes the time "
