@@ -29,6 +29,7 @@ from ensemble_core.wire import JobInfo, SubmitPayload, SubmitResult
 from services.actuator.service import run as run_actuator
 from services.creator.service import run as run_creator
 from sidecar.server import serve_local
+from tests import kmock_support
 from tests.conftest import service_running, wait_for
 from tests.test_minicluster import assert_valid_minicluster, operator_pod
 
@@ -71,7 +72,7 @@ async def api() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]:
     It answers create with 201 (the real API's code) and serves the MiniCluster's ``/scale`` subresource
     as the CRD declares it (``.spec.replicas`` of the Scale is the MiniCluster's ``.spec.size``).
     """
-    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
+    async with kmock.KubernetesEmulator() as emulator, kmock_support.server(emulator) as server:
         for resource in ("ensemble.flux-framework.org/v1alpha1/ensembles", "flux-framework.org/v1alpha2/miniclusters"):
             emulator.resources[resource] = {}
         for resource in ("v1/pods", "v1/events", "v1/secrets", "coordination.k8s.io/v1/leases"):

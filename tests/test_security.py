@@ -44,7 +44,7 @@ from services.actuator.service import run as run_actuator
 from services.creator.service import run as run_creator
 from services.poller.service import run as run_poller
 from sidecar.server import serve_local
-from tests import kubectl_support
+from tests import kmock_support, kubectl_support
 from tests.conftest import REPO, service_running, tls_files, wait_for
 from tests.test_kubernetes import (
     ENSEMBLE,
@@ -226,7 +226,7 @@ def test_ensemble_up_listens_on_loopback_only_and_never_writes_its_secret_or_tok
 @contextlib.asynccontextmanager
 async def kube_emulator() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]:
     """kmock's Kubernetes emulator on a real HTTP port, as in tests/test_kubernetes.py's ``api`` fixture."""
-    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
+    async with kmock.KubernetesEmulator() as emulator, kmock_support.server(emulator) as server:
         for resource in (
             "ensemble.flux-framework.org/v1alpha1/ensembles",
             "flux-framework.org/v1alpha2/miniclusters",
