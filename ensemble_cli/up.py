@@ -733,8 +733,10 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
     access = await start_nats(stack)
     # the read-only user's URL, for `ensemble status --nats URL` while the run lasts
     console.print(f"NATS: {access.url_for(natsauth.READER)}", highlight=False, soft_wrap=True)
-    results.clear_previous(results_folder(args, ensemble))
-    outputs = results_folder(args, ensemble) / "outputs"
+    # named once: the default folder's name holds the time, and the jobs' outputs go into it from the start
+    folder = results_folder(args, ensemble)
+    results.clear_previous(folder)
+    outputs = folder / "outputs"
     endpoints: dict[int, str] = {}
     cli = [sys.executable, "-m", "ensemble_cli"]
     for member in ensemble.members:
@@ -799,7 +801,6 @@ async def _run_stack(args: argparse.Namespace, ensemble: Ensemble, stack: Stack,
         await nc.flush()
     finally:
         await nc.drain()
-    folder = results_folder(args, ensemble)
     if args.record:
         written, line = await record.record_run(access.url_for(natsauth.READER), Path(args.record))
         console.print(line, style=None if written else "red", highlight=False, soft_wrap=True)

@@ -3,6 +3,7 @@ jobs as real subprocesses. Also `ensemble up` as a user runs it."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -356,3 +357,24 @@ async def test_ctrl_c_stops_everything_and_leaves_no_process(tmp_path: Path) -> 
     assert not [pid for pid in children if _alive(pid)]
     for name in ("creator", "poller", "decider", "actuator"):
         assert '"stopped"' in (tmp_path / f"{name}.log").read_text(), name
+
+
+def test_ensemble_up_without_results_keeps_every_file_of_the_run_in_one_timestamped_folder(tmp_path: Path) -> None:
+    # the default folder is named after the time: the outputs, written from the first job on, and the rows,
+    # written at the end, must land in the same one (they were split across two when the run took a second)
+    document = yaml.safe_load((REPO / "examples/hello-world.yaml").read_text())
+    document["spec"]["members"][0]["jobs"] = [{"name": "say", "command": "sh -c 'echo hi; sleep 1.5'", "count": 2}]
+    document["spec"]["members"][0]["minicluster"]["spec"]["maxSize"] = 1
+    (tmp_path / "say.yaml").write_text(yaml.safe_dump(document))
+    result = subprocess.run(
+        [*CLI, "up", "say.yaml", "--quiet", "--timeout", "90"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    folders = list((tmp_path / "ensemble-results").iterdir())
+    assert len(folders) == 1, folders
+    rows = list(csv.DictReader((folders[0] / "jobs.csv").open()))
+    assert len(rows) == 2
+    for row in rows:
+        assert Path(row["stdout"]).parent.parent.parent == (folders[0] / "outputs").resolve()
+        assert Path(row["stdout"]).read_text() == "hi\n"
