@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -624,6 +625,12 @@ async def run(args: argparse.Namespace) -> int:
     for warning in warnings(ensemble):
         console.print(Text.assemble(("warning: ", "yellow"), warning), soft_wrap=True)
     token = secrets.token_urlsafe(32)
+    return await run_on_stack(args, console, lambda stack: _run_stack(args, ensemble, stack, token, console))
+
+
+async def run_on_stack(args: argparse.Namespace, console: Console, body: Callable[[Stack], Awaitable[int]]) -> int:
+    """Make the run's directory, run ``body`` on a stack of parts there, stop every part, and keep the
+    directory when the run did not succeed (or ``--logs`` names it); ``body``'s exit code."""
     try:
         workdir = _workdir(args.logs)
     except OSError as exc:
@@ -633,7 +640,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         stack = Stack(workdir)
         try:
-            code = await _run_stack(args, ensemble, stack, token, console)
+            code = await body(stack)
         except PartFailed as exc:
             console.print(Text(str(exc), "red"))
         finally:

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import secrets
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from ensemble_cli import record, results
+from ensemble_cli import record, results, terminal
 from ensemble_cli.up import (
     EXIT_INCOMPLETE,
     EXIT_INVALID,
@@ -38,13 +37,12 @@ from ensemble_cli.up import (
     START_TIMEOUT,
     Monitor,
     NatsAccess,
-    PartFailed,
     Stack,
     _first_line,
     _sidecar_command,
     _tail,
-    _workdir,
     collect_results,
+    run_on_stack,
     start_nats,
     summary,
 )
@@ -122,9 +120,7 @@ def _folder(args: argparse.Namespace, ensembles: list[Ensemble]) -> Path:
 
 async def run(args: argparse.Namespace) -> int:
     """Run several ensembles (or one with ``--budget``); returns the exit code."""
-    console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 132)
+    console = terminal.console()
     if args.backend != "local":
         console.print("[red]--backend flux runs one Ensemble file, without --budget; run the files one by one[/red]")
         return EXIT_INVALID
@@ -139,26 +135,7 @@ async def run(args: argparse.Namespace) -> int:
     for ensemble in ensembles:
         for warning in warnings(ensemble):
             console.print(Text.assemble(("warning: ", "yellow"), f"{ensemble.name}: {warning}"), soft_wrap=True)
-    try:
-        workdir = _workdir(args.logs)
-    except OSError as exc:
-        console.print(Text(f"--logs {args.logs}: cannot use it: {exc.strerror}; name a directory you can write", "red"))
-        return EXIT_INVALID
-    code = EXIT_INCOMPLETE
-    try:
-        stack = Stack(workdir)
-        try:
-            code = await _run_stack(args, ensembles, stack, console)
-        except PartFailed as exc:
-            console.print(Text(str(exc), "red"))
-        finally:
-            await stack.stop()
-    finally:
-        if not args.logs and (code == EXIT_OK or not any(workdir.iterdir())):
-            shutil.rmtree(workdir, ignore_errors=True)
-        elif code != EXIT_OK:
-            console.print(f"logs and state of this run kept in {workdir}", highlight=False, soft_wrap=True)
-    return code
+    return await run_on_stack(args, console, lambda stack: _run_stack(args, ensembles, stack, console))
 
 
 async def _run_stack(args: argparse.Namespace, ensembles: list[Ensemble], stack: Stack, console: Console) -> int:
