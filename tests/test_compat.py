@@ -5,6 +5,7 @@ behaviour (its README and ``ensemble/config/types.py``, ``members/flux/queue.py`
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import subprocess
 import sys
@@ -371,3 +372,34 @@ def test_a_digit_int_does_not_read_is_an_error_naming_the_field_not_a_crash() ->
     _, errors = spec.validate({"apiVersion": spec.API_VERSION, "kind": spec.KIND, "metadata": {"name": "x"},
                                "spec": {"checkSeconds": "²", "members": []}})  # fmt: skip
     assert any(error.startswith("spec.checkSeconds: expected an integer") for error in errors), errors
+
+
+async def test_the_check_after_an_event_snapshot_is_stored_not_refused_as_out_of_sequence(
+    nc: Client, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # each metrics publish expects the member's last stored message: an event snapshot is one, so the check
+    # after it must expect it (the check was refused and dropped after every event, and events waited a check)
+    backend = CountingBackend()
+    sidecar = await serve(backend, token=ensemble_token(settings.sidecar_token, "default", "seq"), heartbeat=60)
+    member = MemberSpec(
+        namespace="default", ensemble="seq", member=0, name="seq-0", size=1, min_size=1, max_size=1,
+        endpoint=f"127.0.0.1:{sidecar.port}", algorithm=AlgorithmSpec(name="rules", rules=[
+            {"trigger": "job-finish", "action": {"name": "terminate"}}]),
+        jobs=[JobSpec(name="j", command="sleep 0.2")], check_seconds=1,
+    )  # fmt: skip
+    try:
+        with caplog.at_level(logging.WARNING, logger="poller"):
+            async with stored(nc) as found, service_running(run_poller, settings):
+                await register(nc, member)
+                await wait_for(lambda: len(found.of(0)) >= 1)
+                token = ensemble_token(settings.sidecar_token, "default", "seq")
+                async with SidecarClient(member.endpoint, token) as c:
+                    await c.action("submit", SubmitPayload(jobs=member.jobs), SubmitResult)
+                await wait_for(lambda: any(m.event > 0 for m in found.of(0)), timeout=5)
+                after = max(m.seq for m in found.of(0))
+                await wait_for(lambda: any(m.event == 0 and m.seq >= after + 2 for m in found.of(0)), timeout=6)
+        checks = [m.seq for m in found.of(0) if m.event == 0]
+        assert checks == list(range(len(checks)))
+        assert not [r.message for r in caplog.records if "publish failed" in r.getMessage()]
+    finally:
+        await sidecar.stop()

@@ -483,7 +483,12 @@ class MemberLoop:
             ack = await self.js.publish(
                 subjects.metrics(self.address),
                 encode(metrics),
-                headers={"Nats-Msg-Id": f"{self.address.key}:{self._check_seq}e{event}"},
+                # stored only right after what this loop last stored, as a check is (a handover it has not
+                # heard of cannot interleave its snapshots with another poller's)
+                headers={
+                    "Nats-Msg-Id": f"{self.address.key}:{self._check_seq}e{event}",
+                    "Nats-Expected-Last-Subject-Sequence": str(self.last_stored),
+                },
             )
         except Exception as exc:
             log.warning("event publish failed: %s", exc, extra={"member": str(self.address)})
@@ -491,6 +496,10 @@ class MemberLoop:
         self._events_since = event
         if ack.duplicate:
             return
+        # the next check (or event) is stored after this one: without this its expected last sequence was
+        # stale, so the check after every event snapshot was refused and dropped (and events waited for the
+        # seq to be read again at the check after it)
+        self.last_stored = ack.seq
         self._shown = shown
         LAG.observe(time.time() - checked)
         PUBLISHED.labels("event").inc()
